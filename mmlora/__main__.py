@@ -1,0 +1,5 @@
+import sys
+
+from mmlora.cli import main
+
+sys.exit(main())

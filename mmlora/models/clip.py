@@ -1,0 +1,91 @@
+"""Tiny open_clip CLIP models: architectures are JSON configs (``open_clip_configs/``), registered
+with open_clip on first use, and saved in open_clip's own folder format (``open_clip_config.json`` +
+``open_clip_model.safetensors`` + tokenizer files), which loads with
+``open_clip.create_model_and_transforms("local-dir:PATH")`` exactly as a hub checkpoint does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mmlora.models.llava import CLIP_MEAN, CLIP_STD
+
+CONFIG_DIR = Path(__file__).resolve().parent / "open_clip_configs"
+_registered = False
+
+
+def register_configs() -> None:
+    """Register mmlora's architecture JSONs with open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def model_config(arch: str) -> dict[str, Any]:
+    return json.loads((CONFIG_DIR / f"{arch}.json").read_text())
+
+
+def build_tiny_clip(arch: str = "mmlora-clip-tiny", seed: int = 0):
+    """A randomly initialised open_clip CLIP of architecture ``arch`` and its shapes-world tokenizer."""
+    import open_clip
+    import torch
+
+    from mmlora.data.shapes import corpus
+    from mmlora.models.tokenizer import build_clip_tokenizer
+
+    register_configs()
+    cfg = model_config(arch)
+    text_cfg = cfg["text_cfg"]
+    tokenizer = build_clip_tokenizer(corpus(), vocab_size=text_cfg["vocab_size"], context_length=text_cfg["context_length"])
+    if len(tokenizer) > text_cfg["vocab_size"] or tokenizer.eos_token_id != text_cfg["eos_id"]:
+        raise RuntimeError(f"{arch}: tokenizer (size {len(tokenizer)}, eos {tokenizer.eos_token_id}) does not fit the config")
+    torch.manual_seed(seed)
+    # open_clip logs a warning when it builds without pretrained weights: that is the point here.
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR
+    try:
+        model = open_clip.create_model(arch, pretrained=None)
+    finally:
+        root.setLevel(level)
+    return model.eval(), tokenizer, cfg
+
+
+def save_clip(model, tokenizer, model_cfg: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write the open_clip folder format (see module docstring)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_clip(name_or_path: str | Path, device: str = "cpu"):
+    """Load an open_clip folder (or a preset name). Returns ``(model, preprocess, tokenizer)`` where
+    ``tokenizer(texts) -> LongTensor[B, context_length]`` as open_clip's tokenizers do."""
+    import open_clip
+
+    from mmlora.models.loading import resolve_pretrained
+
+    path = resolve_pretrained(name_or_path, kind="clip")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    return model.eval(), preprocess, tokenizer

@@ -1,0 +1,195 @@
+"""LLaVA-style models: a tiny one built from config, and one assembled from a vision encoder + an LLM.
+
+Both end as a standard ``LlavaForConditionalGeneration`` folder (config, safetensors weights,
+tokenizer, processor with chat template) written by ``save_pretrained``, so they load back through
+the same ``from_pretrained`` path that serves ``llava-hf/llava-1.5-7b-hf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy so `mmlora --help` is fast
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Sizes of a tiny LLaVA. Defaults keep LLaVA-1.5's structure: CLIP tower, 2-layer GELU projector,
+    Llama decoder, features from the second-to-last vision layer without the CLS token."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    lm_width: int = 64
+    lm_layers: int = 2
+    lm_heads: int = 4
+    lm_kv_heads: int = 2
+    lm_intermediate: int = 128
+    max_positions: int = 512
+    tokenizer_vocab: int = 640
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_image_processor(image_size: int):
+    """CLIP's preprocessing (resize shortest edge, centre crop, CLIP mean/std) at ``image_size``."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def build_llava_processor(tokenizer: PreTrainedTokenizerBase, image_size: int, patch_size: int) -> LlavaProcessor:
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=build_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _llava_config(vision_config, text_config, tokenizer, num_image_tokens: int):
+    from transformers import LlavaConfig
+
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=num_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _text_token_ids(text_config, tokenizer) -> None:
+    text_config.bos_token_id = tokenizer.bos_token_id
+    text_config.eos_token_id = tokenizer.eos_token_id
+    text_config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA with a real shapes-world tokenizer and processor."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
+
+    from mmlora.data.shapes import corpus
+    from mmlora.models.tokenizer import build_llava_tokenizer
+
+    tokenizer = build_llava_tokenizer(corpus(), vocab_size=spec.tokenizer_vocab)
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_width,
+        intermediate_size=spec.vision_width * 4,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_width,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.lm_width,
+        intermediate_size=spec.lm_intermediate,
+        num_hidden_layers=spec.lm_layers,
+        num_attention_heads=spec.lm_heads,
+        num_key_value_heads=spec.lm_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=False,
+    )
+    _text_token_ids(text, tokenizer)
+    config = _llava_config(vision, text, tokenizer, spec.num_image_tokens)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval(), build_llava_processor(tokenizer, spec.image_size, spec.patch_size)
+
+
+def assemble_llava(
+    vision_encoder: str | Path,
+    language_model: str | Path,
+    seed: int = 0,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build a LLaVA from a CLIP vision encoder and a causal LM, with a new projector (LLaVA's
+    2-layer GELU MLP, randomly initialised): how a user makes their own VLM before projector
+    pre-training. The LM's tokenizer gains ``<image>`` (and ``<pad>`` if it has none); its embedding
+    matrix is resized to match. Both inputs are local folders (or ids already in the HF cache).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    from mmlora.models.loading import resolve_pretrained
+    from mmlora.models.tokenizer import LLAVA_CHAT_TEMPLATE
+
+    vision_path = resolve_pretrained(vision_encoder)
+    lm_path = resolve_pretrained(language_model)
+    vision_cfg = AutoConfig.from_pretrained(vision_path)
+    vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # a full CLIP folder works too
+    tower = CLIPVisionModel.from_pretrained(vision_path, config=vision_cfg)
+    lm = AutoModelForCausalLM.from_pretrained(lm_path)
+    tokenizer = AutoTokenizer.from_pretrained(lm_path)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    lm.resize_token_embeddings(len(tokenizer))
+    text_cfg = lm.config
+    _text_token_ids(text_cfg, tokenizer)
+    num_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    config = _llava_config(vision_cfg, text_cfg, tokenizer, num_image_tokens)
+
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = build_llava_processor(tokenizer, vision_cfg.image_size, vision_cfg.patch_size)
+    return model.eval(), processor
+
+
+def save_llava(model, processor, out_dir: str | Path) -> Path:
+    """``save_pretrained`` for model and processor: the folder loads with ``from_pretrained``."""
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def load_llava(name_or_path: str | Path, **kwargs) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load any LLaVA checkpoint (a preset name, a local folder, or a cached hub id) and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmlora.models.loading import resolve_pretrained
+
+    path = resolve_pretrained(name_or_path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path)
+    return model.eval(), processor

@@ -1,0 +1,90 @@
+"""Named tiny model presets, built from config (no download) and cached on disk.
+
+``mmlora models list`` shows them; ``mmlora models build NAME --out DIR`` writes one; any command that
+takes a model accepts a preset name wherever it accepts a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mmlora.models.llava import TinyLlavaSpec
+
+_BUILDER_SOURCES = (
+    "models/llava.py",
+    "models/clip.py",
+    "models/tokenizer.py",
+    "models/presets.py",
+    "models/open_clip_configs/mmlora-clip-tiny.json",
+    "models/open_clip_configs/mmlora-clip-shapes.json",
+    "data/shapes.py",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    kind: str  # "llava" | "clip"
+    description: str
+    llava: TinyLlavaSpec | None = None
+    clip_arch: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def params(self) -> dict:
+        return {"name": self.name, "llava": asdict(self.llava) if self.llava else None, "clip": self.clip_arch}
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("tiny-llava", "llava", "LLaVA for tests: CLIP 2x32 at 32 px (16 image tokens), Llama 2x64", llava=TinyLlavaSpec()),
+        Preset(
+            "shapes-llava",
+            "llava",
+            "LLaVA for the shapes world: CLIP 4x128 at 64 px (64 image tokens), Llama 4x256 (~4.5M params)",
+            llava=TinyLlavaSpec(
+                image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                lm_width=256, lm_layers=4, lm_heads=8, lm_kv_heads=4, lm_intermediate=688,
+            ),
+        ),
+        Preset("tiny-clip", "clip", "open_clip CLIP for tests: ViT 2x32 at 64 px, text 2x32", clip_arch="mmlora-clip-tiny"),
+        Preset(
+            "shapes-clip", "clip", "open_clip CLIP for the shapes world: ViT 4x128 at 128 px (16x16 patches), text 4x128",
+            clip_arch="mmlora-clip-shapes",
+        ),
+    )
+}
+
+
+def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build preset ``name`` with random weights from ``seed`` and save it to ``out_dir``."""
+    from mmlora.errors import MmloraError
+
+    if name not in PRESETS:
+        raise MmloraError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    if preset.kind == "llava":
+        from mmlora.models.llava import build_tiny_llava, save_llava
+
+        model, processor = build_tiny_llava(preset.llava, seed=seed)
+        return save_llava(model, processor, out_dir)
+    from mmlora.models.clip import build_tiny_clip, save_clip
+
+    model, tokenizer, cfg = build_tiny_clip(preset.clip_arch, seed=seed)
+    return save_clip(model, tokenizer, cfg, out_dir)
+
+
+def preset_path(name: str, seed: int = 0) -> Path:
+    """The cached folder of preset ``name`` (built on first use; see ``mmlora.cache``)."""
+    import open_clip
+    import transformers
+
+    from mmlora.cache import cached_dir
+
+    params = PRESETS[name].params() | {
+        "seed": seed, "transformers": transformers.__version__, "open_clip": open_clip.__version__,
+    }
+    build: Callable[[Path], None] = lambda tmp: build_preset(name, tmp, seed)  # noqa: E731
+    return cached_dir(f"preset-{name}", params, _BUILDER_SOURCES, build)
