@@ -24,16 +24,18 @@ WIDTH = HEADS * HEAD_DIM  # 64
 EXPERTS = 4
 
 _LAYER_KEYS = (
-    "num_hidden_layers", "num_layers", "depth", "n_layers", "encoder_layers", "decoder_layers", "num_global_layers",
+    "layers", "num_hidden_layers", "num_layers", "depth", "n_layers", "encoder_layers", "decoder_layers", "num_global_layers",
 )
-_WIDTH_KEYS = ("hidden_size", "d_model", "embed_dim", "width", "n_embd", "vision_hidden_size")
+_WIDTH_KEYS = ("hidden_size", "out_hidden_size", "d_model", "embed_dim", "width", "n_embd", "vision_hidden_size")
 _FFN_KEYS = ("intermediate_size", "ffn_dim", "mlp_dim", "encoder_ffn_dim", "decoder_ffn_dim")
 _HEAD_KEYS = ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads", "decoder_attention_heads")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _LIST_PER_LAYER = ("layer_types", "sliding_window_pattern_list", "mlp_layer_types", "attn_layer_types")
 
 
-def _shrink(cfg: Any, seen: set[int]) -> None:
+def _shrink(cfg: Any, seen: set[int], width: int = WIDTH, heads: int = HEADS) -> None:
+    """Cut ``cfg`` and its sub-configs to toy size in place. One width for every tower keeps the
+    shapes that connect them (projector in/out, merger output = text width) consistent."""
     from transformers import PretrainedConfig
 
     if id(cfg) in seen:
@@ -44,14 +46,14 @@ def _shrink(cfg: Any, seen: set[int]) -> None:
         if isinstance(d.get(key), int) and d[key] > LAYERS:
             setattr(cfg, key, LAYERS)
     for key in _WIDTH_KEYS:
-        if isinstance(d.get(key), int) and d[key] > WIDTH:
-            setattr(cfg, key, WIDTH)
+        if isinstance(d.get(key), int) and d[key] > width:
+            setattr(cfg, key, width)
     for key in _FFN_KEYS:
-        if isinstance(d.get(key), int) and d[key] > 2 * WIDTH:
-            setattr(cfg, key, 2 * WIDTH)
+        if isinstance(d.get(key), int) and d[key] > 2 * width:
+            setattr(cfg, key, 2 * width)
     for key in _HEAD_KEYS:
-        if isinstance(d.get(key), int) and d[key] > HEADS:
-            setattr(cfg, key, HEADS)
+        if isinstance(d.get(key), int) and d[key] > heads:
+            setattr(cfg, key, heads)
     if isinstance(d.get("num_key_value_heads"), int) and d["num_key_value_heads"] > KV_HEADS:
         cfg.num_key_value_heads = KV_HEADS
     if isinstance(d.get("head_dim"), int):
@@ -70,7 +72,7 @@ def _shrink(cfg: Any, seen: set[int]) -> None:
             if key not in _LIST_PER_LAYER and max(value) >= LAYERS:
                 setattr(cfg, key, sorted({v for v in value if v < LAYERS}) or [LAYERS - 1])
         if isinstance(value, PretrainedConfig):
-            _shrink(value, seen)
+            _shrink(value, seen, width, heads)
 
 
 def tiny_config(model_type: str, **overrides: Any):

@@ -1,0 +1,183 @@
+"""The recipe schema: typed, validated, and exported as JSON schema for editors.
+
+A recipe is YAML validated into :class:`Recipe`. Unknown keys are errors that name the closest valid
+key (see ``mmlora.config.loading``). Sections grow with the pipeline: ``model`` and ``placement`` now.
+
+Example::
+
+    model:
+      name: tiny-llava
+    placement:
+      vision:    {mode: lora, targets: [q, v], layers: {last: 1}, rank: 4}
+      projector: {mode: full, lr: 1.0e-3}
+      language:  {mode: dora, targets: all-linear, rank: 8, precision: 4bit}
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["frozen", "lora", "dora", "full"]
+Precision = Literal["4bit", "8bit", "bf16", "fp16", "fp32"]
+#: PEFT's ``init_lora_weights`` values that mmlora exposes ("default" = PEFT's ``True``).
+Init = Literal["default", "gaussian", "pissa", "olora"]
+#: Named target groups; anything else in ``targets`` is a module-name pattern.
+TARGET_GROUPS = ("q", "k", "v", "o", "attention", "mlp", "all-linear")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerRange(_Strict):
+    """Exactly one of: ``first: N``, ``last: N``, ``range: [start, stop)``, ``every: K`` (+ ``offset``)."""
+
+    first: Annotated[int, Field(gt=0)] | None = None
+    last: Annotated[int, Field(gt=0)] | None = None
+    range: tuple[int, int] | None = None
+    every: Annotated[int, Field(gt=0)] | None = None
+    offset: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LayerRange:
+        chosen = [k for k in ("first", "last", "range", "every") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"layers: give exactly one of first, last, range, every (got {', '.join(chosen) or 'none'})")
+        if self.offset and self.every is None:
+            raise ValueError("layers: offset only goes with every")
+        if self.range is not None and not (0 <= self.range[0] < self.range[1]):
+            raise ValueError(f"layers: range {list(self.range)} must be [start, stop) with 0 <= start < stop")
+        return self
+
+    def select(self, n_layers: int) -> list[int]:
+        if self.first is not None:
+            return list(range(min(self.first, n_layers)))
+        if self.last is not None:
+            return list(range(max(n_layers - self.last, 0), n_layers))
+        if self.range is not None:
+            return [i for i in range(*self.range) if i < n_layers]
+        return list(range(self.offset, n_layers, self.every))
+
+
+class RankSchedule(_Strict):
+    """Rank over depth: ``linear`` from ``min`` at the first selected layer to ``max`` at the last."""
+
+    kind: Literal["linear"] = "linear"
+    min: Annotated[int, Field(gt=0)]
+    max: Annotated[int, Field(gt=0)]
+
+    def rank_at(self, position: int, count: int) -> int:
+        if count <= 1:
+            return self.max
+        return round(self.min + (self.max - self.min) * position / (count - 1))
+
+
+Layers = Literal["all"] | list[Annotated[int, Field(ge=0)]] | LayerRange
+
+
+class ModalitySpec(_Strict):
+    """How one modality (vision, projector, language; or text for CLIP) is trained."""
+
+    mode: Mode = "frozen"
+    targets: list[str] | None = Field(
+        default=None,
+        description="named groups (q, k, v, o, attention, mlp, all-linear) or module-name patterns "
+        "(glob on the name inside the modality, or 're:REGEX'); default all-linear for lora/dora, "
+        "every parameter for full",
+    )
+    layers: Layers = "all"
+    rank: Annotated[int, Field(gt=0)] | None = None
+    alpha: Annotated[float, Field(gt=0)] | None = Field(default=None, description="default: 2 x rank")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    rslora: bool = False
+    init: Init = "default"
+    rank_schedule: RankSchedule | None = None
+    lr: Annotated[float, Field(gt=0)] | None = Field(default=None, description="absolute learning rate")
+    lr_multiplier: Annotated[float, Field(gt=0)] | None = Field(default=None, description="x the base learning rate")
+    precision: Precision | None = None
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _one_target(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModalitySpec:
+        adapter_only = ("rank", "alpha", "rslora", "rank_schedule")
+        if self.mode in ("frozen", "full"):
+            set_here = [k for k in adapter_only if getattr(self, k) not in (None, False)]
+            if self.dropout:
+                set_here.append("dropout")
+            if self.init != "default":
+                set_here.append("init")
+            if set_here:
+                raise ValueError(f"{', '.join(set_here)} set, but mode is {self.mode}: these apply to lora/dora only")
+        if self.mode == "frozen" and (self.targets is not None or self.layers != "all" or self.lr or self.lr_multiplier):
+            raise ValueError("targets, layers and lr do not apply to a frozen modality")
+        if self.rank is not None and self.rank_schedule is not None:
+            raise ValueError("give rank or rank_schedule, not both")
+        if self.lr is not None and self.lr_multiplier is not None:
+            raise ValueError("give lr or lr_multiplier, not both")
+        if self.targets == []:
+            raise ValueError("targets is empty: name at least one group or pattern")
+        return self
+
+    @property
+    def variant(self) -> str | None:
+        return self.mode if self.mode in ("lora", "dora") else None
+
+    @property
+    def effective_rank(self) -> int:
+        return self.rank or 8
+
+
+class AdaLoraSpec(_Strict):
+    """AdaLoRA (whole model: PEFT cannot mix AdaLoRA with LoRA adapters). Every lora modality becomes
+    AdaLoRA with one shared budget; ranks start at ``init_r`` and are pruned toward ``target_r``."""
+
+    init_r: Annotated[int, Field(gt=0)] = 12
+    target_r: Annotated[int, Field(gt=0)] = 8
+    tinit: Annotated[int, Field(ge=0)] = 0
+    tfinal: Annotated[int, Field(ge=0)] = 0
+    delta_t: Annotated[int, Field(gt=0)] = 1
+    total_step: Annotated[int, Field(gt=0)] | None = None
+
+
+class PlacementSpec(_Strict):
+    """Per-modality policies. VLMs use vision / projector / language; CLIP models vision / text."""
+
+    vision: ModalitySpec = ModalitySpec()
+    projector: ModalitySpec | None = None
+    language: ModalitySpec | None = None
+    text: ModalitySpec | None = None
+    adalora: AdaLoraSpec | None = None
+
+    def items(self) -> list[tuple[str, ModalitySpec]]:
+        return [(n, s) for n in ("vision", "projector", "language", "text") if (s := getattr(self, n)) is not None]
+
+    @model_validator(mode="after")
+    def _adalora_is_whole_model(self) -> PlacementSpec:
+        if self.adalora is not None:
+            bad = [n for n, s in self.items() if s.mode == "dora"]
+            if bad:
+                raise ValueError(f"adalora applies to the whole model and cannot mix with dora ({', '.join(bad)})")
+        return self
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="preset name, local folder, or Hugging Face id (must be cached when offline)")
+    config: str | None = Field(
+        default=None, description="a config.json to plan from without weights (e.g. a 7B model's config)"
+    )
+    modalities: dict[Literal["vision", "projector", "language", "text"], str] | None = Field(
+        default=None,
+        description="override discovery: modality -> regex on module names (for a model mmlora cannot read)",
+    )
+    trust_remote_code: bool = False
+
+
+class Recipe(_Strict):
+    model: ModelSpec
+    placement: PlacementSpec = PlacementSpec()
