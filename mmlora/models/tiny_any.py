@@ -67,6 +67,12 @@ def _shrink(cfg: Any, seen: set[int], width: int = WIDTH, heads: int = HEADS) ->
         if isinstance(d.get(key), list) and len(d[key]) > LAYERS:
             setattr(cfg, key, d[key][:LAYERS])
     for key, value in list(d.items()):
+        # Multimodal RoPE splits each head's rotary half into sections: rescale them to the new head_dim.
+        if isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
+            sec = value["mrope_section"]
+            scaled = [max(1, round(x * (HEAD_DIM // 2) / sum(sec))) for x in sec]
+            scaled[0] += HEAD_DIM // 2 - sum(scaled)
+            setattr(cfg, key, {**value, "mrope_section": scaled})
         # Lists of layer indices (cross-attention layers, feature taps) must point inside the new depth.
         if "layer" in key and isinstance(value, list) and value and all(type(v) is int and v >= 0 for v in value):
             if key not in _LIST_PER_LAYER and max(value) >= LAYERS:
@@ -75,15 +81,28 @@ def _shrink(cfg: Any, seen: set[int], width: int = WIDTH, heads: int = HEADS) ->
             _shrink(value, seen, width, heads)
 
 
+def _uses_mrope(config: Any) -> bool:
+    """Whether the model's code reads ``mrope_section`` (multimodal RoPE), from its source file."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(type(config).__module__.replace(".configuration_", ".modeling_"))
+    return bool(spec and spec.origin and "mrope_section" in open(spec.origin, encoding="utf-8").read())
+
+
 def tiny_config(model_type: str, **overrides: Any):
     """The default config of ``model_type``, shrunk to toy size (see module docstring)."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
     _shrink(config, set())
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and "mrope_section" not in rope and _uses_mrope(config):
+        # The code's default sections (e.g. [16, 24, 24]) assume a 128-wide head: give ours explicitly.
+        half = HEAD_DIM // 2
+        text.rope_parameters = {**rope, "mrope_section": [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]}
     # Some defaults put special-token ids (e.g. LLaVA's image token 32000) past the text vocabulary;
     # real checkpoints never do, so grow the vocabulary to hold them.
-    text = config.get_text_config()
     ids = [v for k, v in config.__dict__.items() if k.endswith(("token_index", "token_id")) and type(v) is int]
     if ids and isinstance(getattr(text, "vocab_size", None), int) and max(ids) >= text.vocab_size:
         text.vocab_size = max(ids) + 1

@@ -1,0 +1,66 @@
+"""Gradient-flow audit: after the first backward pass, every trainable tensor must have a gradient,
+and the tensors that the initialisation makes live must have a non-zero one.
+
+Which tensors are live: with PEFT's default (and gaussian) init ``lora_B`` is zero, so ``lora_A``
+receives a zero gradient at step 1 and only ``lora_B`` must be non-zero; PiSSA/OLoRA start both
+non-zero; DoRA magnitudes and ``full`` parameters always receive gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from mmlora.errors import MmloraError
+
+
+@dataclass
+class AuditReport:
+    checked: int
+    no_grad: list[str]
+    zero_grad: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.no_grad and not self.zero_grad
+
+
+def _must_be_live(name: str, both_factors_live: bool) -> bool:
+    if ".lora_A." in name:
+        return both_factors_live
+    return ".lora_embedding_A." not in name  # lora_B, magnitudes, full parameters
+
+
+def audit_gradients(model: nn.Module, raise_on_error: bool = True) -> AuditReport:
+    """Check gradients of all trainable parameters of ``model`` (call after backward, before step)."""
+    init_dirs = getattr(model, "_mmlora_init_dirs", {}) or {}
+    no_grad, zero_grad, checked = [], [], 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        checked += 1
+        if p.grad is None:
+            no_grad.append(name)
+            continue
+        adapter = next((a for a in init_dirs if f".{a}." in name or name.endswith(f".{a}")), None)
+        if _must_be_live(name, adapter is not None) and not p.grad.abs().sum().item() > 0:
+            zero_grad.append(name)
+    report = AuditReport(checked, no_grad, zero_grad)
+    if raise_on_error and not report.ok:
+        def modules(names: list[str]) -> str:
+            mods = sorted({n.rsplit(".", 2)[0] if ".lora_" in n else n for n in names})
+            return ", ".join(mods[:6]) + (f" and {len(mods) - 6} more" if len(mods) > 6 else "")
+
+        parts = []
+        if no_grad:
+            parts.append(f"{len(no_grad)} trainable tensor(s) got no gradient: {modules(no_grad)}")
+        if zero_grad:
+            parts.append(f"{len(zero_grad)} got an all-zero gradient: {modules(zero_grad)}")
+        raise MmloraError(
+            "gradient-flow audit failed at the first step: " + "; ".join(parts) + ". Likely causes: their output "
+            "never reaches the loss (e.g. vision layers after the layer the projector reads, an unused head), the "
+            "forward ran under torch.no_grad, or reentrant gradient checkpointing on frozen inputs "
+            "(use use_reentrant=False)."
+        )
+    return report

@@ -1,0 +1,276 @@
+"""Placement plan: a recipe's per-modality spec → the exact modules, ranks and adapters.
+
+``plan_placement(model, modality_map, spec)`` resolves every modality's mode, targets and layers to
+concrete module names, computes the parameters each adds, and compiles the LoRA/DoRA modalities into
+as few PEFT adapters as possible: modalities that share variant, dropout, init and rsLoRA go into one
+``LoraConfig`` whose ``rank_pattern``/``alpha_pattern`` give each module its rank. It refuses plans
+that cannot work (a spec that matches nothing, a pattern that reaches into another modality, layers
+that do not exist) and warns about adapters on layers the model never reads. It needs only module
+structure, so it runs on a model built on the meta device (a 7B model plans in seconds).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from mmlora.config.schema import ModalitySpec, PlacementSpec
+from mmlora.errors import MmloraError
+from mmlora.models.modality import ModalityMap, unwrap
+from mmlora.placement.targets import TARGET_GROUPS_SET, compile_pattern, is_adaptable, is_linear, matches_group
+
+
+@dataclass
+class ModuleTarget:
+    name: str
+    layer: int | None
+    rank: int
+    alpha: float
+    params: int
+
+
+@dataclass
+class ModalityPlan:
+    name: str
+    mode: str
+    targets: list[ModuleTarget] = field(default_factory=list)
+    #: Parameters trained in place (mode full).
+    full_params: list[str] = field(default_factory=list)
+    layers: list[int] | None = None
+    n_layers: int = 0
+    total_params: int = 0
+    trainable_params: int = 0
+    precision: str | None = None
+    lr: float | None = None
+    lr_multiplier: float | None = None
+
+    @property
+    def variant(self) -> str | None:
+        return self.mode if self.mode in ("lora", "dora") else None
+
+
+@dataclass
+class AdapterPlan:
+    """One PEFT adapter: its name, variant, the modalities it covers, and its config arguments."""
+
+    name: str
+    variant: str
+    modalities: list[str]
+    config: dict
+
+
+@dataclass
+class PlacementPlan:
+    kind: str
+    modalities: dict[str, ModalityPlan]
+    adapters: list[AdapterPlan]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def full_params(self) -> list[str]:
+        return [p for m in self.modalities.values() for p in m.full_params]
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "modalities": {
+                n: {
+                    "mode": m.mode, "precision": m.precision, "layers": m.layers, "n_layers": m.n_layers,
+                    "total_params": m.total_params, "trainable_params": m.trainable_params,
+                    "lr": m.lr, "lr_multiplier": m.lr_multiplier,
+                    "modules": [asdict(t) for t in m.targets],
+                    "full_params": m.full_params,
+                }
+                for n, m in self.modalities.items()
+            },
+            "adapters": [asdict(a) for a in self.adapters],
+            "warnings": self.warnings,
+        }
+
+
+def _lora_params(module: nn.Module, rank: int, dora: bool) -> int:
+    if isinstance(module, nn.Embedding):
+        return rank * (module.num_embeddings + module.embedding_dim)
+    if type(module).__name__ == "Conv1D":  # transposed linear: weight is [in, out]
+        n_in, n_out = module.weight.shape
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        k = module.weight[0, 0].numel()
+        n_in, n_out = module.in_channels * k, module.out_channels
+    else:
+        n_in, n_out = module.in_features, module.out_features
+    return rank * (n_in + n_out) + (n_out if dora else 0)
+
+
+def _select_layers(where: str, spec: ModalitySpec, n_layers: int) -> list[int] | None:
+    if spec.layers == "all":
+        return None
+    if not n_layers:
+        raise MmloraError(f"{where}.layers: this modality has no stack of layers to select from; use layers: all")
+    chosen = spec.layers.select(n_layers) if not isinstance(spec.layers, list) else list(spec.layers)
+    outside = [i for i in chosen if i >= n_layers]
+    if outside:
+        raise MmloraError(f"{where}.layers: {outside} do not exist (this modality has layers 0..{n_layers - 1})")
+    if not chosen:
+        raise MmloraError(f"{where}.layers selects no layer of 0..{n_layers - 1}")
+    return sorted(set(chosen))
+
+
+def _check_patterns(where: str, spec: ModalitySpec, names: list[str], mmap: ModalityMap, modality: str) -> None:
+    """A pattern must not reach into another modality (LLaVA's suffix matching leaks into vision)."""
+    for pattern in spec.targets or []:
+        if pattern in TARGET_GROUPS_SET:
+            continue
+        match = compile_pattern(pattern)
+        leaks = [n for n in names if match(n) and mmap.modality_of(n) not in (modality, None)]
+        if leaks:
+            other = mmap.modality_of(leaks[0])
+            raise MmloraError(
+                f"{where}.targets: pattern {pattern!r} also matches {len(leaks)} module(s) of {other} "
+                f"(e.g. {leaks[0]}): anchor it to this modality (patterns match names inside the modality)"
+            )
+
+
+def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: ModalitySpec, where: str) -> ModalityPlan:
+    modality = mmap.modalities[name]
+    params = {n: p for n, p in model.named_parameters() if mmap.modality_of(n) == name}
+    plan = ModalityPlan(name, spec.mode, n_layers=modality.n_layers, precision=spec.precision,
+                        total_params=sum(p.numel() for p in params.values()), lr=spec.lr, lr_multiplier=spec.lr_multiplier)
+    if spec.mode == "frozen":
+        return plan
+    plan.layers = _select_layers(where, spec, modality.n_layers)
+
+    def in_layers(module_name: str) -> bool:
+        layer = modality.layer_of(module_name)
+        return plan.layers is None or (layer is not None and layer in plan.layers)
+
+    def relative(module_name: str) -> str:
+        for root in modality.roots:
+            if module_name.startswith(root + "."):
+                return module_name[len(root) + 1 :]
+        return module_name.rsplit(".", 1)[-1]
+
+    names = [n for n, _ in model.named_modules() if n]
+    _check_patterns(where, spec, names, mmap, name)
+    targets = spec.targets or (["all-linear"] if spec.variant else None)
+
+    def selected(module_name: str, module: nn.Module) -> bool:
+        if mmap.modality_of(module_name) != name or not in_layers(module_name):
+            return False
+        rel = relative(module_name)
+        for t in targets or []:
+            if t in TARGET_GROUPS_SET:
+                if is_linear(module) and module_name not in mmap.heads and matches_group(t, rel):
+                    return True
+            elif (spec.variant is None or is_adaptable(module)) and (compile_pattern(t)(rel) or compile_pattern(t)(module_name)):
+                return True
+        return False
+
+    if spec.mode == "full":
+        if targets is None:
+            plan.full_params = [n for n in params if in_layers(n)]
+        else:
+            chosen = [n for n, m in model.named_modules() if n and selected(n, m)]
+            plan.full_params = [n for n in params if any(n.startswith(c + ".") for c in chosen)]
+        plan.trainable_params = sum(params[n].numel() for n in plan.full_params)
+        if not plan.full_params:
+            raise MmloraError(f"{where}: mode full with targets {targets} and layers {spec.layers} selects no parameter")
+        return plan
+
+    chosen = [(n, m) for n, m in model.named_modules() if n and selected(n, m)]
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if mmap.modality_of(n) == name and is_linear(m)})
+        raise MmloraError(
+            f"{where}: targets {targets} (layers {spec.layers}) match no module of {name}; "
+            f"its linear layers are named: {', '.join(leaves[:20]) or 'none'}"
+        )
+    layer_positions = {layer: i for i, layer in enumerate(plan.layers or range(modality.n_layers))}
+    for module_name, module in chosen:
+        layer = modality.layer_of(module_name)
+        if spec.rank_schedule is not None:
+            pos = layer_positions.get(layer, len(layer_positions) - 1) if layer is not None else len(layer_positions) - 1
+            rank = spec.rank_schedule.rank_at(pos, len(layer_positions))
+        else:
+            rank = spec.effective_rank
+        alpha = spec.alpha if spec.alpha is not None else 2.0 * rank
+        plan.targets.append(ModuleTarget(module_name, layer, rank, alpha, _lora_params(module, rank, spec.mode == "dora")))
+    plan.trainable_params = sum(t.params for t in plan.targets)
+    return plan
+
+
+_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def _compile_adapters(plans: dict[str, ModalityPlan], specs: dict[str, ModalitySpec], spec: PlacementSpec) -> list[AdapterPlan]:
+    groups: dict[tuple, list[str]] = {}
+    for name, plan in plans.items():
+        if plan.variant:
+            s = specs[name]
+            groups.setdefault((plan.variant, s.dropout, s.init, s.rslora), []).append(name)
+    adapters = []
+    for i, ((variant, dropout, init, rslora), names) in enumerate(groups.items()):
+        targets = [t for n in names for t in plans[n].targets]
+        rank = Counter(t.rank for t in targets).most_common(1)[0][0]
+        alpha = Counter(t.alpha for t in targets if t.rank == rank).most_common(1)[0][0]
+        config = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": [t.name for t in targets],
+            "rank_pattern": {re.escape(t.name): t.rank for t in targets if t.rank != rank},
+            "alpha_pattern": {re.escape(t.name): t.alpha for t in targets if t.alpha != alpha},
+            "lora_dropout": dropout,
+            "use_dora": variant == "dora",
+            "use_rslora": rslora,
+            "init_lora_weights": _INIT[init],
+            "bias": "none",
+        }
+        if spec.adalora is not None:
+            variant = "adalora"
+        adapter_name = "default" if i == 0 else "_".join(names)
+        adapters.append(AdapterPlan(adapter_name, variant, names, config))
+    return adapters
+
+
+def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec) -> PlacementPlan:
+    """Resolve ``spec`` on ``model`` (real or meta weights) into a :class:`PlacementPlan`."""
+    model = unwrap(model)
+    specs = dict(spec.items())
+    unknown = [n for n in specs if n not in mmap.modalities]
+    for n in unknown:
+        if specs[n].mode != "frozen":
+            raise MmloraError(
+                f"placement.{n}: this model has no {n} modality (found: {', '.join(mmap.modalities)})"
+            )
+    plans: dict[str, ModalityPlan] = {}
+    for name in mmap.modalities:
+        plans[name] = _plan_modality(model, mmap, name, specs.get(name, ModalitySpec()), f"placement.{name}")
+    if not any(p.mode != "frozen" for p in plans.values()):
+        raise MmloraError("placement: every modality is frozen, so nothing would train")
+    warnings = []
+    vision = mmap.modalities.get("vision")
+    if vision is not None and vision.read_layers is not None and "vision" in plans:
+        unread = sorted({t.layer for t in plans["vision"].targets if t.layer is not None and t.layer >= vision.read_layers})
+        unread_full = sorted({vision.layer_of(p) for p in plans["vision"].full_params
+                              if (vision.layer_of(p) or 0) >= vision.read_layers and vision.layer_of(p) is not None})
+        if unread or unread_full:
+            warnings.append(
+                f"placement.vision: layers {unread or unread_full} are never read (the projector takes features "
+                f"from layer {vision.read_layers - 1}); what trains there gets no gradient. Select the read layers, "
+                f"e.g. layers: {{range: [0, {vision.read_layers}]}}"
+            )
+    adapters = _compile_adapters(plans, specs, spec)
+    if spec.adalora is not None:
+        if len(adapters) > 1:
+            raise MmloraError(
+                "placement.adalora: AdaLoRA is one adapter over the whole model, so every lora modality must share "
+                "dropout, init and rslora"
+            )
+        ranks = {t.rank for a in adapters for n in a.modalities for t in plans[n].targets}
+        if len(ranks) > 1:
+            raise MmloraError(
+                f"placement.adalora: PEFT's AdaLoRA has one budget (init_r/target_r), so per-modality ranks {sorted(ranks)} "
+                "cannot be expressed; remove rank from the modalities and set adalora.init_r / target_r"
+            )
+    return PlacementPlan(mmap.kind, plans, adapters, warnings)

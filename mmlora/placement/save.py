@@ -1,0 +1,95 @@
+"""Save a placed model so any tool can reassemble it without mmlora.
+
+Layout of the folder::
+
+    adapters/<name>/adapter_config.json, adapter_model.safetensors   one standard PEFT folder each
+    full_modules.safetensors                                         parameters trained in place
+    manifest.json                                                    base model, adapters, modalities
+
+Reassembling in plain transformers + PEFT: load the base, ``load_state_dict`` the full modules
+(``strict=False``), ``PeftModel.from_pretrained(base, adapters/<first>)``, ``load_adapter`` the rest and
+activate them all (``model.base_model.set_adapter([...])``). PiSSA/OLoRA adapters are converted at
+save time into LoRA adapters (twice the rank) that apply to the *original* base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmlora import __version__
+from mmlora.placement.plan import PlacementPlan
+
+MANIFEST = "manifest.json"
+FULL_MODULES = "full_modules.safetensors"
+
+
+def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, base_model: str) -> Path:
+    """Write adapters, full modules and manifest of a model placed with ``apply_placement``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict = {"mmlora_version": __version__, "base_model": base_model, "kind": plan.kind, "adapters": []}
+    init_dirs = getattr(model, "_mmlora_init_dirs", {}) or {}
+    for adapter in plan.adapters:
+        model.peft_config[adapter.name].base_model_name_or_path = base_model
+        with tempfile.TemporaryDirectory() as tmp:
+            kwargs = {}
+            if adapter.name in init_dirs:
+                kwargs["path_initial_model_for_weight_conversion"] = init_dirs[adapter.name]
+            model.save_pretrained(tmp, selected_adapters=[adapter.name], **kwargs)
+            src = Path(tmp) if adapter.name == "default" else Path(tmp) / adapter.name
+            dest = out / "adapters" / adapter.name
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns(*[a.name for a in plan.adapters if a.name != "default"]))
+        manifest["adapters"].append({
+            "name": adapter.name, "path": f"adapters/{adapter.name}", "variant": adapter.variant,
+            "modalities": adapter.modalities, "converted_from": kwargs and adapter.config["init_lora_weights"] or None,
+        })
+    if plan.full_params:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = dict(base.named_parameters())
+        save_file({n: params[n].detach().to("cpu").contiguous() for n in plan.full_params}, str(out / FULL_MODULES))
+        manifest["full_modules"] = {
+            "path": FULL_MODULES,
+            "modalities": [n for n, m in plan.modalities.items() if m.full_params],
+            "tensors": len(plan.full_params),
+        }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
+    """Reassemble a saved placement on ``base`` with plain PEFT (what the module docstring describes)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    full = manifest.get("full_modules")
+    if full:
+        state = load_file(str(folder / full["path"]))
+        missing = [k for k in state if k not in dict(base.named_parameters())]
+        if missing:
+            raise KeyError(f"{folder / full['path']}: tensors not in the base model: {missing[:3]}")
+        with torch.no_grad():
+            params = dict(base.named_parameters())
+            for k, v in state.items():
+                params[k].copy_(v)
+    adapters = manifest["adapters"]
+    if not adapters:
+        return base
+    first, *rest = adapters
+    model = PeftModel.from_pretrained(base, folder / first["path"], adapter_name=first["name"])
+    for a in rest:
+        model.load_adapter(folder / a["path"], adapter_name=a["name"])
+    if rest:
+        model.base_model.set_adapter([a["name"] for a in adapters])
+    return model

@@ -1,0 +1,66 @@
+import pytest
+
+from mmlora.config.schema import PlacementSpec
+from mmlora.errors import MmloraError
+from mmlora.models.modality import discover_modalities
+from mmlora.placement.plan import plan_placement
+from mmlora.placement.report import format_plan
+
+
+def _plan(model, spec: dict):
+    return plan_placement(model, discover_modalities(model), PlacementSpec.model_validate(spec))
+
+
+def test_per_modality_ranks_compile_into_one_adapter(tiny_llava):
+    plan = _plan(tiny_llava[0], {"vision": {"mode": "lora", "targets": "q", "layers": [0], "rank": 2},
+                                 "language": {"mode": "lora", "targets": "v", "rank": 8, "alpha": 4}})
+    assert len(plan.adapters) == 1
+    cfg = plan.adapters[0].config
+    assert cfg["r"] in (2, 8) and set(plan.adapters[0].modalities) == {"vision", "language"}
+    ranks = {t.name: t.rank for m in plan.modalities.values() for t in m.targets}
+    # every module's rank is the default or in rank_pattern (escaped full names, PEFT's regex match)
+    import re
+
+    for name, rank in ranks.items():
+        assert cfg["rank_pattern"].get(re.escape(name), cfg["r"]) == rank
+    assert {t.alpha for t in plan.modalities["language"].targets} == {4.0}
+    assert {t.alpha for t in plan.modalities["vision"].targets} == {4.0}  # default alpha = 2 x rank
+
+
+def test_variant_or_dropout_split_adapters(tiny_llava):
+    plan = _plan(tiny_llava[0], {"vision": {"mode": "lora", "layers": [0], "dropout": 0.1},
+                                 "language": {"mode": "lora"}})
+    assert [a.modalities for a in plan.adapters] == [["vision"], ["language"]]
+    assert plan.adapters[0].name == "default" and plan.adapters[1].name == "language"
+
+
+def test_rank_schedule_grows_over_depth(tiny_llava):
+    plan = _plan(tiny_llava[0], {"language": {"mode": "lora", "targets": "q", "rank_schedule": {"min": 2, "max": 6}}})
+    assert [(t.layer, t.rank) for t in plan.modalities["language"].targets] == [(0, 2), (1, 6)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"vision": {"mode": "lora", "targets": ["gate"]}}, "match no module of vision"),
+    ({"language": {"mode": "lora", "targets": ["*q_proj"]}}, "also matches 2 module"),
+    ({"language": {"mode": "lora", "layers": [7]}}, r"\[7\] do not exist"),
+    ({"projector": {"mode": "lora", "layers": {"first": 1}}}, "no stack of layers"),
+    ({"text": {"mode": "lora"}}, "no text modality"),
+    ({"vision": {"mode": "frozen"}}, "nothing would train"),
+])
+def test_plans_that_cannot_work_are_refused(tiny_llava, spec, message):
+    with pytest.raises(MmloraError, match=message):
+        _plan(tiny_llava[0], spec)
+
+
+def test_leak_error_names_the_other_modality(tiny_llava):
+    with pytest.raises(MmloraError) as err:
+        _plan(tiny_llava[0], {"language": {"mode": "lora", "targets": ["*q_proj"]}})
+    assert "module(s) of vision" in str(err.value) and "model.vision_tower.encoder.layers.0.self_attn.q_proj" in str(err.value)
+
+
+def test_table_shows_every_modality(tiny_llava):
+    plan = _plan(tiny_llava[0], {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0]},
+                                 "projector": {"mode": "full", "lr": 1e-3}, "language": {"mode": "dora", "precision": "4bit"}})
+    text = format_plan(plan)
+    for word in ("vision", "projector", "language", "dora", "4bit", "0.001", "trainable:", "full_modules.safetensors"):
+        assert word in text
