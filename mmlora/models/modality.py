@@ -83,9 +83,15 @@ def is_open_clip(model: nn.Module) -> bool:
 
 def _modules_with_config(model: nn.Module, config: object) -> list[str]:
     """Top-most modules whose ``config`` is ``config`` (several for, e.g., image + video towers)."""
+    from transformers import PreTrainedModel
+
+    holders = [(n, m) for n, m in model.named_modules() if n and getattr(m, "config", None) is config]
+    # Towers are models of their own; a layer that merely keeps the config (e.g. a cross-attention
+    # inside a projector) is not one.
+    models = [(n, m) for n, m in holders if isinstance(m, PreTrainedModel)] or holders
     found: list[str] = []
-    for name, module in model.named_modules():
-        if name and getattr(module, "config", None) is config and not any(_is_ancestor(f, name) for f in found):
+    for name, _ in models:
+        if not any(_is_ancestor(f, name) for f in found):
             found.append(name)
     return found
 
@@ -151,7 +157,12 @@ def _discover_vlm(model: nn.Module) -> ModalityMap:
     for key, value in vars(config).items():
         if key.endswith("_config") and value is not vision_cfg and value is not text_cfg and hasattr(value, "to_dict"):
             roots = _modules_with_config(model, value)
-            if roots and not any(_is_ancestor(roots[0], r) for r in vision_roots + language_roots):
+            if not roots or any(_is_ancestor(roots[0], r) for r in vision_roots + language_roots):
+                continue
+            parent = roots[0].rpartition(".")[0]
+            # A sibling of the towers is a tower; nested in another module (e.g. Idefics2's perceiver
+            # inside the connector) it is part of that module.
+            if any(_is_ancestor(parent, r) for r in vision_roots):
                 others[key.removesuffix("_config")] = roots[0]
     claimed_roots = [*vision_roots, *language_roots, *heads, *others.values()]
 

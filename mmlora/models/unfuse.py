@@ -22,8 +22,11 @@ class UnfusedAttention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections; a drop-in for open_clip's use of
     ``nn.MultiheadAttention(q, k, v, need_weights=False, attn_mask=...)`` (batch-first or not)."""
 
-    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = True, dropout: float = 0.0):
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = True,
+                 dropout: float = 0.0, return_tuple: bool = True):
         super().__init__()
+        # nn.MultiheadAttention returns (output, weights); open_clip's own Attention returns the output.
+        self.return_tuple = return_tuple
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
@@ -35,9 +38,10 @@ class UnfusedAttention(nn.Module):
 
     @classmethod
     def from_fused(cls, in_weight: torch.Tensor, in_bias: torch.Tensor | None, out_proj: nn.Linear,
-                   num_heads: int, batch_first: bool, dropout: float = 0.0) -> UnfusedAttention:
+                   num_heads: int, batch_first: bool, dropout: float = 0.0, return_tuple: bool = True) -> UnfusedAttention:
         dim = in_weight.shape[1]
-        new = cls(dim, num_heads, bias=in_bias is not None, batch_first=batch_first, dropout=dropout)
+        new = cls(dim, num_heads, bias=in_bias is not None, batch_first=batch_first, dropout=dropout,
+                  return_tuple=return_tuple)
         new.to(device=in_weight.device, dtype=in_weight.dtype)
         with torch.no_grad():
             for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
@@ -62,7 +66,7 @@ class UnfusedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         **_: object,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, None] | torch.Tensor:
         """Inputs ``[B, L, D]`` (``[L, B, D]`` if not batch-first); ``attn_mask`` ``[L, S]`` or
         ``[B*H, L, S]``, additive or boolean (True = masked) as for ``nn.MultiheadAttention``."""
         key = query if key is None else key
@@ -79,7 +83,8 @@ class UnfusedAttention(nn.Module):
             mask = pad if mask is None else mask + pad
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        out = out if self.batch_first else out.transpose(0, 1)
+        return (out, None) if self.return_tuple else out
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -88,20 +93,21 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
-def _fused_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear, int, bool, float] | None:
-    """(in_weight, in_bias, out_proj, heads, batch_first, dropout) of a fused attention, else None."""
+def _fused_parts(module: nn.Module) -> tuple | None:
+    """(in_weight, in_bias, out_proj, heads, batch_first, dropout, return_tuple) of a fused attention."""
     if isinstance(module, nn.MultiheadAttention):
         if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
             return None
-        return module.in_proj_weight, module.in_proj_bias, module.out_proj, module.num_heads, module.batch_first, module.dropout
+        return (module.in_proj_weight, module.in_proj_bias, module.out_proj, module.num_heads, module.batch_first,
+                module.dropout, True)
     # open_clip's own Attention class (fused in_proj_weight), in its plain configuration only.
     in_w = getattr(module, "in_proj_weight", None)
     out = getattr(module, "out_proj", None)
     if isinstance(in_w, torch.Tensor) and isinstance(out, nn.Linear) and hasattr(module, "num_heads"):
         plain = not getattr(module, "scaled_cosine", False) and getattr(module, "head_scale", None) is None
-        plain = plain and getattr(module, "ln_inner", nn.Identity()).__class__ is nn.Identity
+        plain = plain and all(type(getattr(module, n, nn.Identity())) is nn.Identity for n in ("ln_inner", "ln_q", "ln_k"))
         if plain:
-            return in_w, getattr(module, "in_proj_bias", None), out, module.num_heads, getattr(module, "batch_first", True), 0.0
+            return in_w, getattr(module, "in_proj_bias", None), out, module.num_heads, True, 0.0, False
     return None
 
 

@@ -75,3 +75,17 @@ def _keep_initial_state(peft_model: nn.Module, plan: PlacementPlan) -> dict[str,
             cfg.init_lora_weights = init
             dirs[adapter.name] = path if adapter.name == "default" else f"{path}/{adapter.name}"
     return dirs
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation checkpointing, non-reentrant: with reentrant checkpointing, a block whose
+    inputs do not require grad (a frozen tower's output) gives its adapters no gradient at all."""
+    from mmlora.models.modality import is_open_clip, unwrap
+
+    base = unwrap(model)
+    if is_open_clip(base):
+        base.set_grad_checkpointing(True)  # open_clip checkpoints with use_reentrant=False
+        return
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()

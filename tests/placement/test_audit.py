@@ -67,3 +67,42 @@ def test_all_zero_gradient_on_a_live_tensor_is_caught(tiny_clip, shapes_small):
     clip_loss(placed, clip_batch(preprocess, tokenizer, shapes_small)).backward()
     with pytest.raises(MmloraError, match="all-zero gradient: .*resblocks.0.attn.v_proj"):
         audit_gradients(placed)
+
+
+def test_non_reentrant_checkpointing_keeps_every_gradient(tiny_llava_dir, shapes_small):
+    from mmlora.models.llava import load_llava
+    from mmlora.placement.apply import enable_gradient_checkpointing
+
+    spec = {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0], "rank": 4},
+            "language": {"mode": "lora", "rank": 4}}
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = load_llava(tiny_llava_dir)
+        torch.manual_seed(0)  # the same random lora_A in both runs
+        placed, _ = _place(model, spec)
+        if checkpointing:
+            enable_gradient_checkpointing(placed)
+        placed.train()
+        placed(**llava_batch(processor, shapes_small)).loss.backward()
+        audit_gradients(placed)
+        grads.append({n: p.grad for n, p in placed.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_adalora_is_a_whole_model_variant(tiny_llava, shapes_small):
+    model, processor = tiny_llava
+    spec = {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0]}, "language": {"mode": "lora"},
+            "adalora": {"init_r": 6, "target_r": 2, "total_step": 10, "tfinal": 2}}
+    placed, plan = _place(model, spec)
+    assert [a.variant for a in plan.adapters] == ["adalora"]
+    assert type(placed.peft_config["default"]).__name__ == "AdaLoraConfig"
+    assert any(".lora_E." in n for n, _ in placed.named_parameters())  # AdaLoRA's SVD-style layers
+    placed(**llava_batch(processor, shapes_small)).loss.backward()
+    with pytest.raises(MmloraError, match="per-modality ranks"):
+        _place(model.__class__.from_pretrained(model.name_or_path), {**spec, "language": {"mode": "lora", "rank": 4}})
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot mix with dora"):
+        _place(model, {**spec, "vision": {"mode": "dora"}})

@@ -42,3 +42,17 @@ def test_unfused_matches_multihead_attention_with_masks(batch_first):
         ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
         out = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
         assert torch.allclose(ref, out, atol=1e-5)
+
+
+def test_open_clip_own_fused_attention_class_is_unfused_too():
+    from open_clip.transformer import Attention
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(Attention(16, 4))
+    x = torch.randn(2, 5, 16)
+    mask = torch.triu(torch.full((5, 5), float("-inf")), 1)
+    with torch.no_grad():
+        ref = holder[0](x, attn_mask=mask)
+        assert unfuse_attention(holder) == ["0"]
+        out = holder[0](x, attn_mask=mask)
+    assert isinstance(holder[0], UnfusedAttention) and torch.allclose(ref, out, atol=1e-6)
