@@ -1,7 +1,10 @@
-"""``mmlora data``: generate the shapes world (more dataset tools come with the data pipeline).
+"""``mmlora data``: generate the shapes world; check a dataset before training on it.
 
     mmlora data shapes --out data/shapes                 # worlds A and B, default sizes
     mmlora data shapes --out /tmp/s --worlds A --scale 0.1 --image-size 96
+    mmlora data check data/shapes/world_B/llava_train.json --model tiny-llava
+    mmlora data check recipes/tiny/llava-train.yaml      # the recipe's train and val data, its model
+    mmlora data check data/shapes/world_A                # a segmentation folder (has classes.txt)
 """
 
 from __future__ import annotations
@@ -18,9 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--image-size", type=int, default=128, help="pixels per side (default: 128)")
     shapes.add_argument("--scale", type=float, default=1.0, help="multiply every split's size (default: 1)")
+    check = sub.add_parser("check", help="validate a dataset: counts, token lengths, image sizes, bad samples")
+    check.add_argument("spec", help="a data file (LLaVA JSON/JSONL, COCO captions, messages JSONL), a recipe, "
+                       "a datasets folder, or a segmentation folder")
+    check.add_argument("--format", choices=["llava", "coco", "messages", "hf"], help="default: guessed from the file")
+    check.add_argument("--images", help="image root (default: the data file's folder)")
+    check.add_argument("--model", default="tiny-llava", help="whose processor counts tokens (default: tiny-llava)")
+    check.add_argument("--max-length", type=int, default=2048)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_command == "check":
+        return _check(args)
     from mmlora.data.shapes import WORLDS, generate
     from mmlora.errors import MmloraError
 
@@ -33,3 +45,41 @@ def run(args: argparse.Namespace) -> int:
     for world, root in generate(args.out, worlds, seed=args.seed, image_size=args.image_size, scale=args.scale).items():
         print(f"world {world}: {root}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from transformers import AutoProcessor
+
+    from mmlora.config.loading import load_recipe
+    from mmlora.config.schema import DatasetSpec
+    from mmlora.data.build import read_dataset
+    from mmlora.data.check import check_records, check_segmentation
+    from mmlora.data.processing import ConversationEncoder
+    from mmlora.data.readers import guess_format
+    from mmlora.errors import MmloraError
+    from mmlora.models.loading import resolve_pretrained
+
+    spec = Path(args.spec)
+    if not spec.exists():
+        raise MmloraError(f"nothing at {spec}")
+    if spec.is_dir() and (spec / "classes.txt").is_file():
+        reports = check_segmentation(spec)
+    else:
+        model, max_length = args.model, args.max_length
+        if spec.suffix in (".yaml", ".yml"):
+            recipe = load_recipe(spec)
+            if recipe.data is None:
+                raise MmloraError(f"{spec}: the recipe has no data section")
+            model, max_length = recipe.model.name, recipe.data.max_length
+            sets = [("train", d) for d in recipe.data.train] + [("val", d) for d in recipe.data.val]
+            base = spec.parent
+        else:
+            fmt = args.format or guess_format(spec)
+            sets = [("data", DatasetSpec(format=fmt, path=str(spec), images=args.images))]
+            base = None
+        processor = AutoProcessor.from_pretrained(resolve_pretrained(model))
+        encoder = ConversationEncoder(processor, max_length)
+        reports = [check_records(f"{name}: {d.path} ({d.format})", read_dataset(d, base), encoder) for name, d in sets]
+    for r in reports:
+        print(r.format())
+    return 0 if all(r.ok for r in reports) else 1

@@ -1,7 +1,7 @@
 """The recipe schema: typed, validated, and exported as JSON schema for editors.
 
 A recipe is YAML validated into :class:`Recipe`. Unknown keys are errors that name the closest valid
-key (see ``mmlora.config.loading``). Sections grow with the pipeline: ``model`` and ``placement`` now.
+key (see ``mmlora.config.loading``). Sections: ``model``, ``placement``, ``data``.
 
 Example::
 
@@ -178,6 +178,30 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
 
 
+class DatasetSpec(_Strict):
+    """One dataset. ``weight`` multiplies its size per epoch (2 = each sample twice, 0.5 = half)."""
+
+    format: Literal["llava", "coco", "messages", "hf"]
+    path: str
+    images: str | None = Field(default=None, description="image root; default: the data file's folder")
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    prompt: str | None = Field(default=None, description="coco/hf captions: the question each caption answers")
+    captions: Literal["all", "first"] = "all"
+    hf_format: Literal["disk", "parquet", "imagefolder"] = "disk"
+    split: str = "train"
+    limit: Annotated[int, Field(gt=0)] | None = None
+
+
+class DataSpec(_Strict):
+    train: list[DatasetSpec]
+    val: list[DatasetSpec] = []
+    max_length: Annotated[int, Field(gt=0)] = 2048
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_image_pixels: Annotated[int, Field(gt=0)] = 89_478_485
+    group_by_length: bool = True
+
+
 class Recipe(_Strict):
     model: ModelSpec
     placement: PlacementSpec = PlacementSpec()
+    data: DataSpec | None = None

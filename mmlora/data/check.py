@@ -1,0 +1,105 @@
+"""``mmlora data check``: validate a dataset without training.
+
+Reads every record, opens every image and encodes every sample with the model's processor, then
+reports counts, a token-length histogram, an image-size summary and every bad sample by id.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmlora.data.samples import BadSample, Sample
+
+
+@dataclass
+class CheckReport:
+    source: str
+    records: int = 0
+    with_image: int = 0
+    text_only: int = 0
+    turns: int = 0
+    token_lengths: list[int] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    image_modes: Counter = field(default_factory=Counter)
+    bad: list[BadSample] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    def format(self) -> str:
+        lines = [f"{self.source}: {self.records} records, {self.records - len(self.bad)} good, {len(self.bad)} bad",
+                 f"  with image: {self.with_image}, text-only: {self.text_only}, assistant turns: {self.turns}"]
+        if self.token_lengths:
+            lens = np.array(self.token_lengths)
+            lines.append(f"  tokens: min {lens.min()}, median {int(np.median(lens))}, p95 {int(np.percentile(lens, 95))}, max {lens.max()}")
+            edges = np.histogram_bin_edges(lens, bins=min(8, max(1, len(set(lens.tolist())))))
+            counts, _ = np.histogram(lens, edges)
+            top = max(counts.max(), 1)
+            for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
+                lines.append(f"    {int(lo):>6}-{int(hi):<6} {'#' * max(1 if c else 0, round(30 * c / top)):<30} {c}")
+        if self.image_sizes:
+            w = np.array([s[0] for s in self.image_sizes])
+            h = np.array([s[1] for s in self.image_sizes])
+            lines.append(f"  images: {len(w)}, width {w.min()}..{w.max()} (median {int(np.median(w))}), "
+                         f"height {h.min()}..{h.max()} (median {int(np.median(h))}); modes "
+                         + ", ".join(f"{m}: {n}" for m, n in self.image_modes.most_common()))
+        for b in self.bad:
+            lines.append(f"  BAD {b}")
+        return "\n".join(lines)
+
+
+def check_records(source: str, records: list[Sample | BadSample], encoder: Any) -> CheckReport:
+    from PIL import Image
+
+    report = CheckReport(source, records=len(records))
+    for r in records:
+        if isinstance(r, BadSample):
+            report.bad.append(r)
+            continue
+        report.with_image += bool(r.images)
+        report.text_only += not r.images
+        report.turns += sum(m["role"] == "assistant" for m in r.messages)
+        try:
+            for img in r.images:
+                if isinstance(img, (str, Path)) and Path(img).is_file() and Path(img).stat().st_size:
+                    try:
+                        with Image.open(img) as probe:
+                            report.image_modes[probe.mode] += 1
+                            report.image_sizes.append(probe.size)
+                    except Exception:  # noqa: BLE001 - encode() below reports it with a clear message
+                        pass
+                elif hasattr(img, "size"):
+                    report.image_modes[img.mode] += 1
+                    report.image_sizes.append(img.size)
+            out = encoder.encode(r)
+            report.token_lengths.append(len(out["input_ids"]))
+        except BadSample as bad:
+            report.bad.append(bad)
+    return report
+
+
+def check_segmentation(root: Path) -> list[CheckReport]:
+    from mmlora.data.segmentation import SegmentationFolder
+
+    splits = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt")) or \
+        sorted(p.name for p in (root / "masks").iterdir() if p.is_dir())
+    reports = []
+    for split in splits:
+        folder = SegmentationFolder(root, split)
+        report = CheckReport(f"{root} [{split}]", records=len(folder))
+        for i in range(len(folder)):
+            try:
+                image, _ = folder.load(i)
+                report.image_sizes.append(image.size)
+                report.image_modes["RGB"] += 1
+                report.with_image += 1
+            except BadSample as bad:
+                report.bad.append(bad)
+        reports.append(report)
+    return reports
