@@ -1,0 +1,33 @@
+import json
+
+from mmlora.cli import main
+
+
+def test_check_a_llava_file(shapes_small, capsys):
+    path = shapes_small / "world_B" / "llava_val.json"
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "5 records, 5 good, 0 bad" in out and "tokens: min" in out and "images: 5, width 128..128" in out
+
+
+def test_check_lists_every_bad_sample_and_fails(tmp_path, shapes_small, capsys):
+    good = json.loads((shapes_small / "world_A" / "llava_val.json").read_text())[:2]
+    for g in good:
+        g["image"] = str((shapes_small / "world_A" / g["image"]).relative_to(shapes_small))
+    bad = [{"id": "no-image", "image": "world_A/missing.png", "conversations": good[0]["conversations"]},
+           {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]}]
+    path = shapes_small / "check_fixture.json"
+    path.write_text(json.dumps(good + bad))
+    try:
+        assert main(["data", "check", str(path)]) == 1
+    finally:
+        path.unlink()
+    out = capsys.readouterr().out
+    assert "4 records, 2 good, 2 bad" in out
+    assert "(id no-image): image file not found" in out and "(id no-answer): no assistant answer" in out
+
+
+def test_check_a_segmentation_folder(shapes_small, capsys):
+    assert main(["data", "check", str(shapes_small / "world_A")]) == 0
+    out = capsys.readouterr().out
+    assert "[val]: 10 records, 10 good, 0 bad" in out
