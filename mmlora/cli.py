@@ -27,7 +27,7 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command("plan", "show where adapters go, per modality, before anything trains", "plan"),
-    Command("train", "train a recipe with the Accelerate trainer", None),
+    Command("train", "train a recipe with the Accelerate trainer", "train"),
     Command("predict", "answer one image from a run or an export", None),
     Command("eval", "evaluate runs: caption, seg, fewshot", None),
     Command("export", "export adapters or a merged model", None),

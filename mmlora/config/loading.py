@@ -106,3 +106,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 def recipe_json_schema() -> str:
     """The JSON schema of recipes (for editors: ``# yaml-language-server: $schema=...``)."""
     return json.dumps(Recipe.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe (defaults filled in, overrides applied) as YAML, for the run folder."""
+    import yaml
+
+    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)

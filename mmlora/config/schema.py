@@ -1,7 +1,7 @@
 """The recipe schema: typed, validated, and exported as JSON schema for editors.
 
 A recipe is YAML validated into :class:`Recipe`. Unknown keys are errors that name the closest valid
-key (see ``mmlora.config.loading``). Sections: ``model``, ``placement``, ``data``.
+key (see ``mmlora.config.loading``). Sections: ``model``, ``placement``, ``data``, ``train``.
 
 Example::
 
@@ -201,7 +201,46 @@ class DataSpec(_Strict):
     group_by_length: bool = True
 
 
+class QuantSpec(_Strict):
+    """How ``4bit`` modalities are quantized (bitsandbytes)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+
+
+class TrainSpec(_Strict):
+    """The training loop. Batch sizes are per optimizer step: ``batch_size`` samples per device per
+    micro-step, ``grad_accum`` micro-steps, times the number of processes."""
+
+    output_dir: str | None = Field(default=None, description="default: runs/<recipe name>")
+    init_from: str | None = Field(default=None, description="a run folder whose final/ adapters and full modules start this run")
+    resume: Literal["auto", "never"] | str = Field(default="auto", description="auto: latest checkpoint in output_dir; or a path")
+    seed: int = 0
+    max_steps: Annotated[int, Field(gt=0)] | None = None
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    grad_accum: Annotated[int, Field(gt=0)] = 1
+    lr: Annotated[float, Field(gt=0)] = 2.0e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lora_plus_ratio: Annotated[float, Field(gt=0)] | None = Field(default=None, description="LoRA+: lr of B = ratio x lr of A")
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    quantization: QuantSpec = QuantSpec()
+    log_every: Annotated[int, Field(gt=0)] = 1
+    eval_every: Annotated[int, Field(gt=0)] | None = None
+    save_every: Annotated[int, Field(gt=0)] | None = None
+    keep_last: Annotated[int, Field(gt=0)] = 2
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+
+
 class Recipe(_Strict):
     model: ModelSpec
     placement: PlacementSpec = PlacementSpec()
     data: DataSpec | None = None
+    train: TrainSpec = TrainSpec()

@@ -29,8 +29,12 @@ MANIFEST = "manifest.json"
 FULL_MODULES = "full_modules.safetensors"
 
 
-def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, base_model: str) -> Path:
-    """Write adapters, full modules and manifest of a model placed with ``apply_placement``."""
+def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, base_model: str,
+                   convert: bool = True) -> Path:
+    """Write adapters, full modules and manifest of a model placed with ``apply_placement``.
+
+    ``convert=False`` keeps PiSSA/OLoRA adapters as trained (for checkpoints that resume training).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -41,7 +45,7 @@ def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, b
         model.peft_config[adapter.name].base_model_name_or_path = base_model
         with tempfile.TemporaryDirectory() as tmp:
             kwargs = {}
-            if adapter.name in init_dirs:
+            if convert and adapter.name in init_dirs:
                 kwargs["path_initial_model_for_weight_conversion"] = init_dirs[adapter.name]
             model.save_pretrained(tmp, selected_adapters=[adapter.name], **kwargs)
             src = Path(tmp) if adapter.name == "default" else Path(tmp) / adapter.name

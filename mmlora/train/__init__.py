@@ -1,0 +1,1 @@
+"""Training: precision-aware loading, optimizer groups, checkpoints, and the loop (``loop.py``)."""

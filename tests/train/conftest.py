@@ -1,0 +1,62 @@
+"""Recipes for trainer tests: the tiny LLaVA on the small shapes world B."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+BASE = {
+    "model": {"name": "tiny-llava"},
+    "placement": {
+        "vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0], "rank": 4},
+        "projector": {"mode": "full", "lr_multiplier": 0.5},
+        "language": {"mode": "lora", "rank": 4},
+    },
+    "data": {"train": [], "val": [], "max_length": 256},
+    "train": {"max_steps": 4, "batch_size": 4, "lr": 5.0e-3, "eval_every": 2, "seed": 0, "scheduler": "constant"},
+}
+
+
+@pytest.fixture
+def make_recipe(shapes_small, tmp_path):
+    """``make_recipe(**{dotted.key: value})`` → path of a recipe YAML with those changes."""
+
+    def make(name: str = "recipe", **changes) -> Path:
+        data = copy.deepcopy(BASE)
+        world = shapes_small / "world_B"
+        data["data"]["train"] = [{"format": "llava", "path": str(world / "llava_train.json")}]
+        data["data"]["val"] = [{"format": "llava", "path": str(world / "llava_val.json")}]
+        data["train"]["output_dir"] = str(tmp_path / name)
+        for key, value in changes.items():
+            node = data
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            if value is None:
+                node.pop(parts[-1], None)
+            else:
+                node[parts[-1]] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return make
+
+
+def run_training(recipe_path: Path, *overrides: str):
+    from mmlora.config.loading import load_recipe
+    from mmlora.train.loop import Trainer
+
+    trainer = Trainer(load_recipe(recipe_path, overrides), recipe_name=recipe_path.stem)
+    trainer.setup()
+    result = trainer.train()
+    return trainer, result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
