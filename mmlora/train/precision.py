@@ -108,5 +108,16 @@ def load_for_training(spec: ModelSpec, placement: PlacementSpec, quant: QuantSpe
                     full = f"{root}.{pname}" if root else pname
                     if mmap.modality_of(full) == name and p.dtype.is_floating_point:
                         p.data = p.data.to(DTYPES[want])
+    _keep_4bit_trainable_on_cpu(model)
     verify_precision(model, mmap, precisions)
     return model, mmap
+
+
+def _keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a CPU ``Linear4bit``'s weight for an AVX512-BF16 inference kernel
+    the first time it runs in eval mode without grad (e.g. a validation pass), and from then on uses
+    that kernel, which has no backward: every adapter below it silently stops getting gradient (our
+    gradient-flow audit caught it). Training models opt out of the repacking."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
