@@ -28,9 +28,9 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("plan", "show where adapters go, per modality, before anything trains", "plan"),
     Command("train", "train a recipe with the Accelerate trainer", "train"),
-    Command("predict", "answer one image from a run or an export", None),
+    Command("predict", "answer one image from a run or an export", "predict"),
     Command("eval", "evaluate runs: caption, seg, fewshot", None),
-    Command("export", "export adapters or a merged model", None),
+    Command("export", "export adapters or a merged model", "export"),
     Command("demo", "run the embedded default end to end on the shapes world", "demo"),
     Command("data", "generate the shapes world; check and convert datasets", "data"),
     Command("models", "list, build and inspect model presets", "models"),

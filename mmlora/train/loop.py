@@ -30,24 +30,9 @@ import torch
 
 from mmlora.config.loading import recipe_to_yaml
 from mmlora.config.schema import Recipe
-from mmlora.data.batching import Collator, GroupedBatchSampler
-from mmlora.data.processing import IGNORE
+from mmlora.data.batching import ConversationDataset, GroupedBatchSampler
 from mmlora.errors import MmloraError
 from mmlora.train import checkpoint as ckpt
-
-
-def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over supervised tokens, computing logits only where a label
-    follows (``logits_to_keep``). Returns ``(sum, number of supervised tokens)``."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    positions = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=positions).logits  # [B, P, V]
-    picked = targets[:, positions]
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), picked.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    return loss, int((picked != IGNORE).sum())
 
 
 class Trainer:
@@ -66,10 +51,10 @@ class Trainer:
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        from transformers import AutoProcessor
 
-        from mmlora.data.build import build_dataset
+        from mmlora.data.build import mix, read_dataset
         from mmlora.models.loading import resolve_pretrained
+        from mmlora.train.objectives import objective_for
         from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing
         from mmlora.placement.plan import plan_placement
         from mmlora.train.optim import build_optimizer, param_groups
@@ -80,14 +65,18 @@ class Trainer:
                                        project_dir=str(self.out))
         self.is_main = self.accelerator.is_main_process
         set_seed(t.seed)
-        self.processor = AutoProcessor.from_pretrained(resolve_pretrained(r.model.name))
+        model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         data = r.data
-        self.train_set = build_dataset(data, data.train, self.processor, self.base_dir, t.seed)
-        self.val_set = build_dataset(data, data.val, self.processor, self.base_dir, t.seed) if data.val else None
+        self.objective = objective_for(model, resolve_pretrained(r.model.name), data.max_length, data.max_image_pixels)
+
+        def dataset(specs):
+            records = mix([(read_dataset(d, self.base_dir), d.weight) for d in specs], t.seed)
+            return ConversationDataset(records, self.objective.encoder, data.on_bad_sample)
+
+        self.train_set = dataset(data.train)
+        self.val_set = dataset(data.val) if data.val else None
         if len(self.train_set) == 0:
             raise MmloraError("the training data has no usable sample")
-
-        model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         if t.init_from:
             self._init_from(model, Path(t.init_from))
         self.global_batch = t.batch_size * t.grad_accum * self.accelerator.num_processes
@@ -107,7 +96,7 @@ class Trainer:
         groups, self.group_infos = param_groups(model, self.mmap, placement, t)
         optimizer, self.scheduler = build_optimizer(groups, t, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.collate = Collator(self.processor.tokenizer.pad_token_id)
+        self.collate = self.objective.collate
         self.step = 0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +205,7 @@ class Trainer:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step},
                    tmp / "trainer_state.pt")
-        self.processor.save_pretrained(tmp)
+        self.objective.save_processor(tmp)
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
         return ckpt.commit(root, tmp, self.step, self.recipe.train.keep_last)
 
@@ -251,12 +240,13 @@ class Trainer:
         return float(self.accelerator.reduce(t, reduction="sum"))
 
     def train_step(self, indices: list[int]) -> tuple[float, int]:
-        """One optimizer step on a global batch; returns (mean loss per supervised token, tokens)."""
+        """One optimizer step on a global batch; returns (mean loss per unit, units): units are
+        supervised tokens for captioning, samples for contrastive training."""
         micro = self._micro_batches(indices)
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        local_tokens = sum(self.objective.units(b) for b in micro)
         total_tokens = self._all_sum(local_tokens)
         if total_tokens == 0:
-            raise MmloraError(f"step {self.step + 1}: the global batch has no supervised token")
+            raise MmloraError(f"step {self.step + 1}: the global batch has nothing to learn from (no supervised {self.objective.unit})")
         world = self.accelerator.num_processes
         loss_sum = 0.0
         self.model.train()
@@ -265,7 +255,7 @@ class Trainer:
             sync = k == len(micro) - 1
             ctx = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
             with ctx, self.accelerator.autocast():
-                s, _ = supervised_loss_sum(self.model, batch)
+                s, _ = self.objective.loss_sum(self.model, batch)
                 # DDP averages gradients over processes: scale so the result is sum / global tokens.
                 self.accelerator.backward(s * world / total_tokens)
             loss_sum += float(s.detach())
@@ -308,7 +298,7 @@ class Trainer:
                 continue
             batch = {key: v.to(self.accelerator.device) for key, v in batch.items()}
             with self.accelerator.autocast():
-                s, n = supervised_loss_sum(self.model, batch)
+                s, n = self.objective.loss_sum(self.model, batch)
             total, tokens = total + float(s), tokens + n
         total, tokens = self._all_sum(total), self._all_sum(tokens)
         return total / tokens if tokens else None
@@ -325,7 +315,7 @@ class Trainer:
             indices = next(batches)
             loss, tokens = self.train_step(indices)
             done_samples += len(indices)
-            row: dict[str, Any] = {"step": self.step, "epoch": self.sampler.epoch, "loss": loss, "tokens": tokens,
+            row: dict[str, Any] = {"step": self.step, "epoch": self.sampler.epoch, "loss": loss, f"{self.objective.unit}s": tokens,
                                    "lr": self.step_lrs}
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                 last_val = row["val_loss"] = self.evaluate()
@@ -358,7 +348,7 @@ class Trainer:
         final = self.out / "final"
         model = self.accelerator.unwrap_model(self.model)
         save_placement(model, self.plan, final, self.recipe.model.name)
-        self.processor.save_pretrained(final)
+        self.objective.save_processor(final)
         (final / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
         rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
         loss_curve(rows, self.out / "loss_curve.png")

@@ -66,3 +66,8 @@ def model_card(recipe: Recipe, plan: PlacementPlan, rows: list[dict], metrics: d
     for k, v in (metrics or {}).items():
         lines.append(f"- {k}: {v}")
     return "\n".join(lines) + "\n"
+
+
+def append_to_card(card: str, facts: dict) -> str:
+    """Add an ``## Export`` section of facts to a model card."""
+    return card.rstrip() + "\n\n## Export\n\n" + "".join(f"- {k}: {v}\n" for k, v in facts.items())

@@ -82,7 +82,7 @@ def test_accumulation_equals_one_big_batch(make_recipe):
 
 
 def test_nan_loss_stops_with_a_clear_message(make_recipe, monkeypatch):
-    import mmlora.train.loop as loop
+    import mmlora.train.objectives as loop
 
     trainer = Trainer(load_recipe(make_recipe("nan", **{"train.save_every": 1})), recipe_name="nan")
     trainer.setup()

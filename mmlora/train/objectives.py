@@ -1,0 +1,123 @@
+"""Training objectives: what a batch is and what its loss is, per model kind.
+
+* :class:`CaptionLM` (image-text-to-text models): conversations encoded by the model's processor,
+  next-token cross-entropy on the answers, normalised by supervised tokens.
+* :class:`Contrastive` (open_clip CLIP): image-caption pairs (the last answer of each sample is the
+  caption), CLIP's symmetric InfoNCE within each micro-batch, normalised by samples.
+
+Each gives ``encoder`` (``encode(sample)``, ``tokenizer``), ``collate(items)``,
+``loss_sum(model, batch) -> (sum, units)``, ``units(batch)`` and ``save_processor(folder)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmlora.data.batching import Collator
+from mmlora.data.processing import IGNORE, ConversationEncoder
+from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample, load_image
+
+
+def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over supervised tokens, computing logits only where a label
+    follows (``logits_to_keep``). Returns ``(sum, number of supervised tokens)``."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    positions = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=positions).logits  # [B, P, V]
+    picked = targets[:, positions]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), picked.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, int((picked != IGNORE).sum())
+
+
+class CaptionLM:
+    unit = "token"
+
+    def __init__(self, model_path: Path | str, max_length: int, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.encoder = ConversationEncoder(self.processor, max_length, max_image_pixels)
+        self.collate = Collator(self.processor.tokenizer.pad_token_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return supervised_loss_sum(model, batch)
+
+    def save_processor(self, folder: Path) -> None:
+        self.processor.save_pretrained(folder)
+
+
+class _ClipEncoder:
+    image_token_id = None
+
+    def __init__(self, preprocess, tokenizer, max_image_pixels: int):
+        self.preprocess, self.clip_tokenizer, self.max_image_pixels = preprocess, tokenizer, max_image_pixels
+        self.tokenizer = tokenizer.tokenizer  # the HF tokenizer inside open_clip's wrapper (for lengths)
+
+    def encode(self, sample: Sample) -> dict[str, torch.Tensor]:
+        if len(sample.images) != 1:
+            raise BadSample(sample.where, sample.id, f"contrastive training needs one image per sample, got {len(sample.images)}")
+        answers = [p["text"] for m in sample.messages if m["role"] == "assistant" for p in m["content"] if p["type"] == "text"]
+        image = load_image(sample.images[0], sample.where, sample.id, self.max_image_pixels)
+        return {"image": self.preprocess(image), "text": self.clip_tokenizer([answers[-1]])[0]}
+
+
+class Contrastive:
+    unit = "sample"
+
+    def __init__(self, model_path: Path, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        from mmlora.models.clip import load_clip
+
+        self.path = Path(model_path)
+        _, preprocess, tokenizer = load_clip(self.path)
+        self.encoder = _ClipEncoder(preprocess, tokenizer, max_image_pixels)
+
+    @staticmethod
+    def collate(items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+        items = [it for it in items if it is not None]
+        if not items:
+            return None
+        return {"image": torch.stack([it["image"] for it in items]), "text": torch.stack([it["text"] for it in items])}
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["image"])
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        out = model(image=batch["image"], text=batch["text"])  # forward, so DDP hooks see it
+        if isinstance(out, dict):
+            img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        else:
+            img, txt, scale = out[:3]
+        logits = scale * img @ txt.T
+        target = torch.arange(len(img), device=logits.device)
+        loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        return loss * len(img), len(img)
+
+    def save_processor(self, folder: Path) -> None:
+        config = json.loads((self.path / "open_clip_config.json").read_text())
+        (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        self.encoder.tokenizer.save_pretrained(folder)
+
+
+def objective_for(model: Any, model_path: Path | str, max_length: int, max_image_pixels: int):
+    from mmlora.models.modality import is_open_clip, unwrap
+
+    if is_open_clip(unwrap(model)):
+        return Contrastive(Path(model_path), max_image_pixels)
+    return CaptionLM(model_path, max_length, max_image_pixels)
+
+
+def copy_processor_files(src: Path, dst: Path) -> None:
+    for name in ("open_clip_config.json",):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

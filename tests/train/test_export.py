@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+
+from mmlora.cli import main
+from mmlora.errors import MmloraError
+from mmlora.export import export_run, load_run, predict
+from tests.train.conftest import run_training
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shapes_small):
+    """One short QLoRA run (4-bit language model) shared by the export tests."""
+    import yaml
+
+    from tests.train.conftest import BASE
+
+    tmp = tmp_path_factory.mktemp("export")
+    data = json.loads(json.dumps(BASE))
+    world = shapes_small / "world_B"
+    data["data"]["train"] = [{"format": "llava", "path": str(world / "llava_train.json")}]
+    data["data"]["val"] = [{"format": "llava", "path": str(world / "llava_val.json")}]
+    data["placement"]["language"]["precision"] = "4bit"
+    data["train"].update({"output_dir": str(tmp / "run"), "max_steps": 3, "eval_every": 3})
+    path = tmp / "qlora.yaml"
+    path.write_text(yaml.safe_dump(data))
+    trainer, _ = run_training(path)
+    return trainer.out
+
+
+@pytest.mark.bnb
+def test_merged_export_equals_the_adapters(trained_run, tmp_path, shapes_small):
+    result = export_run(trained_run, tmp_path / "merged", merge=True)
+    assert result["merged"] and result["max_abs_diff"] < 1e-4
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert {type(m).__name__ for m in merged.modules()} .isdisjoint({"Linear4bit"})
+    # The merged checkpoint reproduces the adapter model (on the dequantized base) on a real image.
+    adapters, processor, _ = load_run(trained_run, dequantize_base=True)
+    from tests.placement.conftest import llava_batch
+
+    batch = llava_batch(AutoProcessor.from_pretrained(tmp_path / "merged"), shapes_small)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapters(**batch).logits, atol=1e-4)
+    assert "merge check" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_adapter_export_and_cli(trained_run, tmp_path, capsys, shapes_small):
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "adapters")]) == 0
+    out = tmp_path / "adapters"
+    assert (out / "manifest.json").is_file() and (out / "adapters" / "default" / "adapter_model.safetensors").is_file()
+    assert "library_name: peft" in (out / "README.md").read_text()
+    with pytest.raises(MmloraError, match="not empty"):
+        export_run(trained_run, out)
+    image = shapes_small / "world_B" / "images" / "test" / "B_test_00000.png"
+    assert main(["predict", str(trained_run), "--image", str(image), "--max-new-tokens", "4"]) == 0
+    model, processor, _ = load_run(trained_run)
+    answer = predict(model, processor, image, "Describe.", max_new_tokens=4)
+    assert isinstance(answer, str)
+    assert main(["predict", str(tmp_path / "nope"), "--image", str(image)]) == 2
