@@ -61,8 +61,10 @@ class Trainer:
         from mmlora.train.precision import load_for_training
 
         r, t = self.recipe, self.recipe.train
+        # Without CUDA, say cpu=True: only then does Accelerate read torchrun's environment as a
+        # multi-process CPU (gloo) run instead of starting every process as a single-process run.
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=t.trackers or None,
-                                       project_dir=str(self.out))
+                                       project_dir=str(self.out), cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
         set_seed(t.seed)
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
@@ -220,18 +222,25 @@ class Trainer:
         while True:
             yield from self.sampler
 
-    def _micro_batches(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """This process's slice of a global batch, encoded and cut into ``grad_accum`` micro-batches."""
+    def _micro_batches(self, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], bool]:
+        """This process's slice of a global batch, encoded and cut into ``grad_accum`` micro-batches.
+
+        A process whose slice is empty (a last, short global batch) runs the last sample with weight
+        0 instead, so that every process takes part in each forward and backward as DDP requires.
+        Returns ``(batches, counts)``: ``counts`` is False for such a stand-in.
+        """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_process = math.ceil(len(indices) / world)
         mine = indices[rank * per_process:(rank + 1) * per_process]
+        counts = bool(mine)
+        mine = mine or indices[-1:]
         size = self.recipe.train.batch_size
         batches = []
         for k in range(0, len(mine), size):
             batch = self.collate([self.train_set[i] for i in mine[k:k + size]])
             if batch is not None:
                 batches.append(batch)
-        return batches
+        return batches, counts
 
     def _all_sum(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -242,12 +251,13 @@ class Trainer:
     def train_step(self, indices: list[int]) -> tuple[float, int]:
         """One optimizer step on a global batch; returns (mean loss per unit, units): units are
         supervised tokens for captioning, samples for contrastive training."""
-        micro = self._micro_batches(indices)
-        local_tokens = sum(self.objective.units(b) for b in micro)
+        micro, counts = self._micro_batches(indices)
+        local_tokens = sum(self.objective.units(b) for b in micro) if counts else 0
         total_tokens = self._all_sum(local_tokens)
         if total_tokens == 0:
             raise MmloraError(f"step {self.step + 1}: the global batch has nothing to learn from (no supervised {self.objective.unit})")
         world = self.accelerator.num_processes
+        weight = world / total_tokens if counts else 0.0
         loss_sum = 0.0
         self.model.train()
         for k, batch in enumerate(micro):
@@ -257,12 +267,8 @@ class Trainer:
             with ctx, self.accelerator.autocast():
                 s, _ = self.objective.loss_sum(self.model, batch)
                 # DDP averages gradients over processes: scale so the result is sum / global tokens.
-                self.accelerator.backward(s * world / total_tokens)
-            loss_sum += float(s.detach())
-        if not micro:  # keep collective calls in step across processes
-            with self.accelerator.autocast():
-                dummy = sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
-            self.accelerator.backward(dummy)
+                self.accelerator.backward(s * weight)
+            loss_sum += float(s.detach()) if counts else 0.0
         loss = self._all_sum(loss_sum) / total_tokens
         if not math.isfinite(loss):
             last = ckpt.latest(self.out / "checkpoints")
@@ -287,7 +293,10 @@ class Trainer:
         """Mean loss per supervised token over the validation set (all processes share the work)."""
         if self.val_set is None:
             return None
-        self.model.eval()
+        # The unwrapped model: processes may run different numbers of validation batches, and a DDP
+        # forward would wait for the others (buffer broadcast).
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         size = self.recipe.train.batch_size
         idx = list(range(rank, len(self.val_set), world))
@@ -298,7 +307,7 @@ class Trainer:
                 continue
             batch = {key: v.to(self.accelerator.device) for key, v in batch.items()}
             with self.accelerator.autocast():
-                s, n = self.objective.loss_sum(self.model, batch)
+                s, n = self.objective.loss_sum(model, batch)
             total, tokens = total + float(s), tokens + n
         total, tokens = self._all_sum(total), self._all_sum(tokens)
         return total / tokens if tokens else None
