@@ -207,6 +207,8 @@ class QuantSpec(_Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = Field(
+        default="uint8", description="storage dtype of 4-bit weights; bf16 for QLoRA under FSDP")
 
 
 class TrainSpec(_Strict):

@@ -3,7 +3,8 @@ and the tensors that the initialisation makes live must have a non-zero one.
 
 Which tensors are live: with PEFT's default (and gaussian) init ``lora_B`` is zero, so ``lora_A``
 receives a zero gradient at step 1 and only ``lora_B`` must be non-zero; PiSSA/OLoRA start both
-non-zero; DoRA magnitudes and ``full`` parameters always receive gradient.
+non-zero; AdaLoRA starts its singular values ``lora_E`` at zero, so only they must be; DoRA
+magnitudes and ``full`` parameters always receive gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class AuditReport:
         return not self.no_grad and not self.zero_grad
 
 
-def _must_be_live(name: str, both_factors_live: bool) -> bool:
+def _must_be_live(name: str, both_factors_live: bool, adalora: bool) -> bool:
+    if adalora:  # AdaLoRA starts its singular values E at zero: only E gets gradient at step 1
+        return ".lora_E." in name
     if ".lora_A." in name:
         return both_factors_live
     return ".lora_embedding_A." not in name  # lora_B, magnitudes, full parameters
@@ -36,6 +39,7 @@ def audit_gradients(model: nn.Module, raise_on_error: bool = True) -> AuditRepor
     """Check gradients of all trainable parameters of ``model`` (call after backward, before step)."""
     init_dirs = getattr(model, "_mmlora_init_dirs", {}) or {}
     no_grad, zero_grad, checked = [], [], 0
+    adalora_modules = {n.split(".lora_E.")[0] for n, _ in model.named_parameters() if ".lora_E." in n}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -44,7 +48,8 @@ def audit_gradients(model: nn.Module, raise_on_error: bool = True) -> AuditRepor
             no_grad.append(name)
             continue
         adapter = next((a for a in init_dirs if f".{a}." in name or name.endswith(f".{a}")), None)
-        if _must_be_live(name, adapter is not None) and not p.grad.abs().sum().item() > 0:
+        adalora = ".lora_" in name and name.split(".lora_")[0] in adalora_modules
+        if _must_be_live(name, adapter is not None, adalora) and not p.grad.abs().sum().item() > 0:
             zero_grad.append(name)
     report = AuditReport(checked, no_grad, zero_grad)
     if raise_on_error and not report.ok:

@@ -51,6 +51,7 @@ def quantization_config(precisions: dict[str, str | None], mmap: ModalityMap, qu
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype], llm_int8_skip_modules=sorted(set(skip)),
+            bnb_4bit_quant_storage=torch.uint8 if quant.quant_storage == "uint8" else DTYPES[quant.quant_storage],
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=sorted(set(skip)))
 

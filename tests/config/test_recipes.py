@@ -8,7 +8,7 @@ from mmlora.config.loading import load_recipe, recipe_json_schema
 from mmlora.errors import MmloraError
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 
 
 def test_recipes_exist():
@@ -71,3 +71,16 @@ def test_plan_cli_prints_the_table(capsys):
     assert "never read" in captured.out
     assert main(["plan", "no-such.yaml"]) == 2
     assert "no recipe at" in capsys.readouterr().err
+
+
+def test_accelerate_configs_are_valid_accelerate_configs():
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    configs = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3"}
+    for path in configs:
+        text = path.read_text()
+        assert text.startswith("#") and "accelerate launch --config_file" in text
+        data = yaml.safe_load(text)
+        ClusterConfig.from_yaml_file(path)  # accelerate's own loader and schema

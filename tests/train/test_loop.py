@@ -100,3 +100,35 @@ def test_nan_loss_stops_with_a_clear_message(make_recipe, monkeypatch):
     with pytest.raises(MmloraError, match=r"loss is nan at step 3.*step-000002"):
         trainer.train()
     assert (trainer.out / "checkpoints" / "step-000002" / ".complete").is_file()
+
+
+def test_init_from_starts_stage_two_from_stage_one(make_recipe):
+    """LLaVA's recipe: stage 1 aligns the projector, stage 2 tunes the language model on top of it."""
+    from safetensors.torch import load_file
+
+    stage1, _ = run_training(make_recipe("stage1", **{"placement.vision": {"mode": "frozen"},
+                                                      "placement.language": {"mode": "frozen"},
+                                                      "placement.projector": {"mode": "full"}, "train.max_steps": 2}))
+    aligned = load_file(stage1.out / "final" / "full_modules.safetensors")
+    stage2 = Trainer(load_recipe(make_recipe("stage2", **{"placement.vision": {"mode": "frozen"},
+                                                          "placement.projector": {"mode": "frozen"},
+                                                          "train.init_from": str(stage1.out), "train.max_steps": 2})),
+                     recipe_name="stage2")
+    stage2.setup()
+    params = dict(stage2.accelerator.unwrap_model(stage2.model).get_base_model().named_parameters())
+    assert aligned and all(torch.equal(params[k], v) for k, v in aligned.items())
+    stage2.train()
+    assert all(torch.equal(params[k], v) for k, v in aligned.items())  # frozen in stage 2
+
+
+def test_adalora_with_gradient_checkpointing_trains(make_recipe):
+    path = make_recipe("ada", **{"placement.vision": {"mode": "frozen"}, "placement.projector": {"mode": "frozen"},
+                                 "placement.language": {"mode": "lora", "targets": ["q", "v"]},
+                                 "placement.adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1},
+                                 "train.gradient_checkpointing": True, "train.max_steps": 4})
+    trainer, _ = run_training(path)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert type(model.peft_config["default"]).__name__ == "AdaLoraConfig"
+    assert model.peft_config["default"].total_step == 4  # filled in from the run's length
+    assert model.get_base_model().is_gradient_checkpointing
+    assert len(read_metrics(trainer.out)) == 4
