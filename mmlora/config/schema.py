@@ -211,6 +211,16 @@ class QuantSpec(_Strict):
         default="uint8", description="storage dtype of 4-bit weights; bf16 for QLoRA under FSDP")
 
 
+class CaptionEvalSpec(_Strict):
+    """Caption metrics on a validation subset during training (logged with the other metrics)."""
+
+    coco: str = Field(description="COCO caption annotations of the validation images")
+    every: Annotated[int, Field(gt=0)]
+    limit: Annotated[int, Field(gt=0)] = 32
+    max_new_tokens: Annotated[int, Field(gt=0)] = 64
+    prompt: str | None = None
+
+
 class TrainSpec(_Strict):
     """The training loop. Batch sizes are per optimizer step: ``batch_size`` samples per device per
     micro-step, ``grad_accum`` micro-steps, times the number of processes."""
@@ -239,6 +249,7 @@ class TrainSpec(_Strict):
     save_every: Annotated[int, Field(gt=0)] | None = None
     keep_last: Annotated[int, Field(gt=0)] = 2
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    caption_eval: CaptionEvalSpec | None = None
 
 
 class Recipe(_Strict):

@@ -312,6 +312,29 @@ class Trainer:
         total, tokens = self._all_sum(total), self._all_sum(tokens)
         return total / tokens if tokens else None
 
+    @torch.no_grad()
+    def caption_metrics(self) -> dict[str, float]:
+        """The in-training hook: caption a validation subset, score it (main process; the others wait)."""
+        from mmlora.data.shapes import CAPTION_PROMPT
+        from mmlora.eval.caption import CaptionSet, generate_captions, mean_slot_accuracy, score_captions
+
+        spec = self.recipe.train.caption_eval
+        out: dict[str, float] = {}
+        if self.is_main and hasattr(self.objective, "processor"):
+            from mmlora.data.samples import load_image
+
+            data = CaptionSet.from_coco(spec.coco, limit=spec.limit)
+            images = [load_image(data.files[i], str(data.files[i]), str(i)) for i in data.image_ids]
+            model = self.accelerator.unwrap_model(self.model)
+            model.eval()
+            captions = generate_captions(model, self.objective.processor, images, spec.prompt or CAPTION_PROMPT,
+                                         max_new_tokens=spec.max_new_tokens)
+            results = dict(zip(data.image_ids, captions))
+            scores = score_captions(results, data.references) | mean_slot_accuracy(results, data.objects)
+            out = {f"caption/{k}": v for k, v in scores.items() if isinstance(v, float)}
+        self.accelerator.wait_for_everyone()
+        return out
+
     def train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -328,6 +351,8 @@ class Trainer:
                                    "lr": self.step_lrs}
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                 last_val = row["val_loss"] = self.evaluate()
+            if t.caption_eval and (self.step % t.caption_eval.every == 0 or self.step == self.total_steps):
+                row.update(self.caption_metrics())
             rate = done_samples / max(time.perf_counter() - start, 1e-9)
             row["samples_per_s"] = rate
             if self.is_main and (self.step % t.log_every == 0 or "val_loss" in row or self.step == self.total_steps):
