@@ -82,9 +82,15 @@ PER_MODEL_PATHS = re.compile(
 )
 
 
+# Weight converters map one fixed checkpoint format onto another, so they must name its keys; they
+# play no part in finding modules for placement.
+CONVERTERS = {"models/convert.py"}
+
+
 def test_no_per_model_module_paths_in_the_package():
     root = Path(__file__).resolve().parents[2] / "mmlora"
     offenders = [
-        f"{p.relative_to(root)}: {s!r}" for p in root.rglob("*.py") for s in _code_strings(p) if PER_MODEL_PATHS.search(s)
+        f"{p.relative_to(root)}: {s!r}" for p in root.rglob("*.py") if str(p.relative_to(root)) not in CONVERTERS
+        for s in _code_strings(p) if PER_MODEL_PATHS.search(s)
     ]
     assert not offenders, "per-model module paths in code: " + "; ".join(offenders)
