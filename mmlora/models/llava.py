@@ -89,8 +89,9 @@ def _text_token_ids(text_config, tokenizer) -> None:
     text_config.pad_token_id = tokenizer.pad_token_id
 
 
-def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised tiny LLaVA with a real shapes-world tokenizer and processor."""
+def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0, vision_config=None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA with a real shapes-world tokenizer and processor
+    (``vision_config`` replaces the spec's vision sizes, e.g. to take a pretrained tower)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
@@ -98,7 +99,7 @@ def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0) -> tuple[LlavaForCondit
     from mmlora.models.tokenizer import build_llava_tokenizer
 
     tokenizer = build_llava_tokenizer(corpus(), vocab_size=spec.tokenizer_vocab)
-    vision = CLIPVisionConfig(
+    vision = vision_config or CLIPVisionConfig(
         hidden_size=spec.vision_width,
         intermediate_size=spec.vision_width * 4,
         num_hidden_layers=spec.vision_layers,
@@ -125,6 +126,17 @@ def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0) -> tuple[LlavaForCondit
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model.eval(), build_llava_processor(tokenizer, spec.image_size, spec.patch_size)
+
+
+def llava_from_clip(clip_dir: str | Path, spec: TinyLlavaSpec, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A tiny LLaVA whose vision tower is the image tower of the open_clip model in ``clip_dir``
+    (converted, at ``spec.image_size``), with a new projector and a new language model."""
+    from mmlora.models.convert import hf_vision_from_open_clip
+
+    tower = hf_vision_from_open_clip(clip_dir, image_size=spec.image_size)
+    model, processor = build_tiny_llava(spec, seed, vision_config=tower.config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    return model, processor
 
 
 def assemble_llava(

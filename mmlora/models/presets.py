@@ -30,6 +30,8 @@ class Preset:
     description: str
     llava: TinyLlavaSpec | None = None
     clip_arch: str | None = None
+    #: Folder name under ``mmlora/bases/`` for pretrained weights shipped in the repository.
+    shipped: str | None = None
     extra: dict = field(default_factory=dict)
 
     def params(self) -> dict:
@@ -54,8 +56,14 @@ PRESETS: dict[str, Preset] = {
             "shapes-clip", "clip", "open_clip CLIP for the shapes world: ViT 4x128 at 128 px (16x16 patches), text 4x128",
             clip_arch="mmlora-clip-shapes",
         ),
+        Preset("shapes-llava-base", "llava", "shapes-llava pretrained on world A (shipped; see its README)",
+               shipped="shapes-llava-base"),
+        Preset("shapes-clip-base", "clip", "shapes-clip pretrained on world A (shipped; see its README)",
+               shipped="shapes-clip-base"),
     )
 }
+
+BASES_DIR = Path(__file__).resolve().parents[1] / "bases"
 
 
 def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
@@ -65,6 +73,11 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     if name not in PRESETS:
         raise MmloraError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     preset = PRESETS[name]
+    if preset.shipped:
+        import shutil
+
+        shutil.copytree(shipped_path(preset), out_dir, dirs_exist_ok=True)
+        return Path(out_dir)
     if preset.kind == "llava":
         from mmlora.models.llava import build_tiny_llava, save_llava
 
@@ -76,8 +89,21 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     return save_clip(model, tokenizer, cfg, out_dir)
 
 
+def shipped_path(preset: Preset) -> Path:
+    from mmlora.errors import MmloraError
+
+    path = BASES_DIR / preset.shipped
+    if not (path / "README.md").is_file():
+        raise MmloraError(f"the shipped base {preset.name!r} is missing at {path}; regenerate it with "
+                          "python scripts/pretrain_bases.py")
+    return path
+
+
 def preset_path(name: str, seed: int = 0) -> Path:
-    """The cached folder of preset ``name`` (built on first use; see ``mmlora.cache``)."""
+    """The folder of preset ``name``: shipped weights in the repository, or a build from config
+    cached on first use (see ``mmlora.cache``)."""
+    if PRESETS[name].shipped:
+        return shipped_path(PRESETS[name])
     import open_clip
     import transformers
 

@@ -29,7 +29,7 @@ def _peft_config(adapter: AdapterPlan, spec: PlacementSpec, task_type: str | Non
         init = cfg.pop("init_lora_weights")
         return AdaLoraConfig(
             init_r=ada.init_r, target_r=ada.target_r, tinit=ada.tinit, tfinal=ada.tfinal, deltaT=ada.delta_t,
-            total_step=ada.total_step, task_type=task_type, init_lora_weights=init is True or init, **cfg,
+            total_step=ada.total_step, task_type=task_type, init_lora_weights=init, **cfg,
         )
     return LoraConfig(task_type=task_type, **cfg)
 

@@ -17,6 +17,7 @@ Run: ``mmlora train RECIPE [key=value ...]``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -263,7 +264,7 @@ class Trainer:
         for k, batch in enumerate(micro):
             batch = {key: v.to(self.accelerator.device) for key, v in batch.items()}
             sync = k == len(micro) - 1
-            ctx = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
+            ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, self.accelerator.autocast():
                 s, _ = self.objective.loss_sum(self.model, batch)
                 # DDP averages gradients over processes: scale so the result is sum / global tokens.
@@ -385,14 +386,7 @@ class Trainer:
         self.objective.save_processor(final)
         (final / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
         rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
-        loss_curve(rows, self.out / "loss_curve.png")
+        loss_curve(rows, self.out / "loss_curve.png", self.objective.unit)
         (final / "README.md").write_text(model_card(self.recipe, self.plan, rows))
         return final
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -8,7 +8,7 @@ from mmlora.config.schema import Recipe
 from mmlora.placement.plan import PlacementPlan
 
 
-def loss_curve(rows: list[dict], path: Path) -> Path | None:
+def loss_curve(rows: list[dict], path: Path, unit: str = "token") -> Path | None:
     """Training loss per step (and validation loss where measured) as a PNG."""
     if not rows:
         return None
@@ -23,7 +23,7 @@ def loss_curve(rows: list[dict], path: Path) -> Path | None:
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", markersize=3)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per supervised token")
+    ax.set_ylabel("loss per supervised token" if unit == "token" else f"loss per {unit}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
