@@ -120,7 +120,9 @@ def _caption_sample(sid: str, where: str, image: Any, caption: Any, prompt: str)
     return Sample(sid, where, messages, [image])
 
 
-def read_llava(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+def _read_json_samples(path: str | Path, image_root: str | Path | None, image_key: str, build) -> list[Record]:
+    """Records of a JSON/JSONL file → samples via ``build(rec, where, id, images)``; images under
+    ``image_key`` resolve inside ``image_root`` (default: the file's folder)."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     out: list[Record] = []
@@ -132,30 +134,19 @@ def read_llava(path: str | Path, image_root: str | Path | None = None) -> list[R
         try:
             if not isinstance(rec, dict):
                 raise BadSample(where, sid, "a sample must be a JSON object")
-            images = [resolve_image_path(root, v, where, sid) for v in _image_list(rec.get("image"))]
-            out.append(_from_conversations(rec, where, sid, images))
+            images = [resolve_image_path(root, v, where, sid) for v in _image_list(rec.get(image_key))]
+            out.append(build(rec, where, sid, images))
         except BadSample as bad:
             out.append(bad)
     return out
+
+
+def read_llava(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+    return _read_json_samples(path, image_root, "image", _from_conversations)
 
 
 def read_messages(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    out: list[Record] = []
-    for where, rec in _read_json_records(path):
-        if isinstance(rec, BadSample):
-            out.append(rec)
-            continue
-        sid = _sample_id(rec, where)
-        try:
-            if not isinstance(rec, dict):
-                raise BadSample(where, sid, "a sample must be a JSON object")
-            images = [resolve_image_path(root, v, where, sid) for v in _image_list(rec.get("images"))]
-            out.append(_from_messages(rec, where, sid, images))
-        except BadSample as bad:
-            out.append(bad)
-    return out
+    return _read_json_samples(path, image_root, "images", _from_messages)
 
 
 def read_coco(path: str | Path, image_root: str | Path | None = None, prompt: str = "", captions: str = "all") -> list[Record]:
