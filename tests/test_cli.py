@@ -35,9 +35,11 @@ def test_registry_names_every_command():
     assert [c.name for c in COMMANDS] == ["plan", "train", "predict", "eval", "export", "demo", "data", "models"]
 
 
-def test_planned_command_says_so(capsys):
-    assert main(["eval"]) == 2
-    assert "not available in this version yet" in capsys.readouterr().err
+def test_every_command_is_implemented_and_subcommands_are_required(capsys):
+    assert all(c.module for c in COMMANDS)
+    with pytest.raises(SystemExit) as err:
+        main(["eval"])
+    assert err.value.code == 2 and "required: TASK" in capsys.readouterr().err
 
 
 def test_models_list(capsys):
