@@ -57,5 +57,5 @@ def test_classes_never_seen_nor_predicted_do_not_count_and_zero_label_reduces():
     assert out["IoU"][:2] == [0.5, 0.5] and out["IoU"][2] is None and out["IoU"][3] is None
     assert out["mIoU"] == pytest.approx(0.5) and out["mAcc"] == pytest.approx(0.75)
     ade = SegMetrics(3, reduce_zero_label=True)
-    ade.update(np.array([[0, 1, 2, 2]]), np.array([[1, 2, 0, 3]]))  # label 0 is "other": ignored
+    ade.update(np.array([[0, 1, 2, 1]]), np.array([[1, 2, 0, 3]]))  # label 0 is "other": ignored
     assert ade.compute()["aAcc"] == pytest.approx(2 / 3) and ade.label_area.tolist() == [1, 1, 1]
