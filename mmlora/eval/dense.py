@@ -108,3 +108,48 @@ def dense_features(model, images: torch.Tensor, mode: str = "vanilla") -> torch.
     gh = images.shape[-2] // model.visual.conv1.stride[0]
     gw = images.shape[-1] // model.visual.conv1.stride[1]
     return F.normalize(tokens[:, 1:].reshape(b, gh, gw, -1), dim=-1)
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window offsets covering ``size`` (mmsegmentation's slide: the last window ends at the border)."""
+    if size <= crop:
+        return [0]
+    starts = list(range(0, size - crop + 1, stride))
+    if starts[-1] + crop < size:
+        starts.append(size - crop)
+    return starts
+
+
+@torch.no_grad()
+def segment_logits(model, image: torch.Tensor, text_embeddings: torch.Tensor, mode: str = "vanilla",
+                   crop: int | None = None, stride: int | None = None,
+                   out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-class cosine logits ``[C, H, W]`` for one preprocessed image ``[3, H, W]``.
+
+    ``crop=None``: the whole image at once. Otherwise sliding windows of ``crop`` pixels every
+    ``stride`` pixels; each window's patch logits are upsampled (bilinear) to the window and
+    overlapping windows averaged. ``out_size`` resizes the result (e.g. to the label map's size).
+    """
+    text = F.normalize(text_embeddings.to(image.dtype), dim=-1)
+    h, w = image.shape[-2:]
+
+    def window_logits(win: torch.Tensor) -> torch.Tensor:
+        feats = dense_features(model, win[None], mode)[0]  # [gh, gw, E]
+        logits = (feats @ text.T).permute(2, 0, 1)[None]  # [1, C, gh, gw]
+        return F.interpolate(logits, size=win.shape[-2:], mode="bilinear", align_corners=False)[0]
+
+    if crop is None:
+        out = window_logits(image)
+    else:
+        stride = stride or crop
+        total = torch.zeros(text.shape[0], h, w, dtype=text.dtype)
+        count = torch.zeros(1, h, w, dtype=text.dtype)
+        for y in window_starts(h, crop, stride):
+            for x in window_starts(w, crop, stride):
+                win = image[:, y:y + crop, x:x + crop]
+                total[:, y:y + win.shape[-2], x:x + win.shape[-1]] += window_logits(win)
+                count[:, y:y + win.shape[-2], x:x + win.shape[-1]] += 1
+        out = total / count
+    if out_size is not None and tuple(out.shape[-2:]) != tuple(out_size):
+        out = F.interpolate(out[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    return out

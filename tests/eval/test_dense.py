@@ -94,3 +94,17 @@ def test_needs_unfused_attention_and_known_mode(clips):
         dense_tokens(fused, torch.randn(1, 3, 64, 64), "clearclip")
     with pytest.raises(ValueError, match="unknown dense mode"):
         dense_tokens(unfused, torch.randn(1, 3, 64, 64), "nope")
+
+
+def test_sliding_window_equals_whole_image_when_one_crop_covers_it(clips):
+    from mmlora.eval.dense import segment_logits, window_starts
+
+    _, unfused = clips
+    image = torch.randn(3, 64, 64)
+    text = torch.randn(4, 32)
+    whole = segment_logits(unfused, image, text, "clearclip")
+    one_crop = segment_logits(unfused, image, text, "clearclip", crop=64, stride=32)
+    assert whole.shape == (4, 64, 64) and torch.allclose(whole, one_crop, atol=1e-6)
+    slid = segment_logits(unfused, torch.randn(3, 96, 80), text, "naclip", crop=64, stride=32, out_size=(48, 40))
+    assert slid.shape == (4, 48, 40)
+    assert window_starts(96, 64, 32) == [0, 32] and window_starts(80, 64, 32) == [0, 16] and window_starts(50, 64, 32) == [0]
