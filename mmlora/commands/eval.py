@@ -1,8 +1,9 @@
-"""``mmlora eval caption``: caption a dataset with one or several models and score them side by side.
+"""``mmlora eval caption|seg``: caption metrics side by side; open-vocabulary segmentation mIoU.
 
     mmlora eval caption --coco data/shapes/world_B/annotations/captions_test.json \
         --model base=tiny-llava --model adapted=runs/tiny-llava-train --out evals/world_B
     mmlora eval caption --coco ... --model m=exports/merged --num-beams 3 --limit 50
+    mmlora eval seg --data data/shapes/world_A --split test --clip shapes-clip-base --unseen triangle --out evals/seg
 """
 
 from __future__ import annotations
@@ -24,9 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cap.add_argument("--num-beams", type=int, default=1)
     cap.add_argument("--batch-size", type=int, default=16)
     cap.add_argument("--limit", type=int, default=None, help="first N images only")
+    seg = sub.add_parser("seg", help="open-vocabulary segmentation with CLIP dense modes, scored by mIoU")
+    seg.add_argument("--data", required=True, help="a segmentation folder (classes.txt, images/, masks/)")
+    seg.add_argument("--split", default="test")
+    seg.add_argument("--clip", default="shapes-clip-base", help="an open_clip model (preset or folder)")
+    seg.add_argument("--modes", default="vanilla,maskclip,sclip,clearclip,naclip")
+    seg.add_argument("--templates", default="shapes", help="shapes | imagenet | 'a {}.;a photo of a {}.'")
+    seg.add_argument("--crop", type=int, default=None, help="sliding-window size (default: whole image)")
+    seg.add_argument("--stride", type=int, default=None)
+    seg.add_argument("--short-side", type=int, default=None, help="default: the CLIP's input size")
+    seg.add_argument("--bg-threshold", type=float, default=None)
+    seg.add_argument("--unseen", default="", help="comma-separated classes reported as unseen")
+    seg.add_argument("--limit", type=int, default=None)
+    seg.add_argument("--out", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.eval_command == "seg":
+        return _seg(args)
     from mmlora.data.shapes import CAPTION_PROMPT
     from mmlora.errors import MmloraError
     from mmlora.eval.caption import CaptionSet, evaluate_models
@@ -44,4 +60,21 @@ def run(args: argparse.Namespace) -> int:
 
     print(markdown_table(report))
     print(f"results, per-image captions and metrics.json in {args.out}")
+    return 0
+
+
+def _seg(args: argparse.Namespace) -> int:
+    from mmlora.errors import MmloraError
+    from mmlora.eval.dense import MODES
+    from mmlora.eval.segmentation import evaluate_segmentation, seg_table
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise MmloraError(f"unknown mode(s) {', '.join(bad)}; known: {', '.join(MODES)}")
+    report = evaluate_segmentation(args.clip, args.data, args.split, modes, args.out, args.templates, args.crop,
+                                   args.stride, args.short_side, args.bg_threshold, args.limit,
+                                   [c for c in args.unseen.split(",") if c])
+    print(seg_table(report))
+    print(f"metrics.json and table.md in {args.out}")
     return 0
