@@ -82,7 +82,7 @@ def evaluate_segmentation(clip_ref: str, data_root: str | Path, split: str, mode
     from mmlora.models.clip import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
-    model, transform, tokenizer = load_clip(clip_ref)
+    model, _, tokenizer = load_clip(clip_ref)
     model = model.float().eval()
     unfuse_attention(model)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
