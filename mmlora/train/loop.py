@@ -44,8 +44,6 @@ class Trainer:
             raise MmloraError("the recipe has no data section: nothing to train on")
         self.recipe, self.base_dir = recipe, base_dir
         self.out = Path(recipe.train.output_dir or Path("runs") / recipe_name)
-        if not self.out.is_absolute() and base_dir is not None and recipe.train.output_dir is None:
-            self.out = Path.cwd() / self.out
 
     # ------------------------------------------------------------------ setup
 

@@ -12,7 +12,6 @@ Each gives ``encoder`` (``encode(sample)``, ``tokenizer``), ``collate(items)``,
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +115,3 @@ def objective_for(model: Any, model_path: Path | str, max_length: int, max_image
         return Contrastive(Path(model_path), max_image_pixels)
     return CaptionLM(model_path, max_length, max_image_pixels)
 
-
-def copy_processor_files(src: Path, dst: Path) -> None:
-    for name in ("open_clip_config.json",):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
