@@ -40,36 +40,26 @@ def _val_samples(world_dir: Path, n: int) -> list[dict]:
 
 
 def caption_loss(model, processor, images, prompt: str, answers: list[str]) -> tuple[float, int]:
-    """Mean cross-entropy per answer token, with labels on the assistant answer only."""
+    """Mean cross-entropy per answer token, through the training pipeline's encoder and loss."""
     import torch
 
-    conversations = [
-        [
-            {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": prompt}]},
+    from mmlora.data.batching import Collator
+    from mmlora.data.processing import ConversationEncoder
+    from mmlora.data.samples import Sample
+    from mmlora.train.objectives import supervised_loss_sum
+
+    encoder = ConversationEncoder(processor)
+    samples = [
+        Sample(f"demo-{i}", "demo", [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
             {"role": "assistant", "content": [{"type": "text", "text": ans}]},
-        ]
-        for img, ans in zip(images, answers)
+        ], [img])
+        for i, (img, ans) in enumerate(zip(images, answers))
     ]
-    batch = processor.apply_chat_template(
-        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-        return_tensors="pt", processor_kwargs={"padding": True},
-    )
-    mask = batch.pop("assistant_masks").bool()
-    labels = batch["input_ids"].masked_fill(~mask, -100)
+    batch = Collator(processor.tokenizer.pad_token_id)([encoder.encode(s) for s in samples])
     with torch.no_grad():
-        out = model(**batch, labels=labels)
-    return float(out.loss), int(mask.sum())
-
-
-def greedy_caption(model, processor, image, prompt: str, max_new_tokens: int = 32) -> str:
-    import torch
-
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(conv, add_generation_prompt=True)
-    batch = processor(images=[image], text=[text], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        total, tokens = supervised_loss_sum(model, batch)
+    return float(total) / tokens, tokens
 
 
 def clip_retrieval(model, preprocess, tokenizer, images, captions: list[str]) -> float:
@@ -89,6 +79,7 @@ def run_demo(
     from PIL import Image
 
     from mmlora.data.shapes import CAPTION_PROMPT, cached_worlds
+    from mmlora.eval.caption import generate_captions
     from mmlora.models.clip import load_clip
     from mmlora.models.llava import load_llava
     from mmlora.models.loading import resolve_pretrained
@@ -101,7 +92,7 @@ def run_demo(
 
     model, processor = load_llava(llava)
     loss, n_tokens = caption_loss(model, processor, images, CAPTION_PROMPT, answers)
-    generated = greedy_caption(model, processor, images[0], CAPTION_PROMPT)
+    generated = generate_captions(model, processor, images[:1], CAPTION_PROMPT, max_new_tokens=64)[0]
 
     clip_model, preprocess, tokenizer = load_clip(clip)
     top1 = clip_retrieval(clip_model, preprocess, tokenizer, images, answers)

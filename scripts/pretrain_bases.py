@@ -120,20 +120,16 @@ def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: 
 
 
 def clip_retrieval(clip_dir: Path, coco: Path, limit: int = 200) -> float:
-    """Image→caption top-1 among the split's first captions."""
-    import torch
-
+    """Image→caption top-1 among the split's first captions (``mmlora.demo.clip_retrieval``)."""
     from mmlora.data.samples import load_image
+    from mmlora.demo import clip_retrieval as retrieval
     from mmlora.eval.caption import CaptionSet
     from mmlora.models.clip import load_clip
 
     model, preprocess, tokenizer = load_clip(clip_dir)
-    model = model.float()
     data = CaptionSet.from_coco(coco, limit=limit)
-    with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(load_image(data.files[i], "", None)) for i in data.image_ids]), normalize=True)
-        txt = model.encode_text(tokenizer([data.references[i][0] for i in data.image_ids]), normalize=True)
-    return float(((img @ txt.T).argmax(1) == torch.arange(len(img))).float().mean())
+    images = [load_image(data.files[i], "", None) for i in data.image_ids]
+    return retrieval(model.float(), preprocess, tokenizer, images, [data.references[i][0] for i in data.image_ids])
 
 
 def evaluate(worlds: Path, llava_dir: Path, clip_dir: Path, work: Path, limit: int | None) -> dict:
