@@ -29,7 +29,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("plan", "show where adapters go, per modality, before anything trains", "plan"),
     Command("train", "train a recipe with the Accelerate trainer", "train"),
     Command("predict", "answer one image from a run or an export", "predict"),
-    Command("eval", "evaluate models and runs: caption, seg", "eval"),
+    Command("eval", "evaluate models and runs: caption, seg, fewshot", "eval"),
     Command("export", "export adapters or a merged model", "export"),
     Command("demo", "run the embedded default end to end on the shapes world", "demo"),
     Command("data", "generate the shapes world; check and convert datasets", "data"),

@@ -1,9 +1,13 @@
-"""``mmlora eval caption|seg``: caption metrics side by side; open-vocabulary segmentation mIoU.
+"""``mmlora eval caption|seg|fewshot``: caption metrics side by side; open-vocabulary segmentation
+mIoU; few-shot CLIP classification.
 
     mmlora eval caption --coco data/shapes/world_B/annotations/captions_test.json \
         --model base=tiny-llava --model adapted=runs/tiny-llava-train --out evals/world_B
     mmlora eval caption --coco ... --model m=exports/merged --num-beams 3 --limit 50
     mmlora eval seg --data data/shapes/world_A --split test --clip shapes-clip-base --unseen triangle --out evals/seg
+    mmlora eval seg --data data/shapes/world_A --model base=shapes-clip-base --model lora=runs/shapes-clip-seg-lora \
+        --modes vanilla --unseen triangle --out evals/seg
+    mmlora eval fewshot --data data/shapes/world_B --model base=shapes-clip-base --shots 1,4,16 --out evals/fewshot
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seg = sub.add_parser("seg", help="open-vocabulary segmentation with CLIP dense modes, scored by mIoU")
     seg.add_argument("--data", required=True, help="a segmentation folder (classes.txt, images/, masks/)")
     seg.add_argument("--split", default="test")
-    seg.add_argument("--clip", default="shapes-clip-base", help="an open_clip model (preset or folder)")
+    seg.add_argument("--clip", default=None, help="one open_clip model (preset or folder) or run; default shapes-clip-base")
+    seg.add_argument("--model", action="append", default=[], metavar="NAME=REF",
+                     help="a named CLIP (preset, folder or run); repeat to compare; rows are NAME/MODE")
     seg.add_argument("--modes", default="vanilla,maskclip,sclip,clearclip,naclip")
     seg.add_argument("--templates", default="shapes", help="shapes | imagenet | 'a {}.;a photo of a {}.'")
     seg.add_argument("--crop", type=int, default=None, help="sliding-window size (default: whole image)")
@@ -38,11 +44,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--unseen", default="", help="comma-separated classes reported as unseen")
     seg.add_argument("--limit", type=int, default=None)
     seg.add_argument("--out", required=True)
+    few = sub.add_parser("fewshot", help="few-shot classification with CLIP: zero-shot vs k-shot prototypes")
+    few.add_argument("--data", required=True, help="a segmentation folder (label: dominant class) or an image "
+                     "folder (SPLIT/CLASS/*.png)")
+    few.add_argument("--model", action="append", required=True, metavar="NAME=REF",
+                     help="a CLIP (preset, folder or run); repeat to compare")
+    few.add_argument("--shots", default="1,4,16", help="comma-separated shots per class")
+    few.add_argument("--seeds", type=int, default=3, help="support sets drawn per shot count")
+    few.add_argument("--templates", default="shapes", help="shapes | imagenet | 'a {}.;a photo of a {}.'")
+    few.add_argument("--train-split", default="train")
+    few.add_argument("--test-split", default="test")
+    few.add_argument("--limit", type=int, default=None, help="first N test images only")
+    few.add_argument("--out", required=True)
+
+
+def _named(values: list[str]) -> dict[str, str]:
+    from mmlora.errors import MmloraError
+
+    bad = [m for m in values if "=" not in m]
+    if bad:
+        raise MmloraError(f"--model takes NAME=REF, got {bad[0]!r}")
+    return dict(m.split("=", 1) for m in values)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.eval_command == "seg":
         return _seg(args)
+    if args.eval_command == "fewshot":
+        return _fewshot(args)
     from mmlora.data.shapes import CAPTION_PROMPT
     from mmlora.errors import MmloraError
     from mmlora.eval.caption import CaptionSet, evaluate_models
@@ -72,9 +101,31 @@ def _seg(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise MmloraError(f"unknown mode(s) {', '.join(bad)}; known: {', '.join(MODES)}")
-    report = evaluate_segmentation(args.clip, args.data, args.split, modes, args.out, args.templates, args.crop,
+    if args.model and args.clip:
+        raise MmloraError("give --clip or --model NAME=REF, not both")
+    models: str | dict[str, str] = args.clip or "shapes-clip-base"
+    if args.model:
+        models = _named(args.model)
+    report = evaluate_segmentation(models, args.data, args.split, modes, args.out, args.templates, args.crop,
                                    args.stride, args.short_side, args.bg_threshold, args.limit,
                                    [c for c in args.unseen.split(",") if c])
     print(seg_table(report))
+    print(f"metrics.json and table.md in {args.out}")
+    return 0
+
+
+def _fewshot(args: argparse.Namespace) -> int:
+    from mmlora.errors import MmloraError
+    from mmlora.eval.fewshot import evaluate_fewshot, fewshot_table
+
+    try:
+        shots = [int(k) for k in args.shots.split(",") if k.strip()]
+    except ValueError:
+        raise MmloraError(f"--shots takes comma-separated integers, got {args.shots!r}") from None
+    if not shots or min(shots) < 1:
+        raise MmloraError(f"--shots needs positive shot counts, got {args.shots!r}")
+    report = evaluate_fewshot(_named(args.model), args.data, args.out, shots, args.seeds, args.templates,
+                              args.train_split, args.test_split, args.limit)
+    print(fewshot_table(report))
     print(f"metrics.json and table.md in {args.out}")
     return 0

@@ -181,7 +181,7 @@ class ModelSpec(_Strict):
 class DatasetSpec(_Strict):
     """One dataset. ``weight`` multiplies its size per epoch (2 = each sample twice, 0.5 = half)."""
 
-    format: Literal["llava", "coco", "messages", "hf"]
+    format: Literal["llava", "coco", "messages", "hf", "seg"]
     path: str
     images: str | None = Field(default=None, description="image root; default: the data file's folder")
     weight: Annotated[float, Field(gt=0)] = 1.0
@@ -190,6 +190,14 @@ class DatasetSpec(_Strict):
     hf_format: Literal["disk", "parquet", "imagefolder"] = "disk"
     split: str = "train"
     limit: Annotated[int, Field(gt=0)] | None = None
+    ignore_classes: list[str] = Field(
+        default=[], description="seg: classes whose pixels are never supervised (held out as unseen)")
+
+    @model_validator(mode="after")
+    def _seg_only(self) -> DatasetSpec:
+        if self.ignore_classes and self.format != "seg":
+            raise ValueError("ignore_classes applies to format: seg only")
+        return self
 
 
 class DataSpec(_Strict):
@@ -221,6 +229,15 @@ class CaptionEvalSpec(_Strict):
     prompt: str | None = None
 
 
+class DenseSpec(_Strict):
+    """The dense segmentation objective (CLIP trained on ``seg`` data): per-pixel cross-entropy of
+    patch-text cosine logits against the masks, over the seen classes."""
+
+    mode: Literal["vanilla", "maskclip", "sclip", "clearclip", "naclip"] = Field(
+        default="vanilla", description="how the last vision block makes patch features (mmlora.eval.dense)")
+    templates: str = Field(default="shapes", description="class prompts: shapes | imagenet | 'a {}.;a photo of a {}.'")
+
+
 class TrainSpec(_Strict):
     """The training loop. Batch sizes are per optimizer step: ``batch_size`` samples per device per
     micro-step, ``grad_accum`` micro-steps, times the number of processes."""
@@ -250,6 +267,7 @@ class TrainSpec(_Strict):
     keep_last: Annotated[int, Field(gt=0)] = 2
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     caption_eval: CaptionEvalSpec | None = None
+    dense: DenseSpec = DenseSpec()
 
 
 class Recipe(_Strict):

@@ -29,6 +29,10 @@ def read_dataset(spec: DatasetSpec, base_dir: Path | None = None) -> list[Sample
         records = read_messages(path, rel(spec.images))
     elif spec.format == "coco":
         records = read_coco(path, rel(spec.images), spec.prompt or "", spec.captions)
+    elif spec.format == "seg":
+        from mmlora.data.segmentation import SegmentationFolder
+
+        records = SegmentationFolder(path, spec.split).as_samples()
     else:
         records = read_hf(path, spec.hf_format, spec.split, spec.prompt or "")
     return records[: spec.limit] if spec.limit else records

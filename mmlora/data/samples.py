@@ -32,6 +32,7 @@ class Sample:
     where: str  # "file.json:12" or "dataset[3]"
     messages: list[dict[str, Any]]
     images: list[Any] = field(default_factory=list)  # Path or PIL.Image
+    target: Path | None = None  # segmentation samples: the index mask of images[0]
 
     @property
     def has_image(self) -> bool:

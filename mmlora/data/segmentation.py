@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmlora.data.samples import BadSample, load_image
+from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample, load_image
 from mmlora.errors import MmloraError
 
 IGNORE_INDEX = 255
@@ -71,26 +71,36 @@ class SegmentationFolder:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def as_samples(self) -> list[Sample]:
+        """One :class:`Sample` per image for training (``images=[image]``, ``target=mask``, no text)."""
+        return [Sample(s.id, str(s.mask), [], [s.image], target=s.mask) for s in self.samples]
+
     def load(self, index: int):
         """``(RGB image, mask [H, W] uint8)``; a mask/image size mismatch or a value outside the class
         list (other than 255) is a :class:`BadSample` naming the file."""
-        from PIL import Image
-
         s = self.samples[index]
-        where = str(s.mask)
-        image = load_image(s.image, str(s.image), s.id)
-        if not s.mask.is_file():
-            raise BadSample(where, s.id, "mask file not found")
-        with Image.open(s.mask) as m:
-            mask = np.array(m)
-        if mask.ndim != 2:
-            raise BadSample(where, s.id, f"mask must be single-channel (index) PNG, got shape {mask.shape}")
-        if mask.shape != (image.height, image.width):
-            raise BadSample(where, s.id, f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {image.width}x{image.height}")
-        if self.reduce_zero_label:
-            mask = reduce_zero_label(mask)
-        values = np.unique(mask)
-        bad = [int(v) for v in values if v != IGNORE_INDEX and v >= len(self.classes)]
-        if bad:
-            raise BadSample(where, s.id, f"mask values {bad} are outside the {len(self.classes)} classes (and not 255)")
-        return image, mask
+        return load_seg_pair(s.image, s.mask, s.id, len(self.classes), self.reduce_zero_label)
+
+
+def load_seg_pair(image_path: Path, mask_path: Path, sample_id: str, num_classes: int, zero_label: bool = False,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS):
+    """``(RGB image, mask [H, W] uint8)`` checked as :meth:`SegmentationFolder.load` says."""
+    from PIL import Image
+
+    where = str(mask_path)
+    image = load_image(image_path, str(image_path), sample_id, max_image_pixels)
+    if not Path(mask_path).is_file():
+        raise BadSample(where, sample_id, "mask file not found")
+    with Image.open(mask_path) as m:
+        mask = np.array(m)
+    if mask.ndim != 2:
+        raise BadSample(where, sample_id, f"mask must be single-channel (index) PNG, got shape {mask.shape}")
+    if mask.shape != (image.height, image.width):
+        raise BadSample(where, sample_id, f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {image.width}x{image.height}")
+    if zero_label:
+        mask = reduce_zero_label(mask)
+    values = np.unique(mask)
+    bad = [int(v) for v in values if v != IGNORE_INDEX and v >= num_classes]
+    if bad:
+        raise BadSample(where, sample_id, f"mask values {bad} are outside the {num_classes} classes (and not 255)")
+    return image, mask

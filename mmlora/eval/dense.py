@@ -86,9 +86,9 @@ def _last_block(block, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> tor
     return out
 
 
-@torch.no_grad()
 def dense_tokens(model, images: torch.Tensor, mode: str = "vanilla") -> torch.Tensor:
-    """All output tokens in the joint space, ``[B, 1+N, E]`` (class token first), not normalised."""
+    """All output tokens in the joint space, ``[B, 1+N, E]`` (class token first), not normalised.
+    Differentiable (the dense training objective uses it); evaluation wraps it in ``no_grad``."""
     if mode not in MODES:
         raise ValueError(f"unknown dense mode {mode!r}; known: {', '.join(MODES)}")
     visual = model.visual

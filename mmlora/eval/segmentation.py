@@ -51,9 +51,9 @@ TEMPLATES = {"imagenet": IMAGENET_TEMPLATES, "shapes": SHAPES_TEMPLATES}
 BACKGROUND_WORDS = ["background", "plain background", "textured background", "grey background"]
 
 
-@torch.no_grad()
-def class_embeddings(model, tokenizer, classes: list[str], templates: list[str]) -> torch.Tensor:
-    """``[C, E]``: per class, the normalised mean over synonyms x templates of normalised text embeddings."""
+def class_text_embeddings(model, tokenizer, classes: list[str], templates: list[str]) -> torch.Tensor:
+    """``[C, E]``: per class, the normalised mean over synonyms x templates of normalised text
+    embeddings (with gradient: the dense training objective trains the text tower through it)."""
     out = []
     for name in classes:
         words = BACKGROUND_WORDS if name == "background" else [w.strip() for w in name.split("|") if w.strip()]
@@ -61,6 +61,12 @@ def class_embeddings(model, tokenizer, classes: list[str], templates: list[str])
         emb = F.normalize(model.encode_text(tokenizer(prompts)).float(), dim=-1).mean(0)
         out.append(F.normalize(emb, dim=0))
     return torch.stack(out)
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, classes: list[str], templates: list[str]) -> torch.Tensor:
+    """:func:`class_text_embeddings` without gradient (evaluation)."""
+    return class_text_embeddings(model, tokenizer, classes, templates)
 
 
 def preprocess(image, short_side: int, mean, std) -> torch.Tensor:
@@ -74,42 +80,71 @@ def preprocess(image, short_side: int, mean, std) -> torch.Tensor:
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def evaluate_segmentation(clip_ref: str, data_root: str | Path, split: str, modes: list[str], out_dir: str | Path,
-                          templates: str = "shapes", crop: int | None = None, stride: int | None = None,
-                          short_side: int | None = None, bg_threshold: float | None = None,
-                          limit: int | None = None, unseen: list[str] | None = None) -> dict[str, Any]:
-    from mmlora.data.segmentation import SegmentationFolder
+def load_clip_for_eval(ref: str | Path):
+    """``(model, tokenizer)`` for a CLIP reference: a preset or open_clip folder, or a run (its adapters
+    merged into its base, its full modules loaded) — fp32, eval mode, attention unfused for the dense
+    modes."""
     from mmlora.models.clip import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
-    model, _, tokenizer = load_clip(clip_ref)
+    if (Path(ref) / "manifest.json").is_file() or (Path(ref) / "final" / "manifest.json").is_file():
+        from mmlora.export import load_run
+
+        model, _, recipe = load_run(ref)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        _, _, tokenizer = load_clip(recipe.model.name)
+        return model.float().eval(), tokenizer
+    model, _, tokenizer = load_clip(ref)
     model = model.float().eval()
     unfuse_attention(model)
-    size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
-    mean, std = model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073), model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)
+    return model, tokenizer
+
+
+def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, split: str, modes: list[str],
+                          out_dir: str | Path, templates: str = "shapes", crop: int | None = None,
+                          stride: int | None = None, short_side: int | None = None, bg_threshold: float | None = None,
+                          limit: int | None = None, unseen: list[str] | None = None) -> dict[str, Any]:
+    """Score every model x mode on a segmentation folder; rows are named ``mode`` for one unnamed model
+    (a plain reference) or ``name/mode``. Writes ``metrics.json`` and ``table.md`` into ``out_dir``."""
+    from mmlora.data.segmentation import SegmentationFolder
+
+    named = {"": models} if isinstance(models, (str, Path)) else dict(models)
     folder = SegmentationFolder(data_root, split)
     classes = folder.classes
-    text = class_embeddings(model, tokenizer, classes, TEMPLATES.get(templates, templates.split(";")))
-    short_side = short_side or size
-    protocol = {"clip": str(clip_ref), "data": str(data_root), "split": split, "classes": classes,
-                "templates": templates, "short_side": short_side, "crop": crop, "stride": stride,
+    template_list = TEMPLATES.get(templates, templates.split(";"))
+    loaded = {}
+    for name, ref in named.items():
+        model, tokenizer = load_clip_for_eval(ref)
+        visual = model.visual
+        size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+        mean = visual.image_mean or (0.48145466, 0.4578275, 0.40821073)
+        std = visual.image_std or (0.26862954, 0.26130258, 0.27577711)
+        loaded[name] = (model, class_embeddings(model, tokenizer, classes, template_list), size, mean, std)
+    sizes = {v[2] for v in loaded.values()}
+    short_side = short_side or max(sizes)
+    protocol = {"models": {n: str(r) for n, r in named.items()}, "data": str(data_root), "split": split,
+                "classes": classes, "templates": templates, "short_side": short_side, "crop": crop, "stride": stride,
                 "bg_threshold": bg_threshold, "upsampling": "bilinear to the label size", "num_images": 0}
-    metrics = {m: SegMetrics(len(classes)) for m in modes}
-    n = min(len(folder), limit) if limit else len(folder)
-    for i in range(n):
+    rows = {(n, m): SegMetrics(len(classes)) for n in named for m in modes}
+    n_images = min(len(folder), limit) if limit else len(folder)
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(n_images), desc="eval seg", disable=n_images < 20):
         image, label = folder.load(i)
-        x = preprocess(image, short_side, mean, std)
-        for mode in modes:
-            logits = segment_logits(model, x, text, mode, crop, stride, out_size=label.shape)
-            pred = logits.argmax(0)
-            if bg_threshold is not None and "background" in classes:
-                probs = (logits * 100).softmax(0)
-                pred[probs.max(0).values < bg_threshold] = classes.index("background")
-            metrics[mode].update(pred, label)
-    protocol["num_images"] = n
+        for name, (model, text, _, mean, std) in loaded.items():
+            x = preprocess(image, short_side, mean, std)
+            for mode in modes:
+                logits = segment_logits(model, x, text, mode, crop, stride, out_size=label.shape)
+                pred = logits.argmax(0)
+                if bg_threshold is not None and "background" in classes:
+                    probs = (logits * 100).softmax(0)
+                    pred[probs.max(0).values < bg_threshold] = classes.index("background")
+                rows[(name, mode)].update(pred, label)
+    protocol["num_images"] = n_images
     report: dict[str, Any] = {"protocol": protocol, "modes": {}}
     unseen = unseen or []
-    for mode, m in metrics.items():
+    for (name, mode), m in rows.items():
         scores = m.compute()
         per_class = dict(zip(classes, scores["IoU"]))
         seen_iou = [v for c, v in per_class.items() if c not in unseen and v is not None]
@@ -118,7 +153,7 @@ def evaluate_segmentation(clip_ref: str, data_root: str | Path, split: str, mode
         scores["mIoU_seen"] = sum(seen_iou) / len(seen_iou) if seen_iou else None
         scores["mIoU_unseen"] = sum(unseen_iou) / len(unseen_iou) if unseen_iou else None
         del scores["Acc"]
-        report["modes"][mode] = scores
+        report["modes"][f"{name}/{mode}" if name else mode] = scores
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -128,7 +163,7 @@ def evaluate_segmentation(clip_ref: str, data_root: str | Path, split: str, mode
 
 def seg_table(report: dict[str, Any]) -> str:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"  # noqa: E731
-    lines = ["| mode | mIoU | mIoU seen | mIoU unseen | aAcc | fwIoU |", "|---|---|---|---|---|---|"]
+    lines = ["| model / mode | mIoU | mIoU seen | mIoU unseen | aAcc | fwIoU |", "|---|---|---|---|---|---|"]
     for mode, s in report["modes"].items():
         lines.append(f"| {mode} | {fmt(s['mIoU'])} | {fmt(s['mIoU_seen'])} | {fmt(s['mIoU_unseen'])} | "
                      f"{fmt(s['aAcc'])} | {fmt(s['fwIoU'])} |")

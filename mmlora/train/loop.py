@@ -68,7 +68,7 @@ class Trainer:
         set_seed(t.seed)
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         data = r.data
-        self.objective = objective_for(model, resolve_pretrained(r.model.name), data.max_length, data.max_image_pixels)
+        self.objective = objective_for(model, resolve_pretrained(r.model.name), data, t.dense, self.base_dir)
 
         def dataset(specs):
             records = mix([(read_dataset(d, self.base_dir), d.weight) for d in specs], t.seed)

@@ -20,6 +20,7 @@ import torch
 from mmlora.data.batching import Collator
 from mmlora.data.processing import IGNORE, ConversationEncoder
 from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample, load_image
+from mmlora.errors import MmloraError
 
 
 def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -108,9 +109,19 @@ class Contrastive:
         self.encoder.tokenizer.save_pretrained(folder)
 
 
-def objective_for(model: Any, model_path: Path | str, max_length: int, max_image_pixels: int):
+def objective_for(model: Any, model_path: Path | str, data, dense=None, base_dir: Path | None = None):
+    """The objective for a model and a recipe's ``data`` section: ``seg`` data → :class:`DenseSeg`
+    (open_clip only); other open_clip data → :class:`Contrastive`; else :class:`CaptionLM`."""
     from mmlora.models.modality import is_open_clip, unwrap
+    from mmlora.train.dense_objective import DenseSeg, uses_dense
 
+    max_length, max_image_pixels = data.max_length, data.max_image_pixels
+    if uses_dense(data):
+        if not is_open_clip(unwrap(model)):
+            raise MmloraError("seg data trains CLIP (open_clip) models with the dense objective; this model is not one")
+        from mmlora.config.schema import DenseSpec
+
+        return DenseSeg(Path(model_path), data, dense or DenseSpec(), base_dir, max_image_pixels)
     if is_open_clip(unwrap(model)):
         return Contrastive(Path(model_path), max_image_pixels)
     return CaptionLM(model_path, max_length, max_image_pixels)
