@@ -1,134 +1,218 @@
-"""The embedded default: the shapes world and the tiny models, run on real batches.
+"""The embedded default: adapt the shipped world-A bases to world B, and show before/after.
 
-For now this generates (or reuses) the shapes worlds and reports what the shipped world-A bases
-(``shapes-llava-base``, ``shapes-clip-base``) produce on world-A validation images: the LLaVA's caption
-loss on the reference captions (answer tokens only) against a uniform guess, a greedy caption, and the
-CLIP's image-to-caption retrieval accuracy against chance. The before/after adaptation demo grows
-from here.
+``make demo`` (= ``mmlora demo``) runs the whole pipeline on CPU, with nothing downloaded:
 
-Run: ``make demo`` or ``mmlora demo``.
+1. **data** — the shapes worlds A and B, generated into ``data/shapes`` (reused when present);
+2. **plan + train, captioning** — ``recipes/shapes/llava-lora-b.yaml``: LoRA per modality on
+   ``shapes-llava-base`` over world-B conversations (world B: a new shape, a new colour, a new caption
+   style);
+3. **plan + train, segmentation** — ``recipes/shapes/clip-seg-lora-b.yaml``: dense LoRA on q/v of both
+   towers of ``shapes-clip-base`` over world-B masks, the class ``triangle`` held out as unseen;
+4. **caption evaluation** (pycocoevalcap CIDEr, BLEU-4; slot accuracy) and **segmentation evaluation**
+   (dataset-level mIoU on seen and unseen classes) of base and adapted models on world-B test images;
+5. **an overlay picture** — a world-B test image, its ground truth, and the base's and the adapted
+   CLIP's segmentations — and the before/after table.
+
+A finished run in the output folder is reused (delete ``runs/demo`` to retrain). Each step's
+outputs stay in the output folder: runs (adapters, loss curves, model cards), evaluation folders
+(metrics.json, table.md, per-image captions) and ``overlay.png``.
+
+Run: ``make demo`` or ``mmlora demo [--out runs/demo]``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from mmlora.errors import MmloraError
+
+REPO = Path(__file__).resolve().parents[1]
+LLAVA_RECIPE = REPO / "recipes" / "shapes" / "llava-lora-b.yaml"
+CLIP_RECIPE = REPO / "recipes" / "shapes" / "clip-seg-lora-b.yaml"
+#: Training-free dense mode the base CLIP is scored with (the adapted one uses its recipe's mode).
+BASE_DENSE_MODE = "clearclip"
 
 
 @dataclass
-class DemoResult:
+class DemoReport:
+    out_dir: Path
     data_dir: Path
-    llava_dir: Path
-    clip_dir: Path
-    caption_loss: float
-    uniform_loss: float
-    answer_tokens: int
-    generated: str
-    reference: str
-    retrieval_top1: float
-    retrieval_chance: float
+    runs: dict[str, Path]
+    before: dict[str, float | None]
+    after: dict[str, float | None]
+    outputs: dict[str, Path] = field(default_factory=dict)
+    sample_captions: list[tuple[str, str, str]] = field(default_factory=list)  # (reference, base, adapted)
+    unseen: list[str] = field(default_factory=list)
 
 
-def _val_samples(world_dir: Path, n: int) -> list[dict]:
-    samples = json.loads((world_dir / "llava_val.json").read_text())[:n]
-    for s in samples:
-        s["image_path"] = world_dir / s["image"]
-    return samples
+def _retarget(recipe, data_dir: Path, output_dir: Path, overrides: dict[str, Any]):
+    """The recipe with its ``data/shapes`` paths under ``data_dir`` and its output in ``output_dir``."""
+    def move(spec):
+        p = Path(spec.path)
+        parts = p.parts
+        if parts[:2] == ("data", "shapes"):
+            p = data_dir.joinpath(*parts[2:])
+        return spec.model_copy(update={"path": str(p)})
+
+    data = recipe.data.model_copy(update={"train": [move(d) for d in recipe.data.train],
+                                          "val": [move(d) for d in recipe.data.val]})
+    train = recipe.train.model_copy(update={"output_dir": str(output_dir), **overrides})
+    return recipe.model_copy(update={"data": data, "train": train})
 
 
-def caption_loss(model, processor, images, prompt: str, answers: list[str]) -> tuple[float, int]:
-    """Mean cross-entropy per answer token, through the training pipeline's encoder and loss."""
-    import torch
+def _train(recipe_path: Path, data_dir: Path, run_dir: Path, overrides: dict[str, Any], log) -> Path:
+    from mmlora.config.loading import load_recipe
+    from mmlora.train.loop import Trainer
 
-    from mmlora.data.batching import Collator
-    from mmlora.data.processing import ConversationEncoder
-    from mmlora.data.samples import Sample
-    from mmlora.train.objectives import supervised_loss_sum
-
-    encoder = ConversationEncoder(processor)
-    samples = [
-        Sample(f"demo-{i}", "demo", [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
-            {"role": "assistant", "content": [{"type": "text", "text": ans}]},
-        ], [img])
-        for i, (img, ans) in enumerate(zip(images, answers))
-    ]
-    batch = Collator(processor.tokenizer.pad_token_id)([encoder.encode(s) for s in samples])
-    with torch.no_grad():
-        total, tokens = supervised_loss_sum(model, batch)
-    return float(total) / tokens, tokens
+    if (run_dir / "final" / "manifest.json").is_file():
+        log(f"  reusing {run_dir} (delete it to retrain)")
+        return run_dir
+    if not recipe_path.is_file():
+        raise MmloraError(f"{recipe_path}: the demo recipe is missing (run the demo from a checkout of mmlora)")
+    recipe = _retarget(load_recipe(recipe_path), data_dir, run_dir, overrides)
+    trainer = Trainer(recipe, recipe_name=recipe_path.stem)
+    trainer.setup()
+    trainer.train()
+    return run_dir
 
 
-def clip_retrieval(model, preprocess, tokenizer, images, captions: list[str]) -> float:
-    """Top-1 image-to-caption retrieval accuracy within the batch."""
-    import torch
+def ensure_worlds(data_dir: Path, scale: float = 1.0) -> Path:
+    """Generate worlds A and B into ``data_dir`` unless they are there."""
+    from mmlora.data.shapes import generate
 
-    with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(i) for i in images]).to(next(model.parameters()).dtype), normalize=True)
-        txt = model.encode_text(tokenizer(captions), normalize=True)
-    pred = (img @ txt.T).argmax(dim=1)
-    return float((pred == torch.arange(len(images))).float().mean())
-
-
-def run_demo(
-    n: int = 16, llava: str = "shapes-llava-base", clip: str = "shapes-clip-base", data_dir: Path | None = None
-) -> DemoResult:
-    from PIL import Image
-
-    from mmlora.data.shapes import CAPTION_PROMPT, cached_worlds
-    from mmlora.eval.caption import generate_captions
-    from mmlora.models.clip import load_clip
-    from mmlora.models.llava import load_llava
-    from mmlora.models.loading import resolve_pretrained
-
-    data_dir = data_dir or cached_worlds()
-    world_a = data_dir / "world_A"
-    samples = _val_samples(world_a, n)
-    images = [Image.open(s["image_path"]).convert("RGB") for s in samples]
-    answers = [s["conversations"][1]["value"] for s in samples]
-
-    model, processor = load_llava(llava)
-    loss, n_tokens = caption_loss(model, processor, images, CAPTION_PROMPT, answers)
-    generated = generate_captions(model, processor, images[:1], CAPTION_PROMPT, max_new_tokens=64)[0]
-
-    clip_model, preprocess, tokenizer = load_clip(clip)
-    top1 = clip_retrieval(clip_model, preprocess, tokenizer, images, answers)
-    return DemoResult(
-        data_dir=data_dir,
-        llava_dir=Path(resolve_pretrained(llava)),
-        clip_dir=Path(resolve_pretrained(clip, kind="clip")),
-        caption_loss=loss,
-        uniform_loss=math.log(model.config.text_config.vocab_size),
-        answer_tokens=n_tokens,
-        generated=generated,
-        reference=answers[0],
-        retrieval_top1=top1,
-        retrieval_chance=1 / len(images),
-    )
+    if not all((data_dir / w / "world.json").is_file() for w in ("world_A", "world_B")):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        generate(data_dir, scale=scale)
+    return data_dir
 
 
-def format_result(r: DemoResult, seconds: float) -> str:
-    return "\n".join([
-        "mmlora demo: the shapes world and the pretrained world-A bases, world-A val",
-        f"  data:   {r.data_dir}",
-        f"  LLaVA:  {r.llava_dir}",
-        f"  CLIP:   {r.clip_dir}",
-        "",
-        f"  LLaVA caption loss      {r.caption_loss:.3f} nats/token over {r.answer_tokens} answer tokens"
-        f"  (uniform guess: {r.uniform_loss:.3f})",
-        f"  LLaVA greedy caption    {r.generated!r}",
-        f"  reference caption       {r.reference!r}",
-        f"  CLIP image->caption R@1 {r.retrieval_top1:.3f}  (chance: {r.retrieval_chance:.3f})",
-        "",
-        f"  done in {seconds:.1f}s.",
-    ])
+def overlay_figure(image_path: Path, truth, base_mask, adapted_mask, classes: list[str], out: Path,
+                   labels: tuple[str, ...] = ("input", "ground truth", "base", "adapted")) -> Path:
+    """One row: the input, the ground truth and two segmentations as overlays, upscaled 3x, titled."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from mmlora.data.segmentation import IGNORE_INDEX
+    from mmlora.seg_demo import render_overlay
+
+    image = Image.open(image_path).convert("RGB")
+    truth = np.where(truth == IGNORE_INDEX, 0, truth).astype(np.uint8)
+    panels = [image] + [render_overlay(image, m, classes) for m in (truth, base_mask, adapted_mask)]
+    scale, title = 3, 22
+    w, h = image.width * scale, image.height * scale
+    sheet = Image.new("RGB", (w * len(panels), h + title), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=16)
+    for i, (panel, label) in enumerate(zip(panels, labels)):
+        sheet.paste(panel.resize((w, h), Image.NEAREST), (i * w, title))
+        draw.text((i * w + 6, 2), label, fill="black", font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
 
 
-def main(n: int = 16) -> int:
+def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/shapes",
+             llava_recipe: Path = LLAVA_RECIPE, clip_recipe: Path = CLIP_RECIPE,
+             llava_overrides: dict[str, Any] | None = None, clip_overrides: dict[str, Any] | None = None,
+             caption_limit: int | None = None, seg_limit: int | None = None, scale: float = 1.0,
+             log=print) -> DemoReport:
+    from mmlora.config.loading import load_recipe
+    from mmlora.eval.caption import CaptionSet, evaluate_models
+    from mmlora.eval.segmentation import evaluate_segmentation
+
+    out, data_dir = Path(out_dir), Path(data_dir)
+    log(f"[1/5] data: shapes worlds A and B in {data_dir}")
+    ensure_worlds(data_dir, scale)
+    world_b = data_dir / "world_B"
+    spec = json.loads((world_b / "world.json").read_text())["spec"]
+    unseen = list(spec.get("unseen_dense_classes", []))
+
+    log(f"[2/5] captioning: {llava_recipe.name} on world B")
+    llava_run = _train(llava_recipe, data_dir, out / "llava-lora-b", llava_overrides or {}, log)
+    log(f"[3/5] segmentation: {clip_recipe.name} on world-B masks ({', '.join(unseen) or 'no class'} held out)")
+    clip_run = _train(clip_recipe, data_dir, out / "clip-seg-lora-b", clip_overrides or {}, log)
+
+    log("[4/5] evaluation on world-B test images")
+    llava_base = load_recipe(llava_recipe).model.name
+    clip_base = load_recipe(clip_recipe).model.name
+    dense_mode = load_recipe(clip_recipe).train.dense.mode
+    captions = CaptionSet.from_coco(world_b / "annotations" / "captions_test.json", limit=caption_limit)
+    cap = evaluate_models({"base": llava_base, "adapted": str(llava_run)}, captions, out / "eval_caption")
+    modes = sorted({BASE_DENSE_MODE, dense_mode})
+    seg = evaluate_segmentation({"base": clip_base, "adapted": str(clip_run)}, world_b, "test", modes,
+                                out / "eval_seg", limit=seg_limit, unseen=unseen)
+
+    def row(name: str, mode: str) -> dict[str, float | None]:
+        c = cap["models"][name]["scores"]
+        s = seg["modes"][f"{name}/{mode}"]
+        return {"CIDEr": c["CIDEr"], "BLEU-4": c["BLEU-4"], "slot accuracy": c.get("slot_all"),
+                "mIoU seen": s["mIoU_seen"], "mIoU unseen": s["mIoU_unseen"]}
+
+    log("[5/5] overlay picture")
+    overlay = _demo_overlay(world_b, clip_base, clip_run, dense_mode, out / "overlay.png")
+    samples = []
+    lines = {n: [json.loads(x) for x in (out / "eval_caption" / f"captions_{n}.jsonl").read_text().splitlines()[:2]]
+             for n in ("base", "adapted")}
+    for b, a in zip(lines["base"], lines["adapted"]):
+        samples.append((b["references"][0], b["caption"], a["caption"]))
+    return DemoReport(out, data_dir, {"captioning": llava_run, "segmentation": clip_run},
+                      row("base", BASE_DENSE_MODE), row("adapted", dense_mode),
+                      {"caption metrics": out / "eval_caption" / "metrics.json",
+                       "segmentation metrics": out / "eval_seg" / "metrics.json", "overlay": overlay},
+                      samples, unseen)
+
+
+def _demo_overlay(world: Path, clip_base: str, clip_run: Path, dense_mode: str, out: Path) -> Path:
+    """The first world-B test image showing the novel shape (else the first image)."""
+    import numpy as np
+
+    from mmlora.data.segmentation import SegmentationFolder
+    from mmlora.seg_demo import segment_image
+
+    folder = SegmentationFolder(world, "test")
+    classes = folder.classes
+    novel = classes.index("star") if "star" in classes else None
+    pick = 0
+    for i in range(min(len(folder), 50)):
+        _, mask = folder.load(i)
+        if novel is not None and (mask == novel).sum() > 150:
+            pick = i
+            break
+    image, truth = folder.load(pick)
+    base = segment_image(image, classes, clip_base, BASE_DENSE_MODE)
+    adapted = segment_image(image, classes, str(clip_run), dense_mode)
+    return overlay_figure(folder.samples[pick].image, np.asarray(truth), base, adapted, classes, out,
+                          ("input", "ground truth", f"base ({BASE_DENSE_MODE})", f"adapted (LoRA, {dense_mode})"))
+
+
+def format_report(r: DemoReport, seconds: float) -> str:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    unseen = f" ({', '.join(r.unseen)})" if r.unseen else ""
+    lines = ["", "mmlora demo: world-A bases adapted to world B (new shape, colour and caption style), world-B test",
+             "", f"  {'metric':<24}{'base':>10}{'adapted':>10}{'change':>10}"]
+    for k in r.before:
+        b, a = r.before[k], r.after[k]
+        change = "-" if b is None or a is None else f"{a - b:+.3f}"
+        label = k + (unseen if k == "mIoU unseen" else "")
+        lines.append(f"  {label:<24}{fmt(b):>10}{fmt(a):>10}{change:>10}")
+    lines += ["", "  captions (reference / base / adapted):"]
+    for ref, base, adapted in r.sample_captions:
+        lines += [f"    ref:     {ref}", f"    base:    {base}", f"    adapted: {adapted}", ""]
+    lines.append("  outputs:")
+    for name, path in {**{f"{k} run": v for k, v in r.runs.items()}, **r.outputs}.items():
+        lines.append(f"    {name:<22}{path}")
+    lines.append(f"\n  done in {seconds / 60:.1f} min.")
+    return "\n".join(lines)
+
+
+def main(out_dir: str = "runs/demo", data_dir: str = "data/shapes") -> int:
     start = time.time()
-    result = run_demo(n=n)
-    print(format_result(result, time.time() - start))
+    report = run_demo(out_dir, data_dir)
+    print(format_report(report, time.time() - start))
     return 0

@@ -120,9 +120,9 @@ def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: 
 
 
 def clip_retrieval(clip_dir: Path, coco: Path, limit: int = 200) -> float:
-    """Image→caption top-1 among the split's first captions (``mmlora.demo.clip_retrieval``)."""
+    """Image→caption top-1 among the split's first captions (``mmlora.eval.retrieval``)."""
     from mmlora.data.samples import load_image
-    from mmlora.demo import clip_retrieval as retrieval
+    from mmlora.eval.retrieval import image_to_text_top1 as retrieval
     from mmlora.eval.caption import CaptionSet
     from mmlora.models.clip import load_clip
 

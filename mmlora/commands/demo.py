@@ -7,7 +7,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-n", "--num-images", type=int, default=16, help="world-A val images to use (default: 16)")
+    parser.add_argument("--out", default="runs/demo", help="runs, evaluations and the overlay (default: runs/demo)")
+    parser.add_argument("--data", default="data/shapes", help="the shapes worlds (generated there if missing)")
     sub = parser.add_subparsers(dest="demo_command", metavar="DEMO")
     seg = sub.add_parser("seg", help="segment an image into the given class names; write an overlay and a mask")
     seg.add_argument("image", help="any image file (PNG, JPEG, ...)")
@@ -39,4 +40,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from mmlora.demo import main
 
-    return main(n=args.num_images)
+    return main(args.out, args.data)
