@@ -72,14 +72,22 @@ def _check(args: argparse.Namespace) -> int:
                 raise MmloraError(f"{spec}: the recipe has no data section")
             model, max_length = recipe.model.name, recipe.data.max_length
             sets = [("train", d) for d in recipe.data.train] + [("val", d) for d in recipe.data.val]
-            base = spec.parent
         else:
             fmt = args.format or guess_format(spec)
             sets = [("data", DatasetSpec(format=fmt, path=str(spec), images=args.images))]
-            base = None
-        processor = AutoProcessor.from_pretrained(resolve_pretrained(model))
-        encoder = ConversationEncoder(processor, max_length)
-        reports = [check_records(f"{name}: {d.path} ({d.format})", read_dataset(d, base), encoder) for name, d in sets]
+        # Paths resolve as `mmlora train` resolves them: against the working directory.
+        seg_roots = dict.fromkeys(Path(d.path) for _, d in sets if d.format == "seg")  # every split, once
+        reports = [r for root in seg_roots for r in check_segmentation(root)]
+        others = [(name, d) for name, d in sets if d.format != "seg"]
+        if others:
+            model_path = Path(resolve_pretrained(model))
+            if (model_path / "open_clip_config.json").is_file():  # CLIP: image-caption pairs
+                from mmlora.train.objectives import Contrastive
+
+                encoder = Contrastive(model_path).encoder
+            else:
+                encoder = ConversationEncoder(AutoProcessor.from_pretrained(model_path), max_length)
+            reports += [check_records(f"{name}: {d.path} ({d.format})", read_dataset(d), encoder) for name, d in others]
     for r in reports:
         print(r.format())
     return 0 if all(r.ok for r in reports) else 1

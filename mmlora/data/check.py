@@ -78,7 +78,8 @@ def check_records(source: str, records: list[Sample | BadSample], encoder: Any) 
                     report.image_modes[img.mode] += 1
                     report.image_sizes.append(img.size)
             out = encoder.encode(r)
-            report.token_lengths.append(len(out["input_ids"]))
+            ids = out["input_ids"] if "input_ids" in out else out["text"][out["text"] != 0]  # CLIP: unpadded caption
+            report.token_lengths.append(len(ids))
         except BadSample as bad:
             report.bad.append(bad)
     return report

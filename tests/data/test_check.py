@@ -31,3 +31,23 @@ def test_check_a_segmentation_folder(shapes_small, capsys):
     assert main(["data", "check", str(shapes_small / "world_A")]) == 0
     out = capsys.readouterr().out
     assert "[val]: 10 records, 10 good, 0 bad" in out
+
+
+def test_check_recipes_for_clip_pairs_and_seg_data(shapes_small, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    world = shapes_small / "world_A"
+    monkeypatch.chdir(shapes_small)  # recipe data paths resolve against the working directory, as in train
+    for name, data in {
+        "pairs": {"train": [{"format": "coco", "path": "world_A/annotations/captions_val.json"}]},
+        "seg": {"train": [{"format": "seg", "path": "world_A", "split": "train"}],
+                "val": [{"format": "seg", "path": "world_A", "split": "val"}]},
+    }.items():
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": {"name": "tiny-clip"}, "placement": {"vision": {"mode": "lora"}},
+                                          "data": data}))
+        assert main(["data", "check", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "train: world_A/annotations/captions_val.json (coco): 50 records, 50 good, 0 bad" in out
+    assert "tokens: min" in out
+    assert out.count(f"{world.name} [val]: 10 records, 10 good") == 1  # each seg folder checked once
