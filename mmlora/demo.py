@@ -90,9 +90,9 @@ def ensure_worlds(data_dir: Path, scale: float = 1.0) -> Path:
     return data_dir
 
 
-def overlay_figure(image_path: Path, truth, base_mask, adapted_mask, classes: list[str], out: Path,
+def overlay_figure(image_path: Path, truth, masks: list, classes: list[str], out: Path,
                    labels: tuple[str, ...] = ("input", "ground truth", "base", "adapted")) -> Path:
-    """One row: the input, the ground truth and two segmentations as overlays, upscaled 3x, titled."""
+    """One row: the input, the ground truth and each segmentation as an overlay, upscaled 3x, titled."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -101,7 +101,7 @@ def overlay_figure(image_path: Path, truth, base_mask, adapted_mask, classes: li
 
     image = Image.open(image_path).convert("RGB")
     truth = np.where(truth == IGNORE_INDEX, 0, truth).astype(np.uint8)
-    panels = [image] + [render_overlay(image, m, classes) for m in (truth, base_mask, adapted_mask)]
+    panels = [image] + [render_overlay(image, m, classes) for m in (truth, *masks)]
     scale, title = 3, 22
     w, h = image.width * scale, image.height * scale
     sheet = Image.new("RGB", (w * len(panels), h + title), "white")
@@ -185,7 +185,7 @@ def _demo_overlay(world: Path, clip_base: str, clip_run: Path, dense_mode: str, 
     image, truth = folder.load(pick)
     base = segment_image(image, classes, clip_base, BASE_DENSE_MODE)
     adapted = segment_image(image, classes, str(clip_run), dense_mode)
-    return overlay_figure(folder.samples[pick].image, np.asarray(truth), base, adapted, classes, out,
+    return overlay_figure(folder.samples[pick].image, np.asarray(truth), [base, adapted], classes, out,
                           ("input", "ground truth", f"base ({BASE_DENSE_MODE})", f"adapted (LoRA, {dense_mode})"))
 
 
