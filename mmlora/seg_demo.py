@@ -36,12 +36,12 @@ def segment_image(image, classes: list[str], clip_ref: str = "shapes-clip-base",
     from mmlora.eval.segmentation import TEMPLATES, class_embeddings, load_clip_for_eval, preprocess
     from mmlora.eval.dense import segment_logits
 
+    from mmlora.models.clip import image_settings
+
     model, tokenizer = load_clip_for_eval(clip_ref)
-    visual = model.visual
-    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    size, mean, std = image_settings(model)
     text = class_embeddings(model, tokenizer, classes, TEMPLATES.get(templates, templates.split(";")))
-    x = preprocess(image, short_side or size, visual.image_mean or (0.48145466, 0.4578275, 0.40821073),
-                   visual.image_std or (0.26862954, 0.26130258, 0.27577711))
+    x = preprocess(image, short_side or size, mean, std)
     with torch.no_grad():
         logits = segment_logits(model, x, text, mode, crop, stride, out_size=(image.height, image.width))
     return logits.argmax(0).numpy().astype(np.uint8)

@@ -151,9 +151,10 @@ def _preprocess(model):
     """The CLIP's own evaluation transform (resize, centre crop, normalise)."""
     import open_clip
 
-    visual = model.visual
-    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-    return open_clip.image_transform(size, is_train=False, mean=visual.image_mean, std=visual.image_std)
+    from mmlora.models.clip import image_settings
+
+    size, mean, std = image_settings(model)
+    return open_clip.image_transform(size, is_train=False, mean=mean, std=std)
 
 
 def fewshot_table(report: dict[str, Any]) -> str:

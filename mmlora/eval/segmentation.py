@@ -108,6 +108,7 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
     """Score every model x mode on a segmentation folder; rows are named ``mode`` for one unnamed model
     (a plain reference) or ``name/mode``. Writes ``metrics.json`` and ``table.md`` into ``out_dir``."""
     from mmlora.data.segmentation import SegmentationFolder
+    from mmlora.models.clip import image_settings
 
     named = {"": models} if isinstance(models, (str, Path)) else dict(models)
     folder = SegmentationFolder(data_root, split)
@@ -116,10 +117,7 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
     loaded = {}
     for name, ref in named.items():
         model, tokenizer = load_clip_for_eval(ref)
-        visual = model.visual
-        size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-        mean = visual.image_mean or (0.48145466, 0.4578275, 0.40821073)
-        std = visual.image_std or (0.26862954, 0.26130258, 0.27577711)
+        size, mean, std = image_settings(model)
         loaded[name] = (model, class_embeddings(model, tokenizer, classes, template_list), size, mean, std)
     sizes = {v[2] for v in loaded.values()}
     short_side = short_side or max(sizes)

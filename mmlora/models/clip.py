@@ -89,3 +89,17 @@ def load_clip(name_or_path: str | Path, device: str = "cpu"):
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     return model.eval(), preprocess, tokenizer
+
+
+def image_settings(model) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(input size, mean, std)`` of an open_clip model's image tower."""
+    visual = model.visual
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    return int(size), tuple(visual.image_mean or CLIP_MEAN), tuple(visual.image_std or CLIP_STD)
+
+
+def save_clip_processor(model_dir: Path, tokenizer, folder: Path) -> None:
+    """Write what a CLIP run needs to rebuild its preprocessing: the open_clip config and tokenizer."""
+    config = json.loads((Path(model_dir) / "open_clip_config.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(folder)

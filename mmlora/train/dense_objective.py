@@ -89,7 +89,7 @@ class DenseSeg:
     def __init__(self, model_path: Path | str, data: DataSpec, dense: DenseSpec, base_dir: Path | None = None,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
         from mmlora.eval.segmentation import TEMPLATES
-        from mmlora.models.clip import load_clip
+        from mmlora.models.clip import image_settings, load_clip
 
         self.path = Path(model_path)
         model, _, self.clip_tokenizer = load_clip(self.path)
@@ -99,10 +99,7 @@ class DenseSeg:
             raise MmloraError("ignore_classes leaves no class to train on")
         self.mode = dense.mode
         self.templates = TEMPLATES.get(dense.templates, dense.templates.split(";"))
-        visual = model.visual
-        size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-        mean = visual.image_mean or (0.48145466, 0.4578275, 0.40821073)
-        std = visual.image_std or (0.26862954, 0.26130258, 0.27577711)
+        size, mean, std = image_settings(model)
         self.encoder = _SegEncoder(size, mean, std, classes, self.seen, zero, self.clip_tokenizer.tokenizer,
                                    max_image_pixels)
 
@@ -132,11 +129,9 @@ class DenseSeg:
         return loss, int((mask != IGNORE_INDEX).sum())
 
     def save_processor(self, folder: Path) -> None:
-        import json
+        from mmlora.models.clip import save_clip_processor
 
-        config = json.loads((self.path / "open_clip_config.json").read_text())
-        (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.encoder.tokenizer.save_pretrained(folder)
+        save_clip_processor(self.path, self.encoder.tokenizer, folder)
 
 
 def uses_dense(data: DataSpec | None) -> bool:

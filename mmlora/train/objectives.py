@@ -11,7 +11,6 @@ Each gives ``encoder`` (``encode(sample)``, ``tokenizer``), ``collate(items)``,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +103,9 @@ class Contrastive:
         return loss * len(img), len(img)
 
     def save_processor(self, folder: Path) -> None:
-        config = json.loads((self.path / "open_clip_config.json").read_text())
-        (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.encoder.tokenizer.save_pretrained(folder)
+        from mmlora.models.clip import save_clip_processor
+
+        save_clip_processor(self.path, self.encoder.tokenizer, folder)
 
 
 def objective_for(model: Any, model_path: Path | str, data, dense=None, base_dir: Path | None = None):
