@@ -157,11 +157,12 @@ def generate_captions(model, processor, images: list, prompt: str = CAPTION_PROM
 
 def load_captioner(ref: str | Path):
     """A base model (preset, folder, cached hub id), a run (its adapters on its base, in the run's
-    precision) or a merged export → ``(model, processor)``."""
+    precision) or a merged export (INT4 included) → ``(model, processor)``."""
     from mmlora.export import load_run
+    from mmlora.placement.int4 import INT4_MANIFEST
 
     path = Path(ref)
-    if (path / "manifest.json").is_file() or (path / "final" / "manifest.json").is_file():
+    if any((p / f).is_file() for p in (path, path / "final") for f in ("manifest.json", INT4_MANIFEST)):
         model, processor, _ = load_run(path)
         return model, processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
