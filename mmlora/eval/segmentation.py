@@ -82,31 +82,46 @@ def evaluate_segmentation(clip_ref: str, data_root: str | Path, split: str, mode
     from mmlora.models.clip import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
-    model, _, tokenizer = load_clip(clip_ref)
+    from mmlora.compose import adapters_per_sample, clip_tokenizer, load_reference
+
+    composed = load_reference(str(clip_ref))  # a run or a composition of runs (mixed: one adapter per image)
+    if composed is None:
+        model, _, tokenizer = load_clip(clip_ref)
+    else:
+        model, tokenizer = composed.model, clip_tokenizer(composed.recipe)
     model = model.float().eval()
     unfuse_attention(model)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
     mean, std = model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073), model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)
     folder = SegmentationFolder(data_root, split)
     classes = folder.classes
-    text = class_embeddings(model, tokenizer, classes, TEMPLATES.get(templates, templates.split(";")))
+    n = min(len(folder), limit) if limit else len(folder)
+    route = composed.route(n) if composed is not None else None
+    texts = {}
+    for adapter in dict.fromkeys(route or [None]):
+        if adapter is not None:
+            model.set_adapter(adapter)  # the text side switches; images are routed per sample below
+        texts[adapter] = class_embeddings(model, tokenizer, classes, TEMPLATES.get(templates, templates.split(";")))
     short_side = short_side or size
     protocol = {"clip": str(clip_ref), "data": str(data_root), "split": split, "classes": classes,
                 "templates": templates, "short_side": short_side, "crop": crop, "stride": stride,
                 "bg_threshold": bg_threshold, "upsampling": "bilinear to the label size", "num_images": 0}
     metrics = {m: SegMetrics(len(classes)) for m in modes}
-    n = min(len(folder), limit) if limit else len(folder)
     for i in range(n):
         image, label = folder.load(i)
         x = preprocess(image, short_side, mean, std)
+        adapter = route[i] if route else None
         for mode in modes:
-            logits = segment_logits(model, x, text, mode, crop, stride, out_size=label.shape)
+            with adapters_per_sample(model, [adapter] if adapter else None):
+                logits = segment_logits(model, x, texts[adapter], mode, crop, stride, out_size=label.shape)
             pred = logits.argmax(0)
             if bg_threshold is not None and "background" in classes:
                 probs = (logits * 100).softmax(0)
                 pred[probs.max(0).values < bg_threshold] = classes.index("background")
             metrics[mode].update(pred, label)
     protocol["num_images"] = n
+    if route:
+        protocol["adapters"] = "round robin over " + ", ".join(texts)
     report: dict[str, Any] = {"protocol": protocol, "modes": {}}
     unseen = unseen or []
     for mode, m in metrics.items():
