@@ -121,3 +121,10 @@ def test_full_queue_answers_503_and_a_failed_batch_500():
         assert r.status_code == 500 and "out of memory (simulated)" in r.json()["detail"]
         engine.fail = False
         assert send().json()["caption"] == "ok"
+
+
+def test_serve_command_refuses_bad_arguments(capsys):
+    from mmlora.cli import main
+
+    assert main(["serve", "--base", "tiny-llava", "--adapter", "no-equals-sign"]) == 2
+    assert "use NAME=RUN" in capsys.readouterr().err
