@@ -5,12 +5,15 @@ Written here rather than taken from PEFT because PEFT's ``use_qalora`` only wrap
 goes back to float weights. This layer quantizes any ``nn.Linear`` with mmlora's affine INT4
 (``mmlora.placement.int4``) and keeps the merged model INT4.
 
-The adapter sees the input average-pooled per quantization group:
-``pooled = mean(x[..., g*k:(g+1)*k])`` for group ``g`` (``k = group_size``), ``A [r, G]``, ``B [out, r]``,
+The adapter sees the input pooled per quantization group: the group's mean times its size ``k``
+(``pooled = k * mean(x[..., g*k:(g+1)*k])``, i.e. the group sum), ``A [r, G]``, ``B [out, r]``,
 ``y = x @ W_deq.T + b + scaling * B A pooled``. Its update to the weight is therefore constant within a
-group, ``dW[o, i] = scaling * (B A)[o, g(i)] / k``, which is exactly a shift of that group's zero
-point: ``W_deq + dW = s * (q - z')`` with ``z' = z - scaling * (B A) / (k * s)``. After the merge the
-integer codes ``q`` and the scales ``s`` are unchanged; only the (float) zero points move.
+group, ``dW[o, i] = scaling * (B A)[o, g(i)]``: exactly a LoRA whose ``A`` repeats each column ``k``
+times, on the same scale as plain LoRA (with the bare mean, the adapter's output moves ``k`` times
+slower; PEFT's GPTQ QA-LoRA rescales its pooled input too, by ``G``). A constant per (row, group) is a
+shift of that group's zero point: ``W_deq + dW = s * (q - z')`` with ``z' = z - scaling * (B A) / s``.
+After the merge the integer codes ``q`` and the scales ``s`` are unchanged; only the (float) zero
+points move.
 """
 
 from __future__ import annotations
@@ -63,12 +66,12 @@ class QALoraLinear(Int4Linear):
                 "dropout": dropout}
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in]`` → ``[..., G]``: the mean of each quantization group."""
-        return x.unflatten(-1, (-1, self.group_size)).mean(-1)
+        """``[..., in]`` → ``[..., G]``: each quantization group's mean times its size (its sum)."""
+        return x.unflatten(-1, (-1, self.group_size)).mean(-1) * self.group_size
 
     def delta_groups(self) -> torch.Tensor:
         """The weight update per (row, group), ``[out, G]``: ``dW[o, i] = delta_groups[o, i // k]``."""
-        return self.scaling * (self.qalora_B.weight @ self.qalora_A.weight) / self.group_size
+        return self.scaling * (self.qalora_B.weight @ self.qalora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = super().forward(x)

@@ -29,7 +29,7 @@ def test_forward_is_int4_base_plus_group_constant_update():
     assert layer.qalora_A.weight.shape == (3, 4)  # [r, in / group_size]
     codes, scales, zeros = quantize_int4(linear.weight, 8)
     w = scales.repeat_interleave(8, 1) * (codes.float() - zeros.repeat_interleave(8, 1))
-    delta = (6.0 / 3) * layer.qalora_B.weight @ layer.qalora_A.weight / 8  # [out, G]
+    delta = (6.0 / 3) * layer.qalora_B.weight @ layer.qalora_A.weight  # [out, G]: a LoRA with A tied per group
     x = torch.randn(2, 7, 32)
     reference = x @ (w + delta.repeat_interleave(8, 1)).T + linear.bias
     assert torch.allclose(layer(x), reference, atol=1e-5)
