@@ -126,6 +126,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def note(args: argparse.Namespace) -> str:
+    return (f"\n({args.base}; per row up to {args.requests} caption requests, clients stop sending after "
+            f"{args.max_seconds:g} s; {args.clients} concurrent clients on loopback, adapters drawn uniformly, batches "
+            f"of up to {args.max_batch}, {args.max_new_tokens} new tokens, every adapter loaded before timing; "
+            f"'full models in memory': the base, plus one merged copy per adapter in merged mode.)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
@@ -152,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.max_new_tokens, args.max_batch)
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
-    text = table(rows) + (f"\n({args.base}, {args.requests} caption requests per row from {args.clients} concurrent "
-                          f"clients on loopback, adapters drawn uniformly, batches of up to {args.max_batch}, "
-                          f"{args.max_new_tokens} new tokens, every adapter loaded before timing.)\n")
+    text = table(rows) + note(args)
     print(text)
     if args.out:
         out = Path(args.out)
