@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N test images (default: all 200)")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args(argv)
-    data, runs, exports, out = (Path(x).resolve() for x in (args.data, args.runs, args.exports, args.out))
+    data, runs, exports, out = (Path(x) for x in (args.data, args.runs, args.exports, args.out))
     if not (data / "world_B").is_dir():
         print(f"{data}: no world_B; run: mmlora data shapes --out {args.data}", file=sys.stderr)
         return 2
