@@ -31,6 +31,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("predict", "answer one image from a run or an export", "predict"),
     Command("eval", "evaluate models and runs: caption, seg, fewshot", "eval"),
     Command("export", "export adapters or a merged model", "export"),
+    Command("serve", "serve many adapters on one base over HTTP (captions, segmentation)", "serve"),
     Command("demo", "run the embedded default end to end on the shapes world", "demo"),
     Command("data", "generate the shapes world; check and convert datasets", "data"),
     Command("models", "list, build and inspect model presets", "models"),

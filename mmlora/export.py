@@ -6,7 +6,10 @@
 * :func:`export_run` — adapters-only (a copy of ``final/``: PEFT folders, full modules, manifest,
   processor, model card) or ``merge=True``: a quantized base is dequantized, the adapters are merged
   into it, and the result is saved as an ordinary transformers checkpoint. A merge is checked:
-  merged outputs must equal the adapter model's outputs on a probe batch.
+  merged outputs must equal the adapter model's outputs on a probe batch. QA-LoRA adapters merge
+  into their INT4 zero points, so such a run exports an INT4 model (``mmlora.placement.int4``);
+  ``int4_group_size`` re-quantizes the merged layers of a run's quantized modalities to INT4
+  (the QLoRA → merge → INT4 path that QA-LoRA is compared against).
 """
 
 from __future__ import annotations
@@ -66,7 +69,11 @@ def load_run(path: str | Path, dequantize_base: bool = False):
     from mmlora.placement.save import load_placement
     from mmlora.train.precision import load_for_training
 
+    from mmlora.placement.int4 import INT4_MANIFEST, load_int4_model
+
     folder = run_folder(path)
+    if (folder / INT4_MANIFEST).is_file():
+        return load_int4_model(folder), AutoProcessor.from_pretrained(folder), None
     if not (folder / "manifest.json").is_file():
         from transformers import AutoModelForImageTextToText
 
@@ -101,13 +108,32 @@ def _probe_batch(processor, recipe) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: float = 1e-4) -> dict:
-    """Export a run (see module docstring). Returns what was written and, for a merge, the check."""
+def _quantized_linears(model: nn.Module, recipe) -> list[str]:
+    """Linear layers (heads excepted) of the modalities a recipe quantizes (4bit, 8bit) or places with qalora."""
+    from mmlora.models.modality import discover_modalities
+    from mmlora.placement.targets import is_linear
+
+    mmap = discover_modalities(model, recipe.model.modalities)
+    specs = dict(recipe.placement.items())
+    chosen = {n for n, s in specs.items() if s.precision in ("4bit", "8bit") or s.mode == "qalora"}
+    return [n for n, m in model.named_modules() if n and mmap.modality_of(n) in chosen and n not in mmap.heads
+            and is_linear(m) and type(m) is nn.Linear]
+
+
+def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: float = 1e-4,
+               int4_group_size: int | None = None) -> dict:
+    """Export a run (see module docstring). Returns what was written and, for a merge, the check.
+
+    ``int4_group_size`` (with ``merge``): after merging, quantize the linear layers of the run's
+    quantized modalities to INT4 with this group size; the probe-batch difference is then the
+    re-quantization error, recorded rather than checked."""
     from mmlora.train.report import append_to_card
 
     folder, out = run_folder(path), Path(out)
     if out.exists() and any(out.iterdir()):
         raise MmloraError(f"{out} exists and is not empty")
+    if int4_group_size is not None and not merge:
+        raise MmloraError("re-quantizing to INT4 applies to a merged export: add --merge")
     if not merge:
         shutil.copytree(folder, out, dirs_exist_ok=True)
         return {"out": str(out), "merged": False}
@@ -120,13 +146,23 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
         raise MmloraError("merged export of open_clip models is not supported; export the adapters")
     batch = _probe_batch(processor, recipe)
     batch.pop("labels", None)
+    from mmlora.placement.int4 import int4_layers, quantize_linears, save_int4_model
+    from mmlora.placement.qalora import merge_qalora
+
     with torch.no_grad():
         before = model(**batch).logits
-        merged = model.merge_and_unload()
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        qalora_merged = merge_qalora(merged)
         after = merged(**batch).logits
-    diff = float((before - after).abs().max())
-    if diff > atol:
-        raise MmloraError(f"merged outputs differ from the adapter outputs by {diff:.2e} (> {atol:.0e}); not exported")
+        diff = float((before - after).abs().max())
+        if diff > atol:
+            raise MmloraError(f"merged outputs differ from the adapter outputs by {diff:.2e} (> {atol:.0e}); not exported")
+        requantized: list[str] = []
+        if int4_group_size is not None:
+            requantized = quantize_linears(merged, _quantized_linears(merged, recipe), int4_group_size)
+            if not requantized:
+                raise MmloraError("--int4: the run has no 4bit/8bit or qalora modality to re-quantize")
+            diff = float((before - merged(**batch).logits).abs().max())
     # The base was loaded quantized and then dequantized: the merged model is a plain fp32 model, and
     # its config must not tell from_pretrained to quantize it again.
     if hasattr(merged.config, "quantization_config"):
@@ -135,15 +171,27 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
                         ("is_loaded_in_8bit", False), ("quantization_method", None)):
         if hasattr(merged, attr):
             setattr(merged, attr, value)
-    merged.save_pretrained(out, safe_serialization=True)
+    int4 = int4_layers(merged)
+    if int4:
+        how = (f"QA-LoRA adapters folded into the INT4 zero points of {len(qalora_merged)} layers"
+               if qalora_merged else "")
+        if requantized:
+            how = f"merged, then {len(requantized)} layers re-quantized to INT4 (group size {int4_group_size})"
+        save_int4_model(merged, out, {"source": str(folder), "how": how})
+    else:
+        merged.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    check = ("max |logits(INT4 re-quantized) - logits(adapters)|" if requantized
+             else "max |logits(merged) - logits(adapters)|")
     card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
     (out / "README.md").write_text(append_to_card(card, {
-        "export": "adapters merged into the (dequantized) base",
-        "merge check": f"max |logits(merged) - logits(adapters)| = {diff:.2e} on a probe batch",
+        "export": ("INT4 model: " + how) if int4 else "adapters merged into the (dequantized) base",
+        "merge check": f"{check} = {diff:.2e} on a probe batch",
     }))
-    (out / "mmlora_export.json").write_text(json.dumps({"source": str(folder), "max_abs_diff": diff}, indent=2) + "\n")
-    return {"out": str(out), "merged": True, "max_abs_diff": diff}
+    (out / "mmlora_export.json").write_text(json.dumps({"source": str(folder), "max_abs_diff": diff,
+                                                        "int4_layers": len(int4)}, indent=2) + "\n")
+    return {"out": str(out), "merged": True, "max_abs_diff": diff, "int4_layers": len(int4),
+            "requantized": bool(requantized)}
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ def test_version_and_help(capsys):
 
 
 def test_registry_names_every_command():
-    assert [c.name for c in COMMANDS] == ["plan", "train", "predict", "eval", "export", "demo", "data", "models"]
+    assert [c.name for c in COMMANDS] == ["plan", "train", "predict", "eval", "export", "serve", "demo", "data", "models"]
 
 
 def test_every_command_is_implemented_and_subcommands_are_required(capsys):

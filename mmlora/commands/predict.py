@@ -1,28 +1,51 @@
-"""``mmlora predict RUN --image IMG [--prompt TEXT]``: answer one image with a run or an export.
+"""``mmlora predict REF --image IMG [--image IMG ...] [--prompt TEXT]``: answer images with a run, an
+export, or a composition of runs (``mmlora.compose``).
 
     mmlora predict runs/tiny-llava-train --image data/shapes/world_B/images/test/B_test_00000.png
     mmlora predict exports/merged --image photo.jpg --prompt "What is in the picture?"
+    mmlora predict runs/a+runs/b:linear:0.5,0.5 --image photo.jpg            # a weighted merge
+    mmlora predict runs/a+runs/b --image x.png --adapter a --image y.png --adapter b   # one mixed batch
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="a run folder (its final/), a checkpoint folder, or a merged export")
-    parser.add_argument("--image", required=True)
+    parser.add_argument("run", help="a run folder (its final/), a checkpoint folder, a merged export, or "
+                        "RUN_A+RUN_B[:mixed | :linear|ties|dare_linear|dare_ties|svd|...:W1,W2[:density=D]]")
+    parser.add_argument("--image", required=True, action="append", help="repeat for several images (one batch)")
+    parser.add_argument("--adapter", action="append", default=None,
+                        help="with a mixed composition: the adapter of each --image, in order (default round robin; "
+                             "__base__ = no adapter)")
     parser.add_argument("--prompt", default=None, help="default: the captioning protocol prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmlora.data.samples import load_image
     from mmlora.data.shapes import CAPTION_PROMPT
     from mmlora.errors import MmloraError
-    from mmlora.export import load_run, predict
+    from mmlora.eval.caption import generate_captions, load_routed_captioner
 
-    model, processor, _ = load_run(args.run)
+    model, processor, route = load_routed_captioner(args.run)
     if processor is None or not hasattr(model, "generate"):
         raise MmloraError(f"{args.run} is not an image-text-to-text run; predict answers with VLM runs")
-    print(predict(model, processor, args.image, args.prompt or CAPTION_PROMPT, args.max_new_tokens))
+    names = route(len(args.image))
+    if args.adapter:
+        if names is None:
+            raise MmloraError("--adapter needs a mixed composition of runs, e.g. runs/a+runs/b")
+        if len(args.adapter) != len(args.image):
+            raise MmloraError(f"{len(args.adapter)} --adapter for {len(args.image)} --image: give one per image")
+        names = args.adapter
+    images = [load_image(Path(p), p, None) for p in args.image]
+    answers = generate_captions(model, processor, images, args.prompt or CAPTION_PROMPT, batch_size=len(images),
+                                max_new_tokens=args.max_new_tokens, adapter_names=names)
+    for k, answer in enumerate(answers):
+        if len(answers) == 1 and not names:
+            print(answer)
+        else:
+            print(f"{args.image[k]}\t{names[k] if names else '-'}\t{answer}")
     return 0

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Mode = Literal["frozen", "lora", "dora", "full"]
+Mode = Literal["frozen", "lora", "dora", "qalora", "full"]
 Precision = Literal["4bit", "8bit", "bf16", "fp16", "fp32"]
 #: PEFT's ``init_lora_weights`` values that mmlora exposes ("default" = PEFT's ``True``).
 Init = Literal["default", "gaussian", "pissa", "olora"]
@@ -97,6 +97,8 @@ class ModalitySpec(_Strict):
     lr: Annotated[float, Field(gt=0)] | None = Field(default=None, description="absolute learning rate")
     lr_multiplier: Annotated[float, Field(gt=0)] | None = Field(default=None, description="x the base learning rate")
     precision: Precision | None = None
+    group_size: Annotated[int, Field(gt=1)] | None = Field(
+        default=None, description="qalora: input columns per INT4 quantization group (default 32)")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -113,7 +115,7 @@ class ModalitySpec(_Strict):
             if self.init != "default":
                 set_here.append("init")
             if set_here:
-                raise ValueError(f"{', '.join(set_here)} set, but mode is {self.mode}: these apply to lora/dora only")
+                raise ValueError(f"{', '.join(set_here)} set, but mode is {self.mode}: these apply to lora/dora/qalora only")
         if self.mode == "frozen" and (self.targets is not None or self.layers != "all" or self.lr or self.lr_multiplier):
             raise ValueError("targets, layers and lr do not apply to a frozen modality")
         if self.rank is not None and self.rank_schedule is not None:
@@ -122,6 +124,13 @@ class ModalitySpec(_Strict):
             raise ValueError("give lr or lr_multiplier, not both")
         if self.targets == []:
             raise ValueError("targets is empty: name at least one group or pattern")
+        if self.group_size is not None and self.mode != "qalora":
+            raise ValueError(f"group_size set, but mode is {self.mode}: it applies to qalora only")
+        if self.mode == "qalora":
+            if self.precision is not None:
+                raise ValueError("precision set, but mode qalora quantizes its layers to INT4 itself (see group_size)")
+            if self.init != "default":
+                raise ValueError("init applies to lora/dora; qalora starts from PEFT's default init")
         return self
 
     @property
@@ -131,6 +140,10 @@ class ModalitySpec(_Strict):
     @property
     def effective_rank(self) -> int:
         return self.rank or 8
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.group_size or 32
 
 
 class AdaLoraSpec(_Strict):

@@ -134,8 +134,9 @@ def mean_slot_accuracy(results: dict[int, str], objects: dict[int, list[dict]]) 
 
 @torch.no_grad()
 def generate_captions(model, processor, images: list, prompt: str = CAPTION_PROMPT, batch_size: int = 16,
-                      max_new_tokens: int = 64, num_beams: int = 1) -> list[str]:
-    """Batched generation with KV cache; left padding so every prompt ends where generation starts."""
+                      max_new_tokens: int = 64, num_beams: int = 1, adapter_names: list[str] | None = None) -> list[str]:
+    """Batched generation with KV cache; left padding so every prompt ends where generation starts.
+    ``adapter_names`` (one per image) runs each image with its own adapter in the same batch (PEFT)."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -145,8 +146,9 @@ def generate_captions(model, processor, images: list, prompt: str = CAPTION_PROM
         for k in range(0, len(images), batch_size):
             chunk = images[k:k + batch_size]
             batch = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
+            routed = {"adapter_names": adapter_names[k:k + batch_size]} if adapter_names else {}
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                 use_cache=True, pad_token_id=tokenizer.pad_token_id)
+                                 use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed)
             out += [s.strip() for s in processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
@@ -157,19 +159,33 @@ def generate_captions(model, processor, images: list, prompt: str = CAPTION_PROM
 
 def load_captioner(ref: str | Path):
     """A base model (preset, folder, cached hub id), a run (its adapters on its base, in the run's
-    precision) or a merged export → ``(model, processor)``."""
-    from mmlora.export import load_run
+    precision), a merged export (INT4 included) or a composition of runs (``mmlora.compose``) →
+    ``(model, processor)``; see :func:`load_routed_captioner` for routing samples to adapters."""
+    model, processor, _ = load_routed_captioner(ref)
+    return model, processor
 
+
+def load_routed_captioner(ref: str | Path):
+    """``(model, processor, route)``: ``route(n)`` gives the adapter of each of ``n`` images for a
+    mixed composition, else None."""
+    from mmlora.compose import load_reference
+    from mmlora.export import load_run
+    from mmlora.placement.int4 import INT4_MANIFEST
+
+    composed = load_reference(str(ref))
+    if composed is not None:
+        return composed.model, composed.processor, composed.route
     path = Path(ref)
-    if (path / "manifest.json").is_file() or (path / "final" / "manifest.json").is_file():
+    if (path / INT4_MANIFEST).is_file():
         model, processor, _ = load_run(path)
-        return model, processor
+        return model, processor, lambda n: None
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmlora.models.loading import resolve_pretrained
 
     resolved = resolve_pretrained(ref)
-    return AutoModelForImageTextToText.from_pretrained(resolved).eval(), AutoProcessor.from_pretrained(resolved)
+    return (AutoModelForImageTextToText.from_pretrained(resolved).eval(), AutoProcessor.from_pretrained(resolved),
+            lambda n: None)
 
 
 def evaluate_models(models: dict[str, str], data: CaptionSet, out_dir: str | Path, split: str = "test",
@@ -188,15 +204,19 @@ def evaluate_models(models: dict[str, str], data: CaptionSet, out_dir: str | Pat
                 "tokenization": "PTB (pycocoevalcap)"}
     report: dict[str, Any] = {"protocol": protocol, "models": {}}
     for name, ref in models.items():
-        model, processor = load_captioner(ref)
-        captions = generate_captions(model, processor, images, prompt, batch_size, max_new_tokens, num_beams)
+        model, processor, route = load_routed_captioner(ref)
+        routed = route(len(images))
+        captions = generate_captions(model, processor, images, prompt, batch_size, max_new_tokens, num_beams, routed)
         results = dict(zip(data.image_ids, captions))
         scores = score_captions(results, data.references) | mean_slot_accuracy(results, data.objects)
         (out / f"results_{name}.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in results.items()], indent=1) + "\n")
         with open(out / f"captions_{name}.jsonl", "w") as f:
-            for i, c in results.items():
-                f.write(json.dumps({"image_id": i, "file": str(data.files[i]), "caption": c, "references": data.references[i]}) + "\n")
+            for k, (i, c) in enumerate(results.items()):
+                row = {"image_id": i, "file": str(data.files[i]), "caption": c, "references": data.references[i]}
+                f.write(json.dumps(row | ({"adapter": routed[k]} if routed else {})) + "\n")
         report["models"][name] = {"source": str(ref), "scores": scores}
+        if routed:
+            report["models"][name]["routing"] = "round robin over " + ", ".join(dict.fromkeys(routed))
         del model
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(report))

@@ -84,21 +84,28 @@ def load_clip_for_eval(ref: str | Path):
     """``(model, tokenizer)`` for a CLIP reference: a preset or open_clip folder, or a run (its adapters
     merged into its base, its full modules loaded) — fp32, eval mode, attention unfused for the dense
     modes."""
+    model, tokenizer, _ = load_clip_reference(ref)
+    return model, tokenizer
+
+
+def load_clip_reference(ref: str | Path):
+    """``(model, tokenizer, composed)``: a preset or folder (``composed`` None), a run, or a composition
+    of runs (``mmlora.compose``: a weighted merge, or mixed — one adapter per image, routed by the caller
+    through ``composed.route``). Single adapters are merged for speed; fp32, eval, attention unfused."""
+    from mmlora.compose import clip_tokenizer, load_reference
     from mmlora.models.clip import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
-    if (Path(ref) / "manifest.json").is_file() or (Path(ref) / "final" / "manifest.json").is_file():
-        from mmlora.export import load_run
-
-        model, _, recipe = load_run(ref)
-        if hasattr(model, "merge_and_unload"):
+    composed = load_reference(str(ref))
+    if composed is None:
+        model, _, tokenizer = load_clip(ref)
+    else:
+        model, tokenizer = composed.model, clip_tokenizer(composed.recipe)
+        if composed.adapters is None and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        _, _, tokenizer = load_clip(recipe.model.name)
-        return model.float().eval(), tokenizer
-    model, _, tokenizer = load_clip(ref)
     model = model.float().eval()
     unfuse_attention(model)
-    return model, tokenizer
+    return model, tokenizer, composed
 
 
 def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, split: str, modes: list[str],
@@ -114,32 +121,44 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
     folder = SegmentationFolder(data_root, split)
     classes = folder.classes
     template_list = TEMPLATES.get(templates, templates.split(";"))
+    n_images = min(len(folder), limit) if limit else len(folder)
     loaded = {}
     for name, ref in named.items():
-        model, tokenizer = load_clip_for_eval(ref)
-        size, mean, std = image_settings(model)
-        loaded[name] = (model, class_embeddings(model, tokenizer, classes, template_list), size, mean, std)
-    sizes = {v[2] for v in loaded.values()}
-    short_side = short_side or max(sizes)
+        model, tokenizer, composed = load_clip_reference(ref)
+        route = composed.route(n_images) if composed is not None else None
+        texts = {}
+        for adapter in dict.fromkeys(route or [None]):
+            if adapter is not None:
+                model.set_adapter(adapter)  # the text side switches; images are routed per sample below
+            texts[adapter] = class_embeddings(model, tokenizer, classes, template_list)
+        loaded[name] = (model, texts, route, *image_settings(model))
+    short_side = short_side or max(v[3] for v in loaded.values())
     protocol = {"models": {n: str(r) for n, r in named.items()}, "data": str(data_root), "split": split,
                 "classes": classes, "templates": templates, "short_side": short_side, "crop": crop, "stride": stride,
                 "bg_threshold": bg_threshold, "upsampling": "bilinear to the label size", "num_images": 0}
     rows = {(n, m): SegMetrics(len(classes)) for n in named for m in modes}
-    n_images = min(len(folder), limit) if limit else len(folder)
     from tqdm.auto import tqdm
+
+    from mmlora.compose import adapters_per_sample
 
     for i in tqdm(range(n_images), desc="eval seg", disable=n_images < 20):
         image, label = folder.load(i)
-        for name, (model, text, _, mean, std) in loaded.items():
+        for name, (model, texts, route, _, mean, std) in loaded.items():
             x = preprocess(image, short_side, mean, std)
+            adapter = route[i] if route else None
             for mode in modes:
-                logits = segment_logits(model, x, text, mode, crop, stride, out_size=label.shape)
+                with adapters_per_sample(model, [adapter] if adapter else None):
+                    logits = segment_logits(model, x, texts[adapter], mode, crop, stride, out_size=label.shape)
                 pred = logits.argmax(0)
                 if bg_threshold is not None and "background" in classes:
                     probs = (logits * 100).softmax(0)
                     pred[probs.max(0).values < bg_threshold] = classes.index("background")
                 rows[(name, mode)].update(pred, label)
     protocol["num_images"] = n_images
+    routed = {n: ", ".join(v[1]) for n, v in loaded.items() if v[2]}
+    if routed:
+        rr = {n: f"round robin over {a}" for n, a in routed.items()}
+        protocol["adapters"] = rr[""] if list(rr) == [""] else rr
     report: dict[str, Any] = {"protocol": protocol, "modes": {}}
     unseen = unseen or []
     for (name, mode), m in rows.items():

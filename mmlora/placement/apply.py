@@ -53,6 +53,7 @@ def apply_placement(model: nn.Module, plan: PlacementPlan, spec: PlacementSpec) 
             out.base_model.set_adapter([a.name for a in plan.adapters])
         out._mmlora_init_dirs = _keep_initial_state(out, plan)
     base = out.get_base_model() if plan.adapters else out
+    _apply_qalora(base, plan, spec)
     params = dict(base.named_parameters())
     missing = [p for p in plan.full_params if p not in params]
     if missing:
@@ -60,6 +61,17 @@ def apply_placement(model: nn.Module, plan: PlacementPlan, spec: PlacementSpec) 
     for name in plan.full_params:
         params[name].requires_grad_(True)
     return out
+
+
+def _apply_qalora(base: nn.Module, plan: PlacementPlan, spec: PlacementSpec) -> None:
+    """QA-LoRA modalities: mmlora's own layer (PEFT's QA-LoRA needs GPTQ checkpoints), applied after
+    PEFT so that PEFT never sees these layers."""
+    from mmlora.placement.qalora import apply_qalora
+
+    specs = dict(spec.items())
+    for m in plan.qalora:
+        s = specs[m.name]
+        apply_qalora(base, [(t.name, t.rank, t.alpha) for t in m.targets], m.group_size, s.dropout, s.rslora)
 
 
 def _keep_initial_state(peft_model: nn.Module, plan: PlacementPlan) -> dict[str, str]:

@@ -30,7 +30,7 @@ class AuditReport:
 def _must_be_live(name: str, both_factors_live: bool, adalora: bool) -> bool:
     if adalora:  # AdaLoRA starts its singular values E at zero: only E gets gradient at step 1
         return ".lora_E." in name
-    if ".lora_A." in name:
+    if ".lora_A." in name or ".qalora_A." in name:  # QA-LoRA's B starts at zero too
         return both_factors_live
     return ".lora_embedding_A." not in name  # lora_B, magnitudes, full parameters
 

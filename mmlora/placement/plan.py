@@ -46,9 +46,12 @@ class ModalityPlan:
     precision: str | None = None
     lr: float | None = None
     lr_multiplier: float | None = None
+    #: QA-LoRA's INT4 group size (mode qalora only).
+    group_size: int | None = None
 
     @property
     def variant(self) -> str | None:
+        """The PEFT variant (qalora is mmlora's own layer, outside PEFT's adapters)."""
         return self.mode if self.mode in ("lora", "dora") else None
 
 
@@ -73,6 +76,11 @@ class PlacementPlan:
     def full_params(self) -> list[str]:
         return [p for m in self.modalities.values() for p in m.full_params]
 
+    @property
+    def qalora(self) -> list[ModalityPlan]:
+        """Modalities placed with QA-LoRA (``mmlora.placement.qalora``)."""
+        return [m for m in self.modalities.values() if m.mode == "qalora"]
+
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,
@@ -80,7 +88,7 @@ class PlacementPlan:
                 n: {
                     "mode": m.mode, "precision": m.precision, "layers": m.layers, "n_layers": m.n_layers,
                     "total_params": m.total_params, "trainable_params": m.trainable_params,
-                    "lr": m.lr, "lr_multiplier": m.lr_multiplier,
+                    "lr": m.lr, "lr_multiplier": m.lr_multiplier, "group_size": m.group_size,
                     "modules": [asdict(t) for t in m.targets],
                     "full_params": m.full_params,
                 }
@@ -154,7 +162,8 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
 
     names = [n for n, _ in model.named_modules() if n]
     _check_patterns(where, spec, names, mmap, name)
-    targets = spec.targets or (["all-linear"] if spec.variant else None)
+    adapter = spec.mode in ("lora", "dora", "qalora")
+    targets = spec.targets or (["all-linear"] if adapter else None)
 
     def selected(module_name: str, module: nn.Module) -> bool:
         if mmap.modality_of(module_name) != name or not in_layers(module_name):
@@ -164,7 +173,7 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
             if t in TARGET_GROUPS_SET:
                 if is_linear(module) and module_name not in mmap.heads and matches_group(t, rel):
                     return True
-            elif (spec.variant is None or is_adaptable(module)) and (compile_pattern(t)(rel) or compile_pattern(t)(module_name)):
+            elif (not adapter or (is_linear(module) if spec.mode == "qalora" else is_adaptable(module))) and (compile_pattern(t)(rel) or compile_pattern(t)(module_name)):
                 return True
         return False
 
@@ -186,6 +195,15 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
             f"{where}: targets {targets} (layers {spec.layers}) match no module of {name}; "
             f"its linear layers are named: {', '.join(leaves[:20]) or 'none'}"
         )
+    if spec.mode == "qalora":
+        plan.group_size = spec.effective_group_size
+        plan.precision = f"int4 g{plan.group_size}"
+        for module_name, module in chosen:
+            if type(module) is not nn.Linear:
+                raise MmloraError(f"{where}: qalora quantizes plain linear layers; {module_name} is {type(module).__name__}")
+            if module.in_features % plan.group_size:
+                raise MmloraError(f"{where}.group_size: {module_name} has {module.in_features} input features, "
+                                  f"not a multiple of group_size {plan.group_size}")
     layer_positions = {layer: i for i, layer in enumerate(plan.layers or range(modality.n_layers))}
     for module_name, module in chosen:
         layer = modality.layer_of(module_name)
@@ -195,7 +213,11 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
         else:
             rank = spec.effective_rank
         alpha = spec.alpha if spec.alpha is not None else 2.0 * rank
-        plan.targets.append(ModuleTarget(module_name, layer, rank, alpha, _lora_params(module, rank, spec.mode == "dora")))
+        if spec.mode == "qalora":  # A reads the group means: [r, in / group_size]
+            params = rank * (module.in_features // plan.group_size + module.out_features)
+        else:
+            params = _lora_params(module, rank, spec.mode == "dora")
+        plan.targets.append(ModuleTarget(module_name, layer, rank, alpha, params))
     plan.trainable_params = sum(t.params for t in plan.targets)
     return plan
 

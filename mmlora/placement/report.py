@@ -50,6 +50,9 @@ def format_plan(plan: PlacementPlan, title: str = "") -> str:
         out.append(f"adapter {a.name!r}: {a.variant} on {', '.join(a.modalities)} "
                    f"({len(a.config['target_modules'])} modules, r={a.config['r']}, "
                    f"{len(a.config['rank_pattern'])} rank overrides)")
+    for m in plan.qalora:
+        out.append(f"qalora on {m.name}: {len(m.targets)} linear layers quantized to INT4 (group size {m.group_size}), "
+                   f"group-pooled adapters saved to qalora.safetensors; merge keeps them INT4")
     if plan.full_params:
         out.append(f"full: {len(plan.full_params)} tensors trained in place, saved to full_modules.safetensors")
     pct = f" ({100 * trainable / total:.2f}%)" if total else ""

@@ -4,12 +4,15 @@ Layout of the folder::
 
     adapters/<name>/adapter_config.json, adapter_model.safetensors   one standard PEFT folder each
     full_modules.safetensors                                         parameters trained in place
+    qalora.safetensors                                               QA-LoRA adapters (mmlora's own layer)
     manifest.json                                                    base model, adapters, modalities
 
 Reassembling in plain transformers + PEFT: load the base, ``load_state_dict`` the full modules
 (``strict=False``), ``PeftModel.from_pretrained(base, adapters/<first>)``, ``load_adapter`` the rest and
 activate them all (``model.base_model.set_adapter([...])``). PiSSA/OLoRA adapters are converted at
-save time into LoRA adapters (twice the rank) that apply to the *original* base weights.
+save time into LoRA adapters (twice the rank) that apply to the *original* base weights. QA-LoRA
+layers are mmlora's own, not PEFT's: ``mmlora.placement.qalora.load_qalora`` re-quantizes the base
+layers the manifest lists and loads their adapters.
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, b
             "modalities": [n for n, m in plan.modalities.items() if m.full_params],
             "tensors": len(plan.full_params),
         }
+    if plan.qalora:
+        from mmlora.placement.qalora import QALORA_FILE, save_qalora
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        manifest["qalora"] = {"path": QALORA_FILE, "modalities": [m.name for m in plan.qalora],
+                              "modules": save_qalora(base, out / QALORA_FILE)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -87,6 +96,10 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
             params = dict(base.named_parameters())
             for k, v in state.items():
                 params[k].copy_(v)
+    if manifest.get("qalora"):
+        from mmlora.placement.qalora import load_qalora
+
+        load_qalora(base, folder / manifest["qalora"]["path"], manifest["qalora"]["modules"])
     adapters = manifest["adapters"]
     if not adapters:
         return base

@@ -49,7 +49,7 @@ def param_groups(model: nn.Module, mmap: ModalityMap, placement: PlacementSpec, 
         if not p.requires_grad:
             continue
         modality = mmap.modality_of(_base_name(name)) or "other"
-        if ".lora_B." in name and train.lora_plus_ratio:
+        if (".lora_B." in name or ".qalora_B." in name) and train.lora_plus_ratio:
             kind = "lora_B"
         elif _no_decay(name, module_types):
             kind = "no_decay"

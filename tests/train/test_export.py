@@ -62,3 +62,21 @@ def test_adapter_export_and_cli(trained_run, tmp_path, capsys, shapes_small):
     answer = predict(model, processor, image, "Describe.", max_new_tokens=4)
     assert isinstance(answer, str)
     assert main(["predict", str(tmp_path / "nope"), "--image", str(image)]) == 2
+
+
+@pytest.mark.bnb
+def test_merged_qlora_requantized_to_int4(trained_run, tmp_path):
+    from mmlora.placement.int4 import Int4Linear, int4_layers, quantize_int4
+
+    result = export_run(trained_run, tmp_path / "int4", merge=True, int4_group_size=16)
+    assert result["requantized"] and result["int4_layers"] == 14  # the 4-bit language model's linear layers
+    int4, _, _ = load_run(tmp_path / "int4")
+    reference = load_run(trained_run, dequantize_base=True)[0].merge_and_unload()
+    name = next(iter(int4_layers(int4)))
+    codes, scales, zeros = quantize_int4(reference.get_submodule(name).weight, 16)
+    layer = int4.get_submodule(name)
+    assert isinstance(layer, Int4Linear) and torch.equal(layer.codes, codes)
+    assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+    assert not any(isinstance(m, Int4Linear) for n, m in int4.named_modules() if "vision_tower" in n)
+    with pytest.raises(MmloraError, match="add --merge"):
+        export_run(trained_run, tmp_path / "x", int4_group_size=16)

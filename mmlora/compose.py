@@ -1,0 +1,220 @@
+"""Several runs' adapters on one base: switching, weighted merges, and mixed-adapter batches.
+
+A model reference (``--model NAME=REF`` in ``mmlora eval caption|seg`` and ``mmlora predict``) may
+compose runs that adapted the same base::
+
+    RUN_A+RUN_B                       every run's adapter loaded once; samples routed round robin
+    RUN_A+RUN_B:mixed                 the same, said explicitly (one batch mixes adapters)
+    RUN_A+RUN_B:linear:0.5,0.5        a weighted merge into one new adapter (PEFT add_weighted_adapter)
+    RUN_A+RUN_B:ties:0.5,0.5:density=0.7     (also dare_linear, dare_ties, svd, cat, magnitude_prune, ...)
+
+Everything here is PEFT's: adapters load with ``load_adapter``, merges are ``add_weighted_adapter``
+and mixed batches are PEFT's ``adapter_names`` (one name per sample; ``__base__`` = no adapter).
+Composable runs hold exactly one PEFT LoRA adapter and nothing trained in place (full modules or
+QA-LoRA layers change the base, which the other adapters did not train against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from mmlora.errors import MmloraError
+
+BASE = "__base__"
+#: PEFT's ``add_weighted_adapter`` combination types.
+COMBINATIONS = ("linear", "svd", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+MERGED = "merged"
+
+
+@dataclass
+class Composition:
+    """A parsed composite reference: runs, how they combine, and the adapter name of each run."""
+
+    runs: list[Path]
+    method: str = "mixed"
+    weights: list[float] | None = None
+    options: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return adapter_names_for(self.runs)
+
+
+def adapter_names_for(runs: list[Path]) -> list[str]:
+    """Adapter names from run folder names (``runs/x/final`` → ``x``), made unique and PEFT-safe."""
+    names = []
+    for run in runs:
+        stem = run.parent.name if run.name == "final" else run.name
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "adapter"
+        while name in names or name in (BASE, MERGED):
+            name += "_"
+        names.append(name)
+    return names
+
+
+def parse_composition(ref: str) -> Composition | None:
+    """``REF[+REF...][:METHOD[:W1,W2,...][:key=value...]]`` → :class:`Composition`; None for a plain ref."""
+    head, *parts = ref.split(":")
+    if "+" not in head and not parts:
+        return None
+    runs = [Path(r) for r in head.split("+") if r]
+    method = parts[0] if parts else "mixed"
+    if method not in ("mixed", *COMBINATIONS):
+        raise MmloraError(f"{ref!r}: unknown combination {method!r}; use mixed or one of {', '.join(COMBINATIONS)}")
+    comp = Composition(runs, method)
+    for part in parts[1:]:
+        if "=" in part:
+            key, _, value = part.partition("=")
+            if key not in ("density", "svd_rank"):
+                raise MmloraError(f"{ref!r}: unknown option {key!r} (density, svd_rank)")
+            comp.options[key] = float(value)
+        else:
+            try:
+                comp.weights = [float(w) for w in part.split(",")]
+            except ValueError:
+                raise MmloraError(f"{ref!r}: weights {part!r} are not numbers (e.g. 0.5,0.5)") from None
+    if method != "mixed":
+        comp.weights = comp.weights or [1.0 / len(runs)] * len(runs)
+        if len(comp.weights) != len(runs):
+            raise MmloraError(f"{ref!r}: {len(comp.weights)} weights for {len(runs)} runs")
+    elif comp.weights or comp.options:
+        raise MmloraError(f"{ref!r}: mixed takes no weights or options")
+    if len(runs) < 2 and method == "mixed":
+        raise MmloraError(f"{ref!r}: compose at least two runs (RUN_A+RUN_B)")
+    return comp
+
+
+def _check_run(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if len(manifest["adapters"]) != 1:
+        raise MmloraError(f"{folder}: composition needs runs with exactly one PEFT adapter "
+                          f"(this one has {len(manifest['adapters'])})")
+    if manifest.get("full_modules") or manifest.get("qalora"):
+        raise MmloraError(f"{folder}: this run also changed the base (full modules or QA-LoRA layers); only "
+                          "adapter-only runs compose on one base")
+    return manifest
+
+
+def load_adapter_set(runs: list[Path], names: list[str] | None = None):
+    """The runs' common base (in the first run's precision) carrying each run's adapter under its name.
+
+    Returns ``(peft_model, processor, recipe)`` (processor None for CLIP); the first adapter is active."""
+    from peft import PeftModel
+
+    from mmlora.config.loading import load_recipe
+    from mmlora.export import run_folder
+    from mmlora.train.precision import load_for_training
+
+    folders = [run_folder(r) for r in runs]
+    names = names or adapter_names_for(runs)
+    manifests = [_check_run(f) for f in folders]
+    recipes = [load_recipe(f / "recipe.yaml") for f in folders]
+    bases = {m["base_model"] for m in manifests}
+    if len(bases) > 1:
+        raise MmloraError(f"these runs adapted different bases ({', '.join(sorted(bases))}); compose runs of one base")
+    precisions = {json.dumps({n: s.precision for n, s in r.placement.items()}, sort_keys=True) for r in recipes}
+    if len(precisions) > 1:
+        raise MmloraError("these runs trained their base in different precisions; compose runs of one precision")
+    base, _ = load_for_training(recipes[0].model, recipes[0].placement, recipes[0].train.quantization)
+    model = None
+    for folder, manifest, name in zip(folders, manifests, names):
+        path = folder / manifest["adapters"][0]["path"]
+        if model is None:
+            model = PeftModel.from_pretrained(base, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+    processor = None
+    if (folders[0] / "processor_config.json").is_file():
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(folders[0])
+    return model.eval(), processor, recipes[0]
+
+
+def weighted_merge(model, names: list[str], weights: list[float], method: str, options: dict | None = None,
+                   new_name: str = MERGED) -> str:
+    """PEFT ``add_weighted_adapter`` of ``names`` into ``new_name``, which becomes the active adapter."""
+    options = dict(options or {})
+    if "svd_rank" in options:
+        options["svd_rank"] = int(options["svd_rank"])
+    if method in ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                  "magnitude_prune", "magnitude_prune_svd"):
+        options.setdefault("density", 0.5)
+    try:
+        model.add_weighted_adapter(names, weights, new_name, combination_type=method, **options)
+    except (ValueError, TypeError) as err:
+        raise MmloraError(f"weighted merge ({method}) of {', '.join(names)}: {err}") from None
+    model.set_adapter(new_name)
+    return new_name
+
+
+@dataclass
+class Composed:
+    """A loaded composition: the model, its processor, and how to route samples."""
+
+    model: nn.Module
+    processor: object
+    recipe: object
+    #: Adapters samples are routed to (mixed); None when one adapter (or merge) serves every sample.
+    adapters: list[str] | None
+
+    def route(self, n: int) -> list[str] | None:
+        """Round-robin adapter names for ``n`` samples (None: no routing)."""
+        return None if self.adapters is None else [self.adapters[i % len(self.adapters)] for i in range(n)]
+
+
+def load_composition(comp: Composition) -> Composed:
+    model, processor, recipe = load_adapter_set(comp.runs, comp.names)
+    if comp.method == "mixed":
+        return Composed(model, processor, recipe, comp.names)
+    weighted_merge(model, comp.names, comp.weights, comp.method, comp.options)
+    return Composed(model, processor, recipe, None)
+
+
+@contextlib.contextmanager
+def adapters_per_sample(model, names: list[str] | None):
+    """Inside: every LoRA layer of PEFT ``model`` applies ``names[i]`` to row ``i`` of its input
+    (PEFT's mixed-batch forward), whatever function runs the model (e.g. dense CLIP features)."""
+    if names is None:
+        yield
+        return
+    if model.training:
+        raise MmloraError("mixed-adapter batches are for inference: call model.eval() first")
+    try:
+        with model.base_model._enable_peft_forward_hooks(adapter_names=list(names)):
+            yield
+    except ValueError as err:
+        if "non-existing adapter" in str(err):
+            raise MmloraError(str(err)) from None
+        raise
+
+
+def load_reference(ref: str) -> Composed | None:
+    """A composition or a run → :class:`Composed`; None for anything else (a base or an export,
+    which the caller loads as before)."""
+    comp = parse_composition(str(ref))
+    if comp is not None:
+        return load_composition(comp)
+    path = Path(ref)
+    if (path / "manifest.json").is_file() or (path / "final" / "manifest.json").is_file():
+        from mmlora.export import load_run
+
+        model, processor, recipe = load_run(path)
+        return Composed(model, processor, recipe, None)
+    return None
+
+
+def clip_tokenizer(recipe):
+    """The open_clip tokenizer of a CLIP run's base."""
+    import open_clip
+
+    from mmlora.models.loading import resolve_pretrained
+
+    return open_clip.get_tokenizer(f"local-dir:{resolve_pretrained(recipe.model.name, kind='clip')}")

@@ -1,0 +1,159 @@
+"""The HTTP API (FastAPI): captions or segmentation masks from one base with many adapters.
+
+    GET  /            the demo page (upload an image, pick an adapter, see the caption or overlay)
+    GET  /info        base, kind (caption | segment), adapters, loaded adapters, queue
+    POST /caption     multipart: image (file), adapter, prompt (optional)      → {"caption", ...}
+    POST /segment     multipart: image (file), adapter, classes ("a,b,c")      → {"mask_png", "overlay_png", ...}
+
+Every request names its adapter (``__base__`` = the base alone); requests are batched across adapters
+by :mod:`mmlora.serve.batcher`. Bad requests get a 4xx with a message and never reach the model:
+an unknown adapter (404), a missing field (422), an image that does not decode (400), too many bytes
+or pixels (413), the wrong task for this base (400). A full queue answers 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# At module level: FastAPI reads the routes' (string) annotations from this module's globals.
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import HTMLResponse
+
+from mmlora.compose import BASE
+from mmlora.serve.batcher import Batcher, QueueFull
+from mmlora.serve.engine import Engine, Item
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass
+class Limits:
+    max_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_classes: int = 32
+    max_prompt_chars: int = 500
+
+
+def _png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def overlay(image, mask, n_classes: int):
+    """``(mask PNG, overlay PNG)``: class colours, and the image blended with them where not class 0."""
+    import numpy as np
+    from PIL import Image
+
+    palette = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], dtype=np.uint8)
+    m = mask.numpy()
+    colours = palette[np.arange(max(n_classes, 1)) % len(palette)][m]
+    base = np.asarray(image, dtype=np.float32)
+    blend = np.where((m > 0)[..., None], 0.45 * base + 0.55 * colours, base).astype(np.uint8)
+    return Image.fromarray(colours), Image.fromarray(blend)
+
+
+def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait_ms: float = 10.0,
+               limits: Limits | None = None):
+    """The FastAPI application serving ``engine`` (its batcher starts and stops with the app)."""
+
+    limits = limits or Limits()
+    batcher = Batcher(engine, max_queue, max_batch, max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="mmlora serve", lifespan=lifespan)
+    app.state.batcher, app.state.engine = batcher, engine
+
+    def check_adapter(name: str) -> None:
+        if name != BASE and name not in engine.paths:
+            known = ", ".join([BASE, *engine.adapter_names])
+            raise HTTPException(404, f"unknown adapter {name!r}; this server has: {known}")
+
+    async def read_image(upload: UploadFile):
+        from PIL import Image
+
+        data = await upload.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise HTTPException(413, f"image is larger than {limits.max_bytes} bytes")
+        if not data:
+            raise HTTPException(400, "image is empty")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size  # read from the header: refuse a decompression bomb before decoding it
+                if w * h > limits.max_pixels:
+                    raise HTTPException(413, f"image is {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
+                img.load()
+                from mmlora.data.samples import to_rgb
+
+                return to_rgb(img)
+        except HTTPException:
+            raise
+        except Image.DecompressionBombError as err:
+            raise HTTPException(413, f"image refused: {err}") from None
+        except Exception as err:  # noqa: BLE001 — PIL raises many kinds for broken files
+            raise HTTPException(400, f"image could not be decoded ({type(err).__name__}: {err})") from None
+
+    async def answer(item: Item) -> dict:
+        if item.kind != engine.kind:
+            other = "/caption" if engine.kind == "caption" else "/segment"
+            raise HTTPException(400, f"this server's base ({engine.base_ref}) does {engine.kind}: use {other}")
+        start = time.perf_counter()
+        try:
+            future = batcher.submit(item)
+        except QueueFull as err:
+            raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
+        try:
+            result = await asyncio.wrap_future(future)
+        except Exception as err:  # noqa: BLE001 — the batch failed; this request gets a 500, the server lives
+            raise HTTPException(500, f"inference failed: {type(err).__name__}: {err}") from None
+        return result | {"adapter": item.adapter, "latency_ms": round(1000 * (time.perf_counter() - start), 2)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.read_text()
+
+    @app.get("/info")
+    async def info() -> dict:
+        return {"base": engine.base_ref, "kind": engine.kind, "mode": engine.mode,
+                "adapters": [BASE, *engine.adapter_names], "loaded": list(engine.loaded),
+                "max_loaded": engine.max_loaded, "queue": batcher.waiting, "max_queue": batcher.max_queue}
+
+    @app.post("/caption")
+    async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None)):
+        from mmlora.data.shapes import CAPTION_PROMPT
+
+        check_adapter(adapter)
+        if prompt is not None and len(prompt) > limits.max_prompt_chars:
+            raise HTTPException(400, f"prompt is longer than {limits.max_prompt_chars} characters")
+        item = Item("caption", adapter, await read_image(image), prompt=(prompt or "").strip() or CAPTION_PROMPT)
+        return await answer(item)
+
+    @app.post("/segment")
+    async def segment(image: UploadFile = File(...), adapter: str = Form(...), classes: str = Form(...)):
+        check_adapter(adapter)
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        if len(names) < 2:
+            raise HTTPException(400, "give at least two class names, comma-separated (e.g. background,circle)")
+        if len(names) > limits.max_classes:
+            raise HTTPException(400, f"{len(names)} classes; the limit is {limits.max_classes}")
+        img = await read_image(image)
+        result = await answer(Item("segment", adapter, img, classes=names))
+        mask = result.pop("mask")
+        mask_img, blend = overlay(img, mask, len(names))
+        fractions = {c: round(float((mask == k).float().mean()), 4) for k, c in enumerate(names)}
+        return result | {"mask_png": _png(mask_img), "overlay_png": _png(blend), "classes": names,
+                         "fractions": fractions, "size": list(img.size)}
+
+    return app

@@ -1,0 +1,173 @@
+"""Load test of ``mmlora serve`` on loopback: throughput and latency against the number of adapters, for
+mixed-adapter batches, adapter switching, and one merged model per adapter (S-LoRA's comparison, small).
+
+Run: python scripts/load_test.py [--base tiny-llava] [--adapters 1,8,64] [--modes mixed,switch,merged]
+                                 [--requests 96] [--clients 16] [--max-seconds 60] [--out evals/serve]
+
+For each number of adapters N it writes N adapter-only runs with seeded random LoRA weights on the base
+(non-zero, so each adapter gives different answers), then for each mode starts the real server
+(FastAPI + uvicorn) on 127.0.0.1, sends one warm-up request per adapter (so every mode starts with its
+adapters loaded), and then ``--requests`` caption requests from ``--clients`` concurrent clients, each
+naming an adapter drawn uniformly at random (seeded). Bounded: at most ``--requests`` requests and
+``--max-seconds`` per cell; only loopback is ever contacted. Writes ``load_test.md`` and ``load_test.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def make_adapters(base: str, n: int, out: Path, rank: int = 4) -> dict[str, Path]:
+    """``n`` adapter-only runs on ``base`` (LoRA on the language model), seeded random weights."""
+    import torch
+
+    from mmlora.config.schema import ModelSpec, PlacementSpec
+    from mmlora.models.build import load_model
+    from mmlora.models.modality import discover_modalities
+    from mmlora.placement.apply import apply_placement
+    from mmlora.placement.plan import plan_placement
+    from mmlora.placement.save import save_placement
+
+    spec = PlacementSpec.model_validate({"language": {"mode": "lora", "rank": rank}})
+    model = load_model(ModelSpec(name=base))
+    plan = plan_placement(model, discover_modalities(model), spec)
+    placed = apply_placement(model, plan, spec)
+    runs = {}
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in placed.named_parameters():
+                if ".lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        runs[f"a{i}"] = save_placement(placed, plan, out / f"a{i}" / "final", base).parent
+    return runs
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients: int, max_seconds: float,
+             max_new_tokens: int, max_batch: int, seed: int = 0) -> dict:
+    """One (adapters, mode) cell: a fresh server, warm-up, then the timed requests."""
+    import httpx
+    from PIL import Image
+
+    from mmlora.serve.app import create_app
+    from mmlora.serve.engine import Engine
+    from mmlora.serve.local import on_loopback
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+    png = buf.getvalue()
+    engine = Engine(base, runs, mode=mode, max_loaded=len(runs), max_new_tokens=max_new_tokens)
+    app = create_app(engine, max_queue=max(64, 2 * clients), max_batch=max_batch, max_wait_ms=5)
+    rng = random.Random(seed)
+    plan = [rng.choice(list(runs)) for _ in range(requests)]
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    with on_loopback(app) as url, httpx.Client(base_url=url, timeout=max_seconds) as http:
+        for name in runs:  # warm-up: every adapter loaded once, outside the measurement
+            http.post("/caption", data={"adapter": name}, files={"image": ("x.png", png, "image/png")}).raise_for_status()
+        batcher = app.state.batcher
+        batcher.batch_sizes.clear()
+        loads_before = engine.loads
+        deadline = time.monotonic() + max_seconds
+        queue = list(enumerate(plan))
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=max_seconds) as c:
+                while time.monotonic() < deadline:
+                    with lock:
+                        if not queue:
+                            return
+                        _, adapter = queue.pop()
+                    t0 = time.perf_counter()
+                    r = c.post("/caption", data={"adapter": adapter}, files={"image": ("x.png", png, "image/png")})
+                    with lock:
+                        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                        if r.status_code == 200:
+                            latencies.append(1000 * (time.perf_counter() - t0))
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        sizes = list(batcher.batch_sizes)
+    ok = len(latencies)
+    return {"adapters": len(runs), "mode": mode, "requests": ok, "statuses": statuses, "seconds": wall,
+            "throughput": ok / wall if wall else 0.0,
+            "p50_ms": _percentile(latencies, 50) if ok else None, "p90_ms": _percentile(latencies, 90) if ok else None,
+            "p99_ms": _percentile(latencies, 99) if ok else None,
+            "mean_batch": statistics.mean(sizes) if sizes else 0.0, "adapter_loads": engine.loads - loads_before,
+            "models_in_memory": 1 + len(runs) if mode == "merged" else 1}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| adapters | mode | requests | req/s | p50 ms | p90 ms | p99 ms | mean batch | full models in memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
+        lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {fmt(r['p50_ms'])} | "
+                     f"{fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | {r['models_in_memory']} |")
+    return "\n".join(lines) + "\n"
+
+
+def note(args: argparse.Namespace) -> str:
+    return (f"\n({args.base}; per row up to {args.requests} caption requests, clients stop sending after "
+            f"{args.max_seconds:g} s; {args.clients} concurrent clients on loopback, adapters drawn uniformly, batches "
+            f"of up to {args.max_batch}, {args.max_new_tokens} new tokens, every adapter loaded before timing; "
+            f"'full models in memory': the base, plus one merged copy per adapter in merged mode.)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="tiny-llava")
+    p.add_argument("--adapters", default="1,8,64")
+    p.add_argument("--modes", default="mixed,switch,merged")
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="time limit per cell")
+    p.add_argument("--out", default=None, help="folder for load_test.md / .json (default: print only)")
+    args = p.parse_args(argv)
+    counts = [int(n) for n in args.adapters.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mmlora-load-") as tmp:
+        all_runs = make_adapters(args.base, max(counts), Path(tmp))
+        for n in counts:
+            runs = dict(list(all_runs.items())[:n])
+            for mode in modes:
+                row = run_cell(args.base, runs, mode, args.requests, args.clients, args.max_seconds,
+                               args.max_new_tokens, args.max_batch)
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+    text = table(rows) + note(args)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "load_test.md").write_text(text)
+        (out / "load_test.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

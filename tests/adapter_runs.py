@@ -1,0 +1,45 @@
+"""Adapter-only runs made without training, for composition and serving tests: a tiny base, one
+PEFT LoRA adapter with random non-zero weights (so each run really changes the outputs), saved in the
+run layout that ``mmlora train`` writes (``final/``: adapters, manifest, recipe, processor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LLAVA_PLACEMENT = {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0], "rank": 4},
+                   "language": {"mode": "lora", "rank": 4}}
+CLIP_PLACEMENT = {"vision": {"mode": "lora", "targets": ["q", "v"], "rank": 4},
+                  "text": {"mode": "lora", "targets": ["q", "v"], "rank": 4}}
+
+
+def make_run(out: Path, preset: str, placement: dict, seed: int, scale: float = 0.3) -> Path:
+    """Write a run folder at ``out`` whose adapter has seeded random A and B; returns ``out``."""
+    from mmlora.config.loading import recipe_to_yaml
+    from mmlora.config.schema import Recipe
+    from mmlora.models.build import load_model
+    from mmlora.models.modality import discover_modalities
+    from mmlora.placement.apply import apply_placement
+    from mmlora.placement.plan import plan_placement
+    from mmlora.placement.save import save_placement
+
+    recipe = Recipe.model_validate({"model": {"name": preset}, "placement": placement})
+    model = load_model(recipe.model)
+    plan = plan_placement(model, discover_modalities(model), recipe.placement)
+    placed = apply_placement(model, plan, recipe.placement)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in placed.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    final = out / "final"
+    save_placement(placed, plan, final, preset)
+    (final / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    if preset.endswith("llava"):
+        from transformers import AutoProcessor
+
+        from mmlora.models.presets import preset_path
+
+        AutoProcessor.from_pretrained(preset_path(preset)).save_pretrained(final)
+    return out

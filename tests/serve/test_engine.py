@@ -1,0 +1,84 @@
+"""The serving engine: lazy LRU adapters, and mixed / switch / merged batches that all give each
+sample its own adapter's answer (checked against the adapter run alone with plain PEFT)."""
+
+import pytest
+import torch
+
+from mmlora.errors import MmloraError
+from mmlora.serve.engine import Engine, Item
+from tests.adapter_runs import CLIP_PLACEMENT, LLAVA_PLACEMENT, make_run
+
+
+@pytest.fixture(scope="module")
+def llava_runs(tmp_path_factory, tiny_llava_dir):
+    tmp = tmp_path_factory.mktemp("serve-llava")
+    return {n: make_run(tmp / n, "tiny-llava", LLAVA_PLACEMENT, s) for n, s in (("red", 1), ("blue", 2))}
+
+
+@pytest.fixture(scope="module")
+def images(shapes_small):
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in sorted((shapes_small / "world_B/images/test").glob("*.png"))[:3]]
+
+
+def _alone(run, image) -> str:
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmlora.eval.caption import generate_captions
+    from mmlora.models.presets import preset_path
+
+    base = LlavaForConditionalGeneration.from_pretrained(preset_path("tiny-llava"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run / "final/adapters/default").eval()
+    return generate_captions(model, AutoProcessor.from_pretrained(preset_path("tiny-llava")), [image], max_new_tokens=5)[0]
+
+
+def test_every_mode_answers_each_sample_with_its_adapter(llava_runs, images):
+    from mmlora.data.shapes import CAPTION_PROMPT
+
+    expected = [_alone(llava_runs["red"], images[0]), _alone(llava_runs["blue"], images[1])]
+    items = [Item("caption", "red", images[0], CAPTION_PROMPT), Item("caption", "blue", images[1], CAPTION_PROMPT),
+             Item("caption", "__base__", images[2], CAPTION_PROMPT)]
+    engine = Engine("tiny-llava", llava_runs, mode="mixed", max_loaded=2, max_new_tokens=5)
+    mixed = [r["caption"] for r in engine.run(items)]
+    assert mixed[:2] == expected
+    for mode in ("switch", "merged"):
+        engine = Engine("tiny-llava", llava_runs, mode=mode, max_loaded=1, max_new_tokens=5)
+        assert engine.batch_key(items[0]) != engine.batch_key(items[1])  # one adapter per batch
+        assert [engine.run([item])[0]["caption"] for item in items] == mixed
+        assert list(engine.loaded) == ["blue"] and engine.loads == 2  # lazily loaded, red evicted
+
+
+def test_lru_keeps_at_most_max_loaded(llava_runs, images):
+    engine = Engine("tiny-llava", llava_runs, mode="mixed", max_loaded=1, max_new_tokens=2)
+    assert engine.loaded == {} and engine.peft is None
+    engine.run([Item("caption", "red", images[0], "Describe.")])
+    engine.run([Item("caption", "blue", images[0], "Describe.")])
+    assert list(engine.loaded) == ["blue"] and set(engine.peft.peft_config) == {"blue"}
+    engine.run([Item("caption", "red", images[0], "Describe.")])
+    assert engine.loads == 3
+    with pytest.raises(MmloraError, match="at most 1 may be loaded"):
+        engine.run([Item("caption", "red", images[0], "x"), Item("caption", "blue", images[0], "x")])
+    with pytest.raises(MmloraError, match="does caption, not segment"):
+        engine.run([Item("segment", "red", images[0], classes=["a", "b"])])
+
+
+def test_engine_refuses_runs_it_cannot_serve(llava_runs, tmp_path):
+    with pytest.raises(MmloraError, match="not the served base"):
+        Engine("tiny-clip", {"red": llava_runs["red"]})
+    with pytest.raises(MmloraError, match="use letters"):
+        Engine("tiny-llava", {"a b": llava_runs["red"]})
+    with pytest.raises(MmloraError, match="not a run"):
+        Engine("tiny-llava", {"x": tmp_path})
+
+
+def test_segment_mixed_batch_equals_each_adapter_alone(tmp_path, images, tiny_clip_dir):
+    runs = {n: make_run(tmp_path / n, "tiny-clip", CLIP_PLACEMENT, s) for n, s in (("c1", 3), ("c2", 4))}
+    classes = ["background", "circle", "square"]
+    items = [Item("segment", "c1", images[0], classes=classes), Item("segment", "c2", images[1], classes=classes)]
+    mixed = Engine("tiny-clip", runs, mode="mixed", max_loaded=2).run(items)
+    merged = Engine("tiny-clip", runs, mode="merged", max_loaded=2)
+    for item, out in zip(items, mixed):
+        assert out["mask"].shape == (128, 128) and out["mask"].dtype == torch.uint8
+        assert torch.equal(merged.run([item])[0]["mask"], out["mask"])
