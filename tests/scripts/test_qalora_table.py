@@ -17,5 +17,5 @@ def test_qalora_table_on_one_step(tmp_path, shapes_small):
     assert script.main(["--data", str(shapes_small), "--runs", str(tmp_path / "runs"), "--exports",
                         str(tmp_path / "exports"), "--out", str(tmp_path / "out"), "--steps", "1", "--limit", "2"]) == 0
     table = (tmp_path / "out" / "qalora_table.md").read_text()
-    assert table.count("\n| ") == 7 and "QA-LoRA merged (INT4 g16)" in table
+    assert table.count("\n| ") == 6 and "QA-LoRA merged (INT4 g16)" in table
     assert (tmp_path / "exports" / "qalora-merged-int4" / "model_int4.safetensors").is_file()
