@@ -1,0 +1,119 @@
+"""Medians over repeated runs, ratios mmlora / reference, and the markdown report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from datetime import date
+
+from train_bench.shapes import BenchShape
+
+ARM_NAMES = {"reference": "HF Trainer + PEFT", "mmlora": "mmlora"}
+
+
+def run_metrics(run: dict) -> dict[str, float]:
+    """Throughput over the steps after the first (warm-up), and the memory peak, of one run."""
+    ends = run["step_ends"]
+    span = ends[-1] - ends[0]
+    steps = len(ends) - 1
+    return {
+        "samples_per_s": sum(run["samples"][1:]) / span,
+        "tokens_per_s": sum(run["tokens"][1:]) / span,
+        "step_s": span / steps,
+        "peak_mib": run["peak_bytes"] / 2**20,
+        "first_loss": run["losses"][0] if run["losses"] else float("nan"),
+        "last_loss": run["losses"][-1] if run["losses"] else float("nan"),
+    }
+
+
+def _median(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def breakdown_ms(run: dict) -> dict[str, float]:
+    """Milliseconds per step by component (steps after the first); ``other`` is the rest of the step."""
+    steps = len(run["step_ends"]) - 1
+    step_ms = 1000 * (run["step_ends"][-1] - run["step_ends"][0]) / steps
+    parts = {k: 1000 * v / steps for k, v in run["breakdown"].items()}
+    order = ["vision", "projector", "language_layers", "head_loss", "optimizer", "data"]
+    out = {k: parts.get(k, 0.0) for k in order}
+    out["other"] = step_ms - sum(out.values())
+    out["step"] = step_ms
+    return out
+
+
+def machine(threads: int) -> str:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}), {threads} torch thread{'s' if threads > 1 else ''} per run"
+
+
+def summarize(shape: BenchShape, runs: dict[str, list[dict]], profiles: dict[str, dict], precision: str,
+              threads: int, wall_s: float) -> dict:
+    arms: dict[str, dict] = {}
+    for key, rs in runs.items():
+        metrics = [run_metrics(r) for r in rs]
+        arms[key] = {"median": _median(metrics), "runs": metrics, "trainable": rs[0]["trainable"],
+                     "tokens_per_pass": sum(rs[0]["tokens"]), "samples_per_pass": sum(rs[0]["samples"])}
+    ratios = {}
+    for variant in sorted({k.split("/")[1] for k in runs}):
+        a, b = arms.get(f"reference/{variant}"), arms.get(f"mmlora/{variant}")
+        if a and b:
+            ma, mb = a["median"], b["median"]
+            ratios[variant] = {"samples_per_s": mb["samples_per_s"] / ma["samples_per_s"],
+                               "tokens_per_s": mb["tokens_per_s"] / ma["tokens_per_s"],
+                               "peak_memory": mb["peak_mib"] / ma["peak_mib"] if ma["peak_mib"] > 0 else float("nan"),
+                               "first_loss_rel_diff": abs(mb["first_loss"] - ma["first_loss"]) / abs(ma["first_loss"])}
+    dora = {}
+    for arm in ARM_NAMES:
+        for plain, var in (("lora", "dora"), ("qlora", "qdora")):
+            if f"{arm}/{plain}" in arms and f"{arm}/{var}" in arms:
+                dora[f"{arm}/{var}"] = arms[f"{arm}/{var}"]["median"]["step_s"] / arms[f"{arm}/{plain}"]["median"]["step_s"]
+    return {
+        "preset": shape.name, "about": shape.about, "shape": shape.to_dict(), "precision": precision,
+        "date": date.today().isoformat(), "machine": machine(threads), "load_average": os.getloadavg(), "wall_s": wall_s, "arms": arms, "ratios": ratios,
+        "dora_over_lora_step_time": dora,
+        "breakdown_ms": {arm: breakdown_ms(run) for arm, run in profiles.items()},
+    }
+
+
+def to_markdown(report: dict) -> str:
+    s = report["shape"]
+    lines = [
+        f"### {report['preset']}: {report['about']}",
+        "",
+        f"{report['date']}, {report['machine']}, {report['precision']}; batch {s['batch_size']}, "
+        f"{s['steps']} steps (one pass), gradient checkpointing, SDPA; medians of "
+        f"{len(next(iter(report['arms'].values()))['runs'])} runs per arm; benchmark wall time {report['wall_s']:.0f} s.",
+        "",
+        "| arm | variant | samples/s | tokens/s | step (ms) | peak memory above baseline (MiB) | trainable | loss step 1 → last |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, a in report["arms"].items():
+        arm, variant = key.split("/")
+        m = a["median"]
+        lines.append(f"| {ARM_NAMES[arm]} | {variant} | {m['samples_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
+                     f"{1000 * m['step_s']:.0f} | {m['peak_mib']:.0f} | {a['trainable']:,} | "
+                     f"{m['first_loss']:.4f} → {m['last_loss']:.4f} |")
+    lines += ["", "| ratio mmlora / reference | samples/s | tokens/s | peak memory | loss step 1 rel. diff |",
+              "|---|---|---|---|---|"]
+    for variant, r in report["ratios"].items():
+        lines.append(f"| {variant} | **{r['samples_per_s']:.2f}x** | {r['tokens_per_s']:.2f}x | **{r['peak_memory']:.2f}x** | "
+                     f"{r['first_loss_rel_diff']:.1e} |")
+    if report["dora_over_lora_step_time"]:
+        lines += ["", "| DoRA step time / LoRA step time | ratio |", "|---|---|"]
+        for key, v in report["dora_over_lora_step_time"].items():
+            arm, variant = key.split("/")
+            lines.append(f"| {ARM_NAMES[arm]} ({variant}) | {v:.2f}x |")
+    if report["breakdown_ms"]:
+        comps = list(next(iter(report["breakdown_ms"].values())))
+        lines += ["", "| ms per step (profiled pass) | " + " | ".join(c.replace("_", " ") for c in comps) + " |",
+                  "|---|" + "---|" * len(comps)]
+        for arm, b in report["breakdown_ms"].items():
+            lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(f"{b[c]:.0f}" for c in comps) + " |")
+    return "\n".join(lines) + "\n"
