@@ -29,9 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_bench.report import summarize, to_markdown  # noqa: E402
-from train_bench.shapes import SHAPES, build_model_folder  # noqa: E402
+from train_bench.shapes import SHAPES, build_model_folder, model_params  # noqa: E402
 
-PRELOAD = ["torch", "transformers", "peft", "accelerate", "train_bench.arms"]
+# Imported once by the fork server, so that each run starts without paying for them.
+PRELOAD = ["torch", "transformers", "peft", "accelerate", "transformers.models.llava.modeling_llava",
+           "transformers.trainer", "mmlora.train.loop", "mmlora.placement.apply", "mmlora.data.build", "train_bench.arms"]
 
 
 def prepare_data(n: int, out: Path) -> tuple[Path, Path]:
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads per run (default 1: on a shared machine two OpenMP threads stall whenever one "
                         "is descheduled)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-component breakdown pass")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (bf16 dense) for MFU")
     p.add_argument("--out", type=Path, default=None, help="write report.md and report.json here")
     args = p.parse_args(argv)
 
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 profiles[arm] = run(ctx, base_job | {"arm": arm, "variant": variants[0], "profile": True}, work,
                                     f"{arm}-profile")
         report = summarize(shape, runs, profiles, precision=precision, threads=args.threads,
-                           wall_s=time.perf_counter() - started)
+                           wall_s=time.perf_counter() - started, params=model_params(model_dir),
+                           peak_tflops=args.peak_tflops)
     md = to_markdown(report)
     print(md)
     if args.out:

@@ -2,8 +2,8 @@
 
 * ``reference``: HF ``transformers.Trainer`` + PEFT, the standard LLaVA LoRA setup — LoRA on every
   linear layer of the language model, the projector fully trainable, the vision tower frozen — with
-  SDPA attention, non-reentrant gradient checkpointing and the same precision; QLoRA/QDoRA follow
-  PEFT's recipe (``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training``).
+  SDPA attention, non-reentrant gradient checkpointing and the same precision; QLoRA/QDoRA quantize
+  the language model to 4-bit NF4 through ``BitsAndBytesConfig`` (as mmlora's recipe does).
 * ``mmlora``: ``mmlora.train.loop.Trainer`` on an equivalent recipe, written as YAML to the job's folder.
 
 Both read the same LLaVA JSON through mmlora's encoder (so tokens and answer-only labels are
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from train_bench.measure import Breakdown, MemoryMeter, now
+from train_bench.measure import Breakdown, MemoryMeter, cpu_seconds, now, touch_weights
 
 LANGUAGE_LINEAR = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -52,6 +52,7 @@ class Result:
     arm: str
     variant: str
     step_ends: list[float] = field(default_factory=list)
+    step_cpu: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
@@ -98,7 +99,7 @@ class _Ordered(torch.utils.data.Dataset):
 
 
 def run_reference(job: Job, result: Result) -> None:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import (AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration, Trainer,
                               TrainerCallback, TrainingArguments)
     from transformers.trainer_callback import PrinterCallback
@@ -113,12 +114,12 @@ def run_reference(job: Job, result: Result) -> None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     model = LlavaForConditionalGeneration.from_pretrained(job.model_dir, **kwargs)
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    # PEFT's prepare_model_for_kbit_training is not used for QLoRA: it upcasts every weight that is not
+    # quantized (vision tower, projector, embeddings, head) to fp32, which would slow the reference
+    # down for reasons that have nothing to do with the trainer; both arms keep them in one precision.
     lora = LoraConfig(r=job.rank, lora_alpha=2 * job.rank, lora_dropout=job.dropout, target_modules=LANGUAGE_LINEAR,
                       use_dora=job.variant.endswith("dora"), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -151,6 +152,7 @@ def run_reference(job: Job, result: Result) -> None:
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             result.step_ends.append(now(dev))
+            result.step_cpu.append(cpu_seconds())
             if len(result.step_ends) == n_steps:
                 result.peak_bytes = meter.peak()
             if len(result.step_ends) == 1 and breakdown is not None:
@@ -177,6 +179,7 @@ def run_reference(job: Job, result: Result) -> None:
         backward, clip = acc.backward, acc.clip_grad_norm_
         acc.backward = lambda loss, **kw: breakdown.backward(lambda: backward(loss, **kw))
         acc.clip_grad_norm_ = breakdown.timed("optimizer", clip)
+    touch_weights(model)
     meter.start()
     result.baseline_bytes = meter.baseline
     trainer.train()
@@ -189,9 +192,16 @@ def run_reference(job: Job, result: Result) -> None:
 
 
 def mmlora_recipe(job: Job) -> dict[str, Any]:
+    """The equivalent mmlora recipe: frozen vision, full projector, LoRA/DoRA on the LM's linear layers;
+    under bf16 (on a GPU) every modality is loaded in bf16, as the reference loads the model."""
     mode = "dora" if job.variant.endswith("dora") else "lora"
     language: dict[str, Any] = {"mode": mode, "targets": "all-linear", "rank": job.rank, "alpha": 2.0 * job.rank,
                                 "dropout": job.dropout}
+    vision: dict[str, Any] = {"mode": "frozen"}
+    projector: dict[str, Any] = {"mode": "full"}
+    if job.precision == "bf16" and device().type == "cuda":
+        for spec in (vision, projector, language):
+            spec["precision"] = "bf16"
     if job.variant.startswith("q"):
         language["precision"] = "4bit"
     train: dict[str, Any] = {
@@ -204,7 +214,7 @@ def mmlora_recipe(job: Job) -> dict[str, Any]:
     train |= job.train_overrides
     return {
         "model": {"name": job.model_dir},
-        "placement": {"vision": {"mode": "frozen"}, "projector": {"mode": "full"}, "language": language},
+        "placement": {"vision": vision, "projector": projector, "language": language},
         "data": {"train": [{"format": "llava", "path": job.data_json, "images": job.image_root}],
                  "max_length": job.max_length},
         "train": train,
@@ -241,6 +251,7 @@ def run_mmlora(job: Job, result: Result) -> None:
     def timed_step(indices):
         loss, tokens = step(indices)
         result.step_ends.append(now(dev))
+        result.step_cpu.append(cpu_seconds())
         result.losses.append(loss)
         result.samples.append(len(indices))
         if len(result.step_ends) == n_steps:
@@ -261,6 +272,7 @@ def run_mmlora(job: Job, result: Result) -> None:
         acc.backward = lambda loss, **kw: breakdown.backward(lambda: backward(loss, **kw))
         acc.clip_grad_norm_ = breakdown.timed("optimizer", clip)
         trainer.optimizer.step = breakdown.timed("optimizer", trainer.optimizer.step)
+    touch_weights(model)
     meter.start()
     result.baseline_bytes = meter.baseline
     trainer.train()

@@ -27,6 +27,15 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def touch_weights(model: nn.Module) -> None:
+    """Read every parameter and buffer once: safetensors weights are memory-mapped, and without this
+    the first forward pass would page the whole model in and count it as training memory."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type == "cpu" and t.numel():
+                t.detach().reshape(-1)[:: max(1, 4096 // t.element_size())].sum()
+
+
 class MemoryMeter:
     """``start()`` after loading, ``peak()`` at the end of training: bytes above the baseline."""
 
@@ -58,6 +67,12 @@ def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads): on a shared machine a steadier measure of the work
+    done than wall time, which also counts the time other processes hold the cores."""
+    return time.process_time()
 
 
 class Breakdown:

@@ -107,11 +107,23 @@ def build_model_folder(shape: BenchShape, out: Path, seed: int = 0, dtype: str =
     return out
 
 
-def flops_per_token(shape: BenchShape) -> dict[str, float]:
-    """Forward FLOPs per token (2 x multiply-adds of the linear layers) by component, for the report."""
-    h, i, v = shape.lm_width, shape.lm_intermediate, shape.vocab or 0
-    kv = h * shape.lm_kv_heads // shape.lm_heads
-    layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * i)
-    vw = shape.vision_width
-    return {"language_layers": shape.lm_layers * layer, "head": 2 * h * v,
-            "vision_per_image_token": shape.vision_layers * 2 * (4 * vw * vw + 2 * vw * shape.vision_intermediate)}
+def model_params(model_dir: Path) -> dict[str, int]:
+    """Parameter counts by component, from the saved config (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
+    lm = model.model.language_model
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    return {"vision": count(model.model.vision_tower), "projector": count(model.model.multi_modal_projector),
+            "language_layers": count(lm) - lm.embed_tokens.weight.numel(), "head": model.lm_head.weight.numel()}
+
+
+def model_flops_per_sample(params: dict[str, int], tokens_per_sample: float, image_tokens: int) -> float:
+    """Model FLOPs of one training sample of a frozen-base LoRA step (no recomputation counted):
+    4 x parameters x tokens for the language model and head (forward, and backward to the inputs;
+    the adapters' own weight gradients are negligible), 6 x parameters x image tokens for the trained
+    projector, 2 x parameters x patches for the frozen vision tower's forward (with its CLS token)."""
+    return (4 * (params["language_layers"] + params["head"]) * tokens_per_sample
+            + 6 * params["projector"] * image_tokens + 2 * params["vision"] * (image_tokens + 1))
