@@ -33,15 +33,21 @@ def run_frozen_without_grad(model: nn.Module, mmap: ModalityMap) -> list[str]:
     done = []
     for name in INPUT_MODALITIES:
         modality = mmap.modalities.get(name)
-        for root in modality.roots if modality else []:
-            if not root:
-                continue
-            module = base.get_submodule(root)
-            if any(p.requires_grad for p in module.parameters()):
-                continue
-            module.forward = torch.no_grad()(module.forward)
-            done.append(root)
+        # a root may be a module or a parameter (open_clip's text tower: token_embedding, positional_embedding, ...)
+        roots = {root: _get(base, root) for root in (modality.roots if modality else []) if root}
+        params = [p for obj in roots.values() for p in (obj.parameters() if isinstance(obj, nn.Module) else [obj])]
+        if not roots or any(p.requires_grad for p in params):
+            continue
+        for root, obj in roots.items():
+            if isinstance(obj, nn.Module):
+                obj.forward = torch.no_grad()(obj.forward)
+                done.append(root)
     return done
+
+
+def _get(base: nn.Module, name: str) -> nn.Module | torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(base.get_submodule(owner) if owner else base, attr)
 
 
 def apply_speedups(model: nn.Module, mmap: ModalityMap, train: TrainSpec, objective: Any) -> dict[str, Any]:

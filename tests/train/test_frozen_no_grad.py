@@ -8,7 +8,7 @@ import torch
 from mmlora.placement.apply import enable_gradient_checkpointing
 from mmlora.train.objectives import supervised_loss_sum
 from mmlora.train.speed import run_frozen_without_grad
-from tests.placement.conftest import llava_batch
+from tests.placement.conftest import llava_batch, tiny_clip  # noqa: F401 (fixture)
 from tests.train.speed_helpers import assert_same_grads, grads_of, placed_llava
 
 FROZEN_VISION = {"vision": {"mode": "frozen"}, "projector": {"mode": "full"}, "language": {"mode": "lora", "rank": 4}}
@@ -52,3 +52,28 @@ def test_towers_with_trainable_parameters_and_downstream_models_keep_autograd():
     tower = model.get_base_model().model.vision_tower
     assert not tower(torch.randn(1, 3, 32, 32)).last_hidden_state.requires_grad
     assert torch.is_grad_enabled()  # restored after the tower's forward
+
+
+def test_frozen_clip_text_tower_same_gradients(tiny_clip, shapes_small):
+    """open_clip's text tower is several roots (embeddings are parameters, not modules): its module
+    roots run without autograd when none of them trains, and the vision LoRA gets the same gradient."""
+    from mmlora.config.schema import PlacementSpec
+    from mmlora.models.modality import discover_modalities
+    from mmlora.placement.apply import apply_placement
+    from mmlora.placement.plan import plan_placement
+    from tests.placement.conftest import clip_batch, clip_loss
+
+    model, preprocess, tokenizer = tiny_clip
+    spec = PlacementSpec.model_validate({"vision": {"mode": "lora", "targets": ["q", "v"], "rank": 2},
+                                         "text": {"mode": "frozen"}})
+    mmap = discover_modalities(model)
+    model = apply_placement(model, plan_placement(model, mmap, spec), spec).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.add_(0.1)
+    batch = clip_batch(preprocess, tokenizer, shapes_small)
+    plain = grads_of(model, clip_loss(model, batch))
+    wrapped = run_frozen_without_grad(model, mmap)
+    assert wrapped and all(not r.startswith("visual") for r in wrapped)
+    assert_same_grads(grads_of(model, clip_loss(model, batch)), plain, rtol=1e-5, atol=1e-7)
