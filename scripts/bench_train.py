@@ -36,7 +36,7 @@ PRELOAD = ["torch", "transformers", "peft", "accelerate", "transformers.models.l
            "transformers.trainer", "mmlora.train.loop", "mmlora.placement.apply", "mmlora.data.build", "train_bench.arms"]
 
 
-def prepare_data(n: int, out: Path) -> tuple[Path, Path]:
+def prepare_data(n: int, out: Path, name: str = "train.json") -> tuple[Path, Path]:
     """The first ``n`` world-A training captions as a LLaVA JSON in ``out``; returns (json, image root)."""
     from mmlora.data.shapes import cached_worlds
 
@@ -45,7 +45,7 @@ def prepare_data(n: int, out: Path) -> tuple[Path, Path]:
     records = json.loads((world / "llava_train.json").read_text())
     if len(records) < n:
         raise SystemExit(f"need {n} samples, the world has {len(records)}")
-    path = out / "train.json"
+    path = out / name
     path.write_text(json.dumps(records[:n]))
     return path, world
 
@@ -78,13 +78,14 @@ def _child(job: dict, out: str, log: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(SHAPES), default="llava7b-shape")
-    p.add_argument("--repeats", type=int, default=3, help="runs per arm for LoRA (DoRA: one fewer, at least 1)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per arm and variant (medians are reported)")
     p.add_argument("--variants", default="lora,dora", help="lora, dora, qlora, qdora (comma-separated)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on a GPU")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default 1: on a shared machine two OpenMP threads stall whenever one "
                         "is descheduled)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-component breakdown pass")
+    p.add_argument("--profile-steps", type=int, default=4, help="steps of the profiled pass (the first is warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (bf16 dense) for MFU")
     p.add_argument("--out", type=Path, default=None, help="write report.md and report.json here")
     args = p.parse_args(argv)
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_train: preset {shape.name} ({shape.about}); building the model", flush=True)
         model_dir = build_model_folder(shape, work / "model", dtype="bfloat16" if precision == "bf16" and cuda else "float32")
         data_json, image_root = prepare_data(shape.steps * shape.batch_size, work)
+        profile_json, _ = prepare_data(min(args.profile_steps, shape.steps) * shape.batch_size, work, "profile.json")
         base_job = {"model_dir": str(model_dir), "data_json": str(data_json), "image_root": str(image_root),
                     "rank": shape.rank, "batch_size": shape.batch_size, "precision": precision, "threads": args.threads}
         # Freed tensors go back to the OS at once (no dynamic mmap threshold), so the RSS high-water mark
@@ -110,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         runs: dict[str, list[dict]] = {}
-        for variant in variants:
-            repeats = args.repeats if variant in ("lora", "qlora") else max(1, args.repeats - 1)
-            for r in range(repeats):
+        # a, b, a, b, ... with every variant in each round, so that a change in the machine's load
+        # between rounds hits every arm and variant alike
+        for r in range(args.repeats):
+            for variant in variants:
                 for arm in ("reference", "mmlora"):
                     label = f"{arm}-{variant}-{r}"
                     runs.setdefault(f"{arm}/{variant}", []).append(
@@ -120,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         profiles = {}
         if not args.no_profile:
             for arm in ("reference", "mmlora"):
-                profiles[arm] = run(ctx, base_job | {"arm": arm, "variant": variants[0], "profile": True}, work,
-                                    f"{arm}-profile")
+                profiles[arm] = run(ctx, base_job | {"arm": arm, "variant": variants[0], "profile": True,
+                                                     "data_json": str(profile_json)}, work, f"{arm}-profile")
+        if args.out:  # the raw runs first, so that nothing measured is lost if summarizing fails
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "runs.json").write_text(json.dumps({"runs": runs, "profiles": profiles}) + "\n")
         report = summarize(shape, runs, profiles, precision=precision, threads=args.threads,
                            wall_s=time.perf_counter() - started, params=model_params(model_dir),
                            peak_tflops=args.peak_tflops)

@@ -157,6 +157,7 @@ def run_reference(job: Job, result: Result) -> None:
                 result.peak_bytes = meter.peak()
             if len(result.step_ends) == 1 and breakdown is not None:
                 breakdown.seconds.clear()  # the first step is warm-up
+                breakdown.batches = 0
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -170,7 +171,7 @@ def run_reference(job: Job, result: Result) -> None:
     if job.profile:
         breakdown = Breakdown(model, dev)
         ds.encoder.encode = breakdown.timed("data", ds.encoder.encode)
-        data_fn = breakdown.timed("data", counted_collate)
+        data_fn = breakdown.timed("data", counted_collate, batch=True)
     trainer = Trainer(model=model, args=args, train_dataset=_Ordered(ds, order), data_collator=data_fn,
                       callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)
@@ -185,7 +186,7 @@ def run_reference(job: Job, result: Result) -> None:
     trainer.train()
     result.samples, result.tokens = sizes, batches_tokens
     if breakdown is not None:
-        result.breakdown = dict(breakdown.seconds)
+        result.breakdown = dict(breakdown.seconds) | {"data_batches": breakdown.batches}
 
 
 # ---------------------------------------------------------------------- mmlora
@@ -258,6 +259,7 @@ def run_mmlora(job: Job, result: Result) -> None:
             result.peak_bytes = meter.peak()
         if len(result.step_ends) == 1 and breakdown is not None:
             breakdown.seconds.clear()  # the first step is warm-up
+            breakdown.batches = 0
         return loss, tokens
 
     trainer.train_step = timed_step
@@ -266,7 +268,7 @@ def run_mmlora(job: Job, result: Result) -> None:
         breakdown = Breakdown(model, dev)
         enc = trainer.train_set.encoder
         enc.encode = breakdown.timed("data", enc.encode)
-        trainer.collate = breakdown.timed("data", counted_collate)
+        trainer.collate = breakdown.timed("data", counted_collate, batch=True)
         acc = trainer.accelerator
         backward, clip = acc.backward, acc.clip_grad_norm_
         acc.backward = lambda loss, **kw: breakdown.backward(lambda: backward(loss, **kw))
@@ -278,7 +280,7 @@ def run_mmlora(job: Job, result: Result) -> None:
     trainer.train()
     result.tokens = batches_tokens
     if breakdown is not None:
-        result.breakdown = dict(breakdown.seconds)
+        result.breakdown = dict(breakdown.seconds) | {"data_batches": breakdown.batches}
 
 
 def run_job(job_dict: dict, out_path: str) -> None:

@@ -84,13 +84,16 @@ class Breakdown:
     decoder layer's input, the projector's input) marks when backward leaves that component, so the
     span between two marks is that component's backward, recomputation under checkpointing included.
     Forward hooks that fire during backward (checkpoint recomputation) are ignored. ``optimizer``
-    covers gradient clipping and the optimizer step; ``data`` the dataset's encoding and collation.
+    covers gradient clipping and the optimizer step; ``data`` the dataset's encoding and collation,
+    counted per batch (``batches``): Accelerate's data loader fetches one batch ahead, so the batches
+    fetched within a window of steps are not always the steps' own.
     """
 
     COMPONENTS = ("vision", "projector", "language_layers", "head_loss", "optimizer", "data")
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.device, self.seconds = device, defaultdict(float)
+        self.batches = 0
         self.in_backward = False
         self.marks: dict[str, float] = {}
         self.handles: list[Any] = []
@@ -159,8 +162,9 @@ class Breakdown:
             self.seconds["vision"] += end - projector
         return out
 
-    def timed(self, name: str, fn: Callable) -> Callable:
+    def timed(self, name: str, fn: Callable, batch: bool = False) -> Callable:
         def wrapper(*args, **kwargs):
+            self.batches += batch
             t = self._t()
             try:
                 return fn(*args, **kwargs)

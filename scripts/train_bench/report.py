@@ -34,11 +34,26 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
+def step_medians(runs: list[dict]) -> dict[str, float]:
+    """Medians over every timed step of every run (steps after each run's first): on a shared
+    machine another process's burst slows a few steps, and a median over many steps is steadier
+    than one over a few run averages."""
+    rows = []
+    for run in runs:
+        ends, cpu = run["step_ends"], run["step_cpu"]
+        for i in range(1, len(ends)):
+            dt, dc = ends[i] - ends[i - 1], cpu[i] - cpu[i - 1]
+            rows.append({"samples_per_s": run["samples"][i] / dt, "tokens_per_s": run["tokens"][i] / dt,
+                         "step_s": dt, "cpu_s_per_step": dc, "samples_per_cpu_s": run["samples"][i] / dc})
+    return _median(rows)
+
+
 def breakdown_ms(run: dict) -> dict[str, float]:
     """Milliseconds per step by component (steps after the first); ``other`` is the rest of the step."""
     steps = len(run["step_ends"]) - 1
     step_ms = 1000 * (run["step_ends"][-1] - run["step_ends"][0]) / steps
-    parts = {k: 1000 * v / steps for k, v in run["breakdown"].items()}
+    parts = {k: 1000 * v / steps for k, v in run["breakdown"].items() if k not in ("data", "data_batches")}
+    parts["data"] = 1000 * run["breakdown"].get("data", 0.0) / max(1, run["breakdown"].get("data_batches", steps))
     order = ["vision", "projector", "language_layers", "head_loss", "optimizer", "data"]
     out = {k: parts.get(k, 0.0) for k in order}
     out["other"] = step_ms - sum(out.values())
@@ -63,11 +78,15 @@ def summarize(shape: BenchShape, runs: dict[str, list[dict]], profiles: dict[str
         metrics = [run_metrics(r) for r in rs]
         samples, tokens = sum(rs[0]["samples"]), sum(rs[0]["tokens"])
         flops = model_flops_per_sample(params, tokens / samples, shape.image_tokens)
-        median = _median(metrics)
+        median = _median(metrics) | step_medians(rs)
         median["model_tflops_per_s"] = flops * median["samples_per_s"] / 1e12
         if peak_tflops:
             median["mfu"] = median["model_tflops_per_s"] / peak_tflops
-        arms[key] = {"median": median, "runs": metrics, "trainable": rs[0]["trainable"],
+        raw = [{"step_s": [b - a for a, b in zip(r["step_ends"], r["step_ends"][1:])],
+                "cpu_s": [b - a for a, b in zip(r["step_cpu"], r["step_cpu"][1:])],
+                "samples": r["samples"], "tokens": r["tokens"], "losses": r["losses"], "peak_bytes": r["peak_bytes"]}
+               for r in rs]
+        arms[key] = {"median": median, "runs": metrics, "raw": raw, "trainable": rs[0]["trainable"],
                      "tokens_per_pass": tokens, "samples_per_pass": samples, "model_flops_per_sample": flops}
     ratios = {}
     for variant in sorted({k.split("/")[1] for k in runs}):
@@ -100,8 +119,9 @@ def to_markdown(report: dict) -> str:
         f"### {report['preset']}: {report['about']}",
         "",
         f"{report['date']}, {report['machine']}, {report['precision']}; batch {s['batch_size']}, "
-        f"{s['steps']} steps (one pass), gradient checkpointing, SDPA; medians of "
-        f"{len(next(iter(report['arms'].values()))['runs'])} runs per arm; benchmark wall time {report['wall_s']:.0f} s.",
+        f"{s['steps']} steps (one pass), gradient checkpointing, SDPA; {len(next(iter(report['arms'].values()))['runs'])} "
+        f"runs per arm, alternating; throughput: medians over the steps after each run's first; memory: median "
+        f"over runs; benchmark wall time {report['wall_s']:.0f} s.",
         "",
         "| arm | variant | samples/s | tokens/s | step (ms) | CPU s per step | peak memory above baseline (MiB) | "
         "model TFLOP/s (MFU) | trainable | loss step 1 → last |",

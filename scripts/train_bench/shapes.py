@@ -5,8 +5,10 @@ Each shape keeps a real model's proportions at a size the machine can train in s
 * ``llava7b-shape`` — LLaVA-1.5-7B (CLIP ViT-L/14 + Llama-2-7B): head dimension 128, MLP width
   2.6875 x hidden (11008 / 4096), vision width 1/4 of the LM's, vision depth 3/4 of the LM's, LoRA rank
   hidden / 32 (r=128 at 4096), image tokens most of the sequence. The vocabulary is scaled with the
-  model so that the LM head keeps its share of the FLOPs (V / (layers x hidden) = 0.24 in LLaVA-1.5-7B,
-  ~2.5% of the LM's FLOPs): a literal 32k head on a CPU-sized model would be most of its FLOPs.
+  model so that the LM head keeps its share of the FLOPs and of the activation memory: V / (layers x
+  hidden) is 0.24 in LLaVA-1.5-7B (head ~2% of the LM's FLOPs) and 0.25 here (the shapes-world
+  tokenizer's 510 tokens on 4 x 512). A literal 32k head on a CPU-sized model would be ~55% of its
+  FLOPs and turn this preset into a second ``vocab-heavy``.
 * ``vocab-heavy`` — Qwen2-VL-2B's vocabulary (151,936) on a small LM (hidden 256, MLP 6 x hidden,
   grouped-query attention): the LM head is most of the FLOPs and its logits most of the memory.
 * ``tiny`` — seconds; for tests of the benchmark itself.
@@ -42,7 +44,6 @@ class BenchShape:
     rank: int
     batch_size: int
     steps: int  # one pass over steps x batch_size samples
-    dora_steps: int  # the DoRA comparison's pass (shorter: it compares mmlora with itself)
     device: str = "cpu"
 
     @property
@@ -56,22 +57,22 @@ class BenchShape:
 SHAPES: dict[str, BenchShape] = {s.name: s for s in (
     BenchShape("tiny", "tiny-llava sizes (a test of the benchmark itself)", image_size=32, patch_size=8,
                vision_width=32, vision_layers=2, vision_heads=2, vision_intermediate=128, lm_width=64, lm_layers=2,
-               lm_heads=4, lm_kv_heads=2, lm_intermediate=128, vocab=None, rank=4, batch_size=2, steps=3, dora_steps=3),
+               lm_heads=4, lm_kv_heads=2, lm_intermediate=128, vocab=None, rank=4, batch_size=2, steps=3),
     BenchShape("llava7b-shape", "LLaVA-1.5-7B proportions: CLIP 3x128 (144 image tokens) + Llama 4x512 "
-               "(head dim 128, MLP 1376), vocabulary scaled with the LM (head ~2.5% of its FLOPs), LoRA r=16",
+               "(head dim 128, MLP 1376), vocabulary scaled with the LM (head ~2% of its FLOPs), LoRA r=16",
                image_size=96, patch_size=8, vision_width=128, vision_layers=3, vision_heads=2,
                vision_intermediate=512, lm_width=512, lm_layers=4, lm_heads=4, lm_kv_heads=4, lm_intermediate=1376,
-               vocab=None, rank=16, batch_size=4, steps=8, dora_steps=8),
+               vocab=None, rank=16, batch_size=4, steps=6),
     BenchShape("vocab-heavy", "Qwen2-VL-2B's 151,936-token vocabulary on a small LM: CLIP 4x128 (64 image tokens) "
                "+ Llama 4x256 (GQA 2/1, MLP 1536); the head is most of the FLOPs, LoRA r=8",
                image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=2,
                vision_intermediate=512, lm_width=256, lm_layers=4, lm_heads=2, lm_kv_heads=1, lm_intermediate=1536,
-               vocab=151_936, rank=8, batch_size=4, steps=8, dora_steps=8),
+               vocab=151_936, rank=8, batch_size=4, steps=6),
     BenchShape("7b-shape", "LLaVA-1.5-7B layer shapes, few layers: CLIP-L/14 at 336 px (576 image tokens) 4x1024 + "
                "Llama-2-7B layers 4x4096 (MLP 11008), 32,064 vocabulary, LoRA r=128", image_size=336, patch_size=14,
                vision_width=1024, vision_layers=4, vision_heads=16, vision_intermediate=4096, lm_width=4096,
                lm_layers=4, lm_heads=32, lm_kv_heads=32, lm_intermediate=11008, vocab=32_064, rank=128, batch_size=8,
-               steps=12, dora_steps=8, device="cuda"),
+               steps=12, device="cuda"),
 )}
 
 
