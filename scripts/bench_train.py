@@ -112,14 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         runs: dict[str, list[dict]] = {}
-        # a, b, a, b, ... with every variant in each round, so that a change in the machine's load
-        # between rounds hits every arm and variant alike
+        # a, b, a, b, ... with every variant in each round, the order rotated from round to round, so
+        # that changes in the machine's load hit every arm and variant alike
+        pairs = [(variant, arm) for variant in variants for arm in ("reference", "mmlora")]
         for r in range(args.repeats):
-            for variant in variants:
-                for arm in ("reference", "mmlora"):
-                    label = f"{arm}-{variant}-{r}"
-                    runs.setdefault(f"{arm}/{variant}", []).append(
-                        run(ctx, base_job | {"arm": arm, "variant": variant}, work, label))
+            for variant, arm in pairs[2 * r % len(pairs):] + pairs[:2 * r % len(pairs)]:
+                runs.setdefault(f"{arm}/{variant}", []).append(
+                    run(ctx, base_job | {"arm": arm, "variant": variant}, work, f"{arm}-{variant}-{r}"))
         profiles = {}
         if not args.no_profile:
             for arm in ("reference", "mmlora"):

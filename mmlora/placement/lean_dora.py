@@ -7,8 +7,9 @@ in five passes over ``[tokens, out]``. Here:
 * the row norms come from the rank-r factors, without the full matrix:
   ``||W_i + s·(BA)_i||² = ||W_i||² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ`` — ``||W_i||²`` of the
   frozen base weight once, then one ``[r, in] x [in, out]`` product per call;
-* the output is ``m / ||W + sBA|| · (xWᵀ + s·BAx) + bias``: one add and one multiply over
-  ``[tokens, out]`` (PEFT's ``result + (scale - 1)·base + scale·s·lora`` written out). With dropout on
+* the output is ``m / ||W + sBA|| · (xWᵀ + B(s·Ax)) + bias``: one add and one multiply over
+  ``[tokens, out]`` (PEFT's ``result + (scale - 1)·base + scale·s·lora`` written out; the scalar ``s``
+  applied on the rank-r side, where it costs nothing). With dropout on
   the adapter input, PEFT's DoRA applies the scale to the base output *of the dropped input*, which
   needs a second base product; that case keeps PEFT's formula.
 
@@ -64,9 +65,8 @@ class LeanDoraLinearVariant(DoraLinearVariant):
         scale = magnitude / norm  # [out]; gradient to the magnitude only
         bias = base.bias
         if isinstance(dropout, nn.Identity) or not module.training:
-            lora = lora_B(lora_A(x))
             plain = result - bias if bias is not None else result  # x Wᵀ
-            out = torch.add(plain, lora, alpha=scaling) * scale
+            out = (plain + lora_B(lora_A(x) * scaling)) * scale
             return out + bias if bias is not None else out
         x = dropout(x)
         weight = dequantize_module_weight(base) if type(base.weight) is not nn.Parameter else base.weight
