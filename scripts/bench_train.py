@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per arm and variant (medians are reported)")
     p.add_argument("--variants", default="lora,dora", help="lora, dora, qlora, qdora (comma-separated)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on a GPU")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per run (default 1: on a shared machine two OpenMP threads stall whenever one "
-                        "is descheduled)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run; default on CPU 1 (on a shared machine two OpenMP threads stall "
+                        "whenever one is descheduled), on a GPU torch's default")
     p.add_argument("--no-profile", action="store_true", help="skip the per-component breakdown pass")
     p.add_argument("--profile-steps", type=int, default=4, help="steps of the profiled pass (the first is warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (bf16 dense) for MFU")
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16" if cuda else "fp32")
+    threads = args.threads or (0 if cuda else 1)  # 0: leave torch's default
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mmlora-bench-") as tmp:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         data_json, image_root = prepare_data(shape.steps * shape.batch_size, work)
         profile_json, _ = prepare_data(min(args.profile_steps, shape.steps) * shape.batch_size, work, "profile.json")
         base_job = {"model_dir": str(model_dir), "data_json": str(data_json), "image_root": str(image_root),
-                    "rank": shape.rank, "batch_size": shape.batch_size, "precision": precision, "threads": args.threads}
+                    "rank": shape.rank, "batch_size": shape.batch_size, "precision": precision, "threads": threads}
         # Freed tensors go back to the OS at once (no dynamic mmap threshold), so the RSS high-water mark
         # follows live memory rather than allocator fragmentation; the runs inherit it from the fork server.
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:  # the raw runs first, so that nothing measured is lost if summarizing fails
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "runs.json").write_text(json.dumps({"runs": runs, "profiles": profiles}) + "\n")
-        report = summarize(shape, runs, profiles, precision=precision, threads=args.threads,
+        report = summarize(shape, runs, profiles, precision=precision, threads=threads,
                            wall_s=time.perf_counter() - started, params=model_params(model_dir),
                            peak_tflops=args.peak_tflops)
     md = to_markdown(report)

@@ -42,7 +42,7 @@ class Job:
     dropout: float = 0.0
     lr: float = 2.0e-4
     profile: bool = False
-    threads: int = 1
+    threads: int = 1  # 0: torch's default
     max_length: int = 2048
     train_overrides: dict[str, Any] = field(default_factory=dict)  # mmlora's train section
 
@@ -294,7 +294,8 @@ def run_job(job_dict: dict, out_path: str) -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     job = Job(**job_dict)
-    torch.set_num_threads(job.threads)
+    if job.threads:
+        torch.set_num_threads(job.threads)
     Path(job.work_dir).mkdir(parents=True, exist_ok=True)
     result = Result(job.arm, job.variant, device=str(device()))
     {"reference": run_reference, "mmlora": run_mmlora}[job.arm](job, result)
