@@ -43,15 +43,15 @@ class LeanDoraLinearVariant(DoraLinearVariant):
 
     @torch.no_grad()
     def weight_norm(self, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``||W + scaling·B·A||`` per output row ``[out]`` (fp32), without forming the ``[out, in]`` matrix."""
+        """``||W + scaling·B·A||`` per output row ``[out]`` (fp32), without forming the ``[out, in]`` matrix:
+        ``||W_i||² + B_i·(2s·(W Aᵀ)_i + s²·(B A Aᵀ)_i)``."""
         raw = base.weight
         weight = dequantize_module_weight(base) if type(raw) is not nn.Parameter else raw
         w_sq = self._base_sq_norms(raw if type(raw) is nn.Parameter else weight)
         a, b = lora_A.float(), lora_B.float()  # [r, in], [out, r]
-        wa = (lora_A.to(weight.dtype) @ weight.T).float().T  # [out, r] = W Aᵀ, in the weight's precision
-        cross = (b * wa).sum(dim=1)
-        ba_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
-        return (w_sq + 2 * scaling * cross + scaling**2 * ba_sq).clamp_min(0).sqrt()
+        wa = (lora_A.to(weight.dtype) @ weight.T).T.float()  # [out, r] = W Aᵀ, in the weight's precision
+        m = torch.addmm(wa, b, a @ a.T, beta=2 * scaling, alpha=scaling**2)  # [out, r]
+        return (w_sq + torch.einsum("or,or->o", b, m)).clamp_min_(0).sqrt_()
 
     def forward(self, module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         base = module.get_base_layer()

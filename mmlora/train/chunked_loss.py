@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from mmlora.data.processing import IGNORE
 
 
 def _chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -39,6 +39,10 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want[2] else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):  # cast the head once, not once per chunk (autocast would)
+        dtype = torch.get_autocast_dtype(kind)
+        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         logits = F.linear(h, weight, bias)  # [c, V]; under autocast the same low-precision matmul as the head's

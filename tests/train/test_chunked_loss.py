@@ -80,3 +80,16 @@ def test_models_whose_logits_are_not_the_head_output_use_the_plain_loss(shapes_s
     objective = CaptionLM(tiny_llava_dir, 256)
     objective.use_chunked_loss()
     torch.testing.assert_close(objective.loss_sum(model, batch)[0], supervised_loss_sum(model, batch)[0])
+
+
+def test_under_bf16_autocast_equals_the_plain_path():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(300, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = linear_cross_entropy_sum(hidden, weight, None, targets, 7)
+        plain = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(chunked, [hidden, weight]), torch.autograd.grad(plain, [hidden, weight])):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * float(b.abs().max()))  # bf16 matmuls
