@@ -251,6 +251,15 @@ class DenseSpec(_Strict):
     templates: str = Field(default="shapes", description="class prompts: shapes | imagenet | 'a {}.;a photo of a {}.'")
 
 
+class ChunkedLossSpec(_Strict):
+    """The LM head and the cross-entropy in chunks of supervised rows, each chunk's gradient computed
+    on the spot: the ``[tokens, vocabulary]`` logits never exist whole (``mmlora.train.chunked_loss``)."""
+
+    enabled: bool = True
+    chunk_size: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="rows per chunk; default: as many as keep a chunk's fp32 logits near 32 MiB")
+
+
 class TrainSpec(_Strict):
     """The training loop. Batch sizes are per optimizer step: ``batch_size`` samples per device per
     micro-step, ``grad_accum`` micro-steps, times the number of processes."""
@@ -273,6 +282,11 @@ class TrainSpec(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    chunked_loss: ChunkedLossSpec = ChunkedLossSpec()
+    frozen_no_grad: bool = Field(
+        default=True, description="run sub-models with nothing to train (e.g. a frozen vision tower) without autograd")
+    lean_dora: bool = Field(
+        default=True, description="DoRA layers use mmlora's lean forward (PEFT's values, less work); false: PEFT's own")
     quantization: QuantSpec = QuantSpec()
     log_every: Annotated[int, Field(gt=0)] = 1
     eval_every: Annotated[int, Field(gt=0)] | None = None

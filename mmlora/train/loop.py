@@ -58,6 +58,7 @@ class Trainer:
         from mmlora.placement.plan import plan_placement
         from mmlora.train.optim import build_optimizer, param_groups
         from mmlora.train.precision import load_for_training
+        from mmlora.train.speed import apply_speedups
 
         r, t = self.recipe, self.recipe.train
         # Without CUDA, say cpu=True: only then does Accelerate read torchrun's environment as a
@@ -94,6 +95,7 @@ class Trainer:
         model = apply_placement(model, self.plan, placement)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.speedups = apply_speedups(model, self.mmap, t, self.objective)
         groups, self.group_infos = param_groups(model, self.mmap, placement, t)
         optimizer, self.scheduler = build_optimizer(groups, t, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -154,7 +156,8 @@ class Trainer:
 
         info = {"mmlora": __version__, "git_commit": commit, "versions": versions, "python": sys.version.split()[0],
                 "processes": self.accelerator.num_processes, "global_batch": self.global_batch,
-                "total_steps": self.total_steps, "groups": [g.__dict__ for g in self.group_infos]}
+                "total_steps": self.total_steps, "groups": [g.__dict__ for g in self.group_infos],
+                "speedups": self.speedups}
         (self.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         (self.out / "metrics.jsonl").write_text("")
 

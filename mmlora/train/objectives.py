@@ -38,6 +38,8 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 class CaptionLM:
     unit = "token"
+    #: ``train.chunked_loss``: the head and the loss in chunks (``use_chunked_loss``); off until asked for
+    chunked, chunk_size = False, None
 
     def __init__(self, model_path: Path | str, max_length: int, max_image_pixels: int = MAX_IMAGE_PIXELS):
         from transformers import AutoProcessor
@@ -49,7 +51,16 @@ class CaptionLM:
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
+    def use_chunked_loss(self, chunk_size: int | None = None) -> None:
+        self.chunked, self.chunk_size = True, chunk_size
+
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if self.chunked:
+            from mmlora.train.chunked_loss import chunked_supervised_loss_sum
+
+            out = chunked_supervised_loss_sum(model, batch, self.chunk_size)
+            if out is not None:  # None: the model's logits are more than its head's output
+                return out
         return supervised_loss_sum(model, batch)
 
     def save_processor(self, folder: Path) -> None:

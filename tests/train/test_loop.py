@@ -82,11 +82,9 @@ def test_accumulation_equals_one_big_batch(make_recipe):
 
 
 def test_nan_loss_stops_with_a_clear_message(make_recipe, monkeypatch):
-    import mmlora.train.objectives as loop
-
     trainer = Trainer(load_recipe(make_recipe("nan", **{"train.save_every": 1})), recipe_name="nan")
     trainer.setup()
-    real = loop.supervised_loss_sum
+    real = trainer.objective.loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -94,7 +92,7 @@ def test_nan_loss_stops_with_a_clear_message(make_recipe, monkeypatch):
         calls["n"] += 1
         return (s * float("nan"), n) if trainer.step >= 2 else (s, n)
 
-    monkeypatch.setattr(loop, "supervised_loss_sum", poisoned)
+    monkeypatch.setattr(trainer.objective, "loss_sum", poisoned)
     from mmlora.errors import MmloraError
 
     with pytest.raises(MmloraError, match=r"loss is nan at step 3.*step-000002"):

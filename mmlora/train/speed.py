@@ -1,0 +1,65 @@
+"""The trainer's speed and memory switches (``train.chunked_loss``, ``train.frozen_no_grad``,
+``train.lean_dora``), applied to a placed model. Each gives the plain path's loss and gradients
+(tested against it) and can be switched off in the recipe.
+
+* **Chunked loss**: the LM head and cross-entropy in chunks (``mmlora.train.chunked_loss``).
+* **Frozen towers without autograd**: with gradient checkpointing, transformers makes the input
+  embeddings of *every* sub-model require grad (``enable_input_require_grads``), so a frozen vision
+  tower is recorded by autograd, recomputed and back-propagated through — for nothing. A sub-model
+  that reads raw inputs (the ``vision`` tower; CLIP's ``text`` tower) and holds nothing trainable runs
+  under ``torch.no_grad`` instead. Sub-models fed by trainable ones (a frozen LM after a trained
+  projector) must pass gradients on and are left alone.
+* **Lean DoRA**: ``mmlora.placement.lean_dora``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlora.config.schema import TrainSpec
+from mmlora.models.modality import ModalityMap, unwrap
+
+#: Modalities whose inputs are data (pixels, token ids), never another modality's output.
+INPUT_MODALITIES = ("vision", "text")
+
+
+def run_frozen_without_grad(model: nn.Module, mmap: ModalityMap) -> list[str]:
+    """Run each input-reading sub-model with no trainable parameter under ``torch.no_grad``;
+    returns the module names it applies to."""
+    base = unwrap(model)
+    done = []
+    for name in INPUT_MODALITIES:
+        modality = mmap.modalities.get(name)
+        # a root may be a module or a parameter (open_clip's text tower: token_embedding, positional_embedding, ...)
+        roots = {root: _get(base, root) for root in (modality.roots if modality else []) if root}
+        params = [p for obj in roots.values() for p in (obj.parameters() if isinstance(obj, nn.Module) else [obj])]
+        if not roots or any(p.requires_grad for p in params):
+            continue
+        for root, obj in roots.items():
+            if isinstance(obj, nn.Module):
+                obj.forward = torch.no_grad()(obj.forward)
+                done.append(root)
+    return done
+
+
+def _get(base: nn.Module, name: str) -> nn.Module | torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(base.get_submodule(owner) if owner else base, attr)
+
+
+def apply_speedups(model: nn.Module, mmap: ModalityMap, train: TrainSpec, objective: Any) -> dict[str, Any]:
+    """Apply the switches ``train`` turns on; returns what was applied (for ``run_info.json``)."""
+    applied: dict[str, Any] = {}
+    if train.chunked_loss.enabled and hasattr(objective, "use_chunked_loss"):
+        objective.use_chunked_loss(train.chunked_loss.chunk_size)
+        applied["chunked_loss"] = train.chunked_loss.chunk_size or "auto"
+    if train.frozen_no_grad:
+        applied["no_grad_modules"] = run_frozen_without_grad(model, mmap)
+    if train.lean_dora:
+        from mmlora.placement.lean_dora import use_lean_dora
+
+        applied["lean_dora_layers"] = use_lean_dora(model)
+    return applied

@@ -1,0 +1,1 @@
+"""Pieces of ``scripts/bench_train.py``: workload shapes, the two training arms, measurement, report."""

@@ -1,0 +1,57 @@
+"""The training benchmark and the GPU check run end to end: ``scripts/gpu_check.sh --dry-run`` runs
+``scripts/bench_train.py`` on the ``tiny`` preset on CPU (LoRA, QLoRA, QDoRA; both arms; the profiled
+pass) and writes the report and the GPU check's JSON. No timing is asserted: only that the report is
+produced, complete, and that both arms trained on the same thing (equal first-step losses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow, pytest.mark.bnb]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = os.environ | {"PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_tiny_preset_report(dry_run):
+    report = json.loads((dry_run / "bench" / "report.json").read_text())
+    assert report["preset"] == "tiny" and set(report["arms"]) == {
+        f"{arm}/{v}" for arm in ("reference", "mmlora") for v in ("lora", "qlora", "qdora")}
+    for arm in report["arms"].values():
+        m = arm["median"]
+        assert m["samples_per_s"] > 0 and m["tokens_per_s"] > 0 and m["cpu_s_per_step"] > 0 and m["peak_mib"] > 0
+    for variant, ratio in report["ratios"].items():
+        assert ratio["first_loss_rel_diff"] < 1e-4, variant  # same model, data, labels and batches
+        assert ratio["samples_per_s"] > 0 and ratio["peak_memory"] > 0
+    a, b = report["arms"]["reference/lora"], report["arms"]["mmlora/lora"]
+    assert a["tokens_per_pass"] == b["tokens_per_pass"] and a["trainable"] == b["trainable"]
+    assert set(report["breakdown_ms"]) == {"reference", "mmlora"}
+    assert {"vision", "projector", "language_layers", "head_loss", "optimizer", "data", "other", "step"} <= set(
+        report["breakdown_ms"]["mmlora"])
+    md = (dry_run / "bench" / "report.md").read_text()
+    assert "| ratio mmlora / reference |" in md and "| DoRA / LoRA in the same arm |" in md and "| mmlora |" in md
+
+
+def test_gpu_check_dry_run_json(dry_run):
+    summary = json.loads((dry_run / "gpu_check.json").read_text())
+    assert summary["dry_run"] is True and summary["preset"] == "tiny"
+    for key in ("reference/qlora", "mmlora/qlora", "mmlora/qdora"):
+        arm = summary["arms"][key]
+        assert arm["mfu"] > 0 and arm["samples_per_s"] > 0 and arm["peak_memory_mib"] > 0
+    assert set(summary["ratios_mmlora_over_reference"]) == {"lora", "qlora", "qdora"}
+    assert summary["params"]["language_layers"] > 0
