@@ -49,7 +49,7 @@ class DemoReport:
     unseen: list[str] = field(default_factory=list)
 
 
-def _retarget(recipe, data_dir: Path, output_dir: Path, overrides: dict[str, Any]):
+def retarget_recipe(recipe, data_dir: Path, output_dir: Path, overrides: dict[str, Any]):
     """The recipe with its ``data/shapes`` paths under ``data_dir`` and its output in ``output_dir``."""
     def move(spec):
         p = Path(spec.path)
@@ -73,7 +73,7 @@ def _train(recipe_path: Path, data_dir: Path, run_dir: Path, overrides: dict[str
         return run_dir
     if not recipe_path.is_file():
         raise MmloraError(f"{recipe_path}: the demo recipe is missing (run the demo from a checkout of mmlora)")
-    recipe = _retarget(load_recipe(recipe_path), data_dir, run_dir, overrides)
+    recipe = retarget_recipe(load_recipe(recipe_path), data_dir, run_dir, overrides)
     trainer = Trainer(recipe, recipe_name=recipe_path.stem)
     trainer.setup()
     trainer.train()
@@ -171,7 +171,7 @@ def _demo_overlay(world: Path, clip_base: str, clip_run: Path, dense_mode: str, 
     import numpy as np
 
     from mmlora.data.segmentation import SegmentationFolder
-    from mmlora.seg_demo import segment_image
+    from mmlora.seg_demo import ClipSegmenter
 
     folder = SegmentationFolder(world, "test")
     classes = folder.classes
@@ -183,8 +183,8 @@ def _demo_overlay(world: Path, clip_base: str, clip_run: Path, dense_mode: str, 
             pick = i
             break
     image, truth = folder.load(pick)
-    base = segment_image(image, classes, clip_base, BASE_DENSE_MODE)
-    adapted = segment_image(image, classes, str(clip_run), dense_mode)
+    base = ClipSegmenter(classes, clip_base, BASE_DENSE_MODE)(image)
+    adapted = ClipSegmenter(classes, str(clip_run), dense_mode)(image)
     return overlay_figure(folder.samples[pick].image, np.asarray(truth), [base, adapted], classes, out,
                           ("input", "ground truth", f"base ({BASE_DENSE_MODE})", f"adapted (LoRA, {dense_mode})"))
 

@@ -29,22 +29,30 @@ def colour(i: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(40, 230, 3))
 
 
-def segment_image(image, classes: list[str], clip_ref: str = "shapes-clip-base", mode: str = "clearclip",
-                  templates: str = "shapes", crop: int | None = None, stride: int | None = None,
-                  short_side: int | None = None) -> np.ndarray:
-    """Class index per pixel, ``[H, W]`` at the image's own size."""
-    from mmlora.eval.segmentation import TEMPLATES, class_embeddings, load_clip_for_eval, preprocess
-    from mmlora.eval.dense import segment_logits
+class ClipSegmenter:
+    """A CLIP (preset, folder or run) and class names, loaded once: ``segmenter(image)`` is the class
+    index per pixel, ``[H, W]`` at the image's own size."""
 
-    from mmlora.models.clip import image_settings
+    def __init__(self, classes: list[str], clip_ref: str = "shapes-clip-base", mode: str = "clearclip",
+                 templates: str = "shapes", crop: int | None = None, stride: int | None = None,
+                 short_side: int | None = None):
+        from mmlora.eval.segmentation import TEMPLATES, class_embeddings, load_clip_for_eval
+        from mmlora.models.clip import image_settings
 
-    model, tokenizer = load_clip_for_eval(clip_ref)
-    size, mean, std = image_settings(model)
-    text = class_embeddings(model, tokenizer, classes, TEMPLATES.get(templates, templates.split(";")))
-    x = preprocess(image, short_side or size, mean, std)
-    with torch.no_grad():
-        logits = segment_logits(model, x, text, mode, crop, stride, out_size=(image.height, image.width))
-    return logits.argmax(0).numpy().astype(np.uint8)
+        self.model, tokenizer = load_clip_for_eval(clip_ref)
+        size, self.mean, self.std = image_settings(self.model)
+        self.text = class_embeddings(self.model, tokenizer, classes, TEMPLATES.get(templates, templates.split(";")))
+        self.mode, self.crop, self.stride, self.short_side = mode, crop, stride, short_side or size
+
+    def __call__(self, image) -> np.ndarray:
+        from mmlora.eval.dense import segment_logits
+        from mmlora.eval.segmentation import preprocess
+
+        x = preprocess(image, self.short_side, self.mean, self.std)
+        with torch.no_grad():
+            logits = segment_logits(self.model, x, self.text, self.mode, self.crop, self.stride,
+                                    out_size=(image.height, image.width))
+        return logits.argmax(0).numpy().astype(np.uint8)
 
 
 def render_overlay(image, mask: np.ndarray, classes: list[str], alpha: float = 0.5):
@@ -90,7 +98,7 @@ def run_seg_demo(image_path: str | Path, classes: list[str], out: str | Path, cl
     if not classes or any(not c for c in classes):
         raise MmloraError("--classes needs comma-separated class names, e.g. 'background,circle,square'")
     image = load_image(Path(image_path), str(image_path), Path(image_path).name)
-    mask = segment_image(image, classes, clip_ref or "shapes-clip-base", mode, templates, crop, stride)
+    mask = ClipSegmenter(classes, clip_ref or "shapes-clip-base", mode, templates, crop, stride)(image)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(image, mask, [c.split("|")[0] for c in classes]).save(out)

@@ -90,7 +90,7 @@ def train_row(name: str, seed: int, steps: int, recipe: dict[str, Any], data_dir
     import yaml
 
     from mmlora.config.loading import load_recipe
-    from mmlora.demo import _retarget
+    from mmlora.demo import retarget_recipe
     from mmlora.train.loop import Trainer
 
     run = out / "runs" / f"{name.replace('/', '_')}-s{seed}"
@@ -103,7 +103,7 @@ def train_row(name: str, seed: int, steps: int, recipe: dict[str, Any], data_dir
     overrides = {"seed": seed, "max_steps": steps, "save_every": steps, "eval_every": steps}
     if ROWS[name].get("full"):
         overrides["lr"] = 2.0e-4  # full fine-tuning needs a smaller rate than adapters
-    trainer = Trainer(_retarget(load_recipe(path), data_dir, run, overrides), recipe_name=run.name)
+    trainer = Trainer(retarget_recipe(load_recipe(path), data_dir, run, overrides), recipe_name=run.name)
     trainer.setup()
     trainer.train()
     return run

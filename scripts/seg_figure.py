@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmlora.data.segmentation import SegmentationFolder
     from mmlora.demo import overlay_figure
-    from mmlora.seg_demo import segment_image
+    from mmlora.seg_demo import ClipSegmenter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/shapes/world_A"))
@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = SegmentationFolder(args.data, "test")
     classes, unseen = folder.classes, folder.classes.index(args.unseen)
+    segmenters = [ClipSegmenter(classes, "shapes-clip-base", "clearclip"), ClipSegmenter(classes, args.lora, "vanilla"),
+                  ClipSegmenter(classes, args.full, "vanilla")]
     rows = []
     for i in range(len(folder)):
         image, truth = folder.load(i)
         if (truth == unseen).sum() < 150:
             continue
-        masks = [segment_image(image, classes, "shapes-clip-base", "clearclip"),
-                 segment_image(image, classes, args.lora, "vanilla"),
-                 segment_image(image, classes, args.full, "vanilla")]
+        masks = [segment(image) for segment in segmenters]
         row = args.out.with_name(f"{args.out.stem}_{len(rows)}.png")
         overlay_figure(folder.samples[i].image, np.asarray(truth), masks, classes, row,
                        ("input", "ground truth", "base (ClearCLIP)", "LoRA q/v (dense)", "full q/v (dense)"))

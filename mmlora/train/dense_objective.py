@@ -16,6 +16,7 @@ gradient hooks would not see it: this objective trains in one process (multi-pro
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from mmlora.config.schema import DataSpec, DenseSpec
 from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample
 from mmlora.data.segmentation import IGNORE_INDEX, SegmentationFolder, load_seg_pair
 from mmlora.errors import MmloraError
+from mmlora.train.objectives import stack_collate
 
 
 def seg_classes(data: DataSpec, base_dir: Path | None = None) -> tuple[list[str], list[str], bool]:
@@ -98,17 +100,14 @@ class DenseSeg:
         if not self.seen:
             raise MmloraError("ignore_classes leaves no class to train on")
         self.mode = dense.mode
+        self._text_trains: bool | None = None
+        self._text: torch.Tensor | None = None
         self.templates = TEMPLATES.get(dense.templates, dense.templates.split(";"))
         size, mean, std = image_settings(model)
         self.encoder = _SegEncoder(size, mean, std, classes, self.seen, zero, self.clip_tokenizer.tokenizer,
                                    max_image_pixels)
 
-    @staticmethod
-    def collate(items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
-        items = [it for it in items if it is not None]
-        if not items:
-            return None
-        return {"image": torch.stack([it["image"] for it in items]), "mask": torch.stack([it["mask"] for it in items])}
+    collate = staticmethod(stack_collate)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["mask"] != IGNORE_INDEX).sum())
@@ -119,7 +118,14 @@ class DenseSeg:
 
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise MmloraError("the dense segmentation objective trains in one process (see mmlora.train.dense_objective)")
-        text = class_text_embeddings(model, self.clip_tokenizer, self.seen, self.templates)  # [C, E]
+        if self._text_trains is None:  # a frozen text tower gives the same class embeddings every step
+            self._text_trains = any(p.requires_grad for n, p in model.named_parameters() if ".visual." not in f".{n}")
+        if self._text_trains:
+            text = class_text_embeddings(model, self.clip_tokenizer, self.seen, self.templates)  # [C, E]
+        else:
+            if self._text is None:
+                self._text = class_text_embeddings(model, self.clip_tokenizer, self.seen, self.templates).detach()
+            text = self._text
         images, mask = batch["image"], batch["mask"]
         feats = dense_features(model, images, self.mode)  # [B, gh, gw, E], normalised
         logits = torch.einsum("bhwe,ce->bchw", feats, text.to(feats.dtype))

@@ -36,6 +36,14 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return loss, int((picked != IGNORE).sum())
 
 
+def stack_collate(items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+    """Fixed-size samples (skipped ones are None) → one tensor per key, stacked; None if all were skipped."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
 class CaptionLM:
     unit = "token"
     #: ``train.chunked_loss``: the head and the loss in chunks (``use_chunked_loss``); off until asked for
@@ -92,12 +100,7 @@ class Contrastive:
         _, preprocess, tokenizer = load_clip(self.path)
         self.encoder = _ClipEncoder(preprocess, tokenizer, max_image_pixels)
 
-    @staticmethod
-    def collate(items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
-        items = [it for it in items if it is not None]
-        if not items:
-            return None
-        return {"image": torch.stack([it["image"] for it in items]), "text": torch.stack([it["text"] for it in items])}
+    collate = staticmethod(stack_collate)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return len(batch["image"])

@@ -152,3 +152,25 @@ def test_refuses_mixed_data_unknown_classes_and_non_clip_models(tiny_llava_dir, 
     model, _ = load_llava(tiny_llava_dir)
     with pytest.raises(MmloraError, match="open_clip"):
         objective_for(model, tiny_llava_dir, _seg_data(world))
+
+
+def test_a_frozen_text_tower_is_embedded_once(tiny_clip_dir, shapes_small, monkeypatch):
+    import mmlora.eval.segmentation as seg
+    from mmlora.models.clip import load_clip
+    from mmlora.models.unfuse import unfuse_attention
+
+    world = shapes_small / "world_A"
+    objective = DenseSeg(tiny_clip_dir, _seg_data(world), DenseSpec())
+    model, _, _ = load_clip(tiny_clip_dir)
+    unfuse_attention(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("visual."))  # image tower trains, text tower frozen
+    calls = []
+    real = seg.class_text_embeddings
+    monkeypatch.setattr(seg, "class_text_embeddings", lambda *a: calls.append(1) or real(*a))
+    batch = objective.collate([objective.encoder.encode(s) for s in SegmentationFolder(world, "train").as_samples()[:2]])
+    first, _ = objective.loss_sum(model, batch)
+    second, _ = objective.loss_sum(model, batch)
+    assert len(calls) == 1 and torch.allclose(first, second)
+    first.backward()
+    assert model.visual.conv1.weight.grad is not None
