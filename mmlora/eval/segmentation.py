@@ -143,8 +143,11 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
 
     for i in tqdm(range(n_images), desc="eval seg", disable=n_images < 20):
         image, label = folder.load(i)
+        inputs: dict[tuple, torch.Tensor] = {}  # models sharing a normalisation share the input
         for name, (model, texts, route, _, mean, std) in loaded.items():
-            x = preprocess(image, short_side, mean, std)
+            if (mean, std) not in inputs:
+                inputs[(mean, std)] = preprocess(image, short_side, mean, std)
+            x = inputs[(mean, std)]
             adapter = route[i] if route else None
             for mode in modes:
                 with adapters_per_sample(model, [adapter] if adapter else None):

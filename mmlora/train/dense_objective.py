@@ -119,7 +119,8 @@ class DenseSeg:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise MmloraError("the dense segmentation objective trains in one process (see mmlora.train.dense_objective)")
         if self._text_trains is None:  # a frozen text tower gives the same class embeddings every step
-            self._text_trains = any(p.requires_grad for n, p in model.named_parameters() if ".visual." not in f".{n}")
+            image_tower = {id(p) for p in model.visual.parameters()}
+            self._text_trains = any(p.requires_grad and id(p) not in image_tower for p in model.parameters())
         if self._text_trains:
             text = class_text_embeddings(model, self.clip_tokenizer, self.seen, self.templates)  # [C, E]
         else:
