@@ -90,7 +90,7 @@ def train_row(name: str, seed: int, steps: int, recipe: dict[str, Any], data_dir
     import yaml
 
     from mmlora.config.loading import load_recipe
-    from mmlora.demo import retarget_recipe
+    from mmlora.showcase.demo import retarget_recipe
     from mmlora.train.loop import Trainer
 
     run = out / "runs" / f"{name.replace('/', '_')}-s{seed}"
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=100, help="world-B test images scored per run")
     args = parser.parse_args(argv)
 
-    from mmlora.demo import ensure_worlds
+    from mmlora.showcase.demo import ensure_worlds
     from mmlora.eval.caption import CaptionSet
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -14,7 +14,7 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     from mmlora.data.samples import load_image
-    from mmlora.data.shapes import cached_worlds
+    from mmlora.showcase.shapes import cached_worlds
     from mmlora.eval.caption import CaptionSet, generate_captions, load_captioner
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmlora.data.batching import Collator, ConversationDataset, GroupedBatchSampler
     from mmlora.data.processing import ConversationEncoder
     from mmlora.data.readers import read_llava
-    from mmlora.data.shapes import cached_worlds
+    from mmlora.showcase.shapes import cached_worlds
     from mmlora.models.loading import resolve_pretrained
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

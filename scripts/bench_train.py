@@ -38,7 +38,7 @@ PRELOAD = ["torch", "transformers", "peft", "accelerate", "transformers.models.l
 
 def prepare_data(n: int, out: Path, name: str = "train.json") -> tuple[Path, Path]:
     """The first ``n`` world-A training captions as a LLaVA JSON in ``out``; returns (json, image root)."""
-    from mmlora.data.shapes import cached_worlds
+    from mmlora.showcase.shapes import cached_worlds
 
     scale = 0.05 if n <= 100 else 0.05 * -(-n // 100)
     world = cached_worlds(scale=scale) / "world_A"

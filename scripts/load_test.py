@@ -34,7 +34,7 @@ def make_adapters(base: str, n: int, out: Path, rank: int = 4) -> dict[str, Path
     from mmlora.models.modality import discover_modalities
     from mmlora.placement.apply import apply_placement
     from mmlora.placement.plan import plan_placement
-    from mmlora.placement.save import save_placement
+    from mmlora.runs.save import save_placement
 
     spec = PlacementSpec.model_validate({"language": {"mode": "lora", "rank": rank}})
     model = load_model(ModelSpec(name=base))

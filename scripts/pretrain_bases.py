@@ -214,7 +214,7 @@ Regenerate: `{regen}`.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmlora.data.shapes import cached_worlds
+    from mmlora.showcase.shapes import cached_worlds
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "mmlora" / "bases")

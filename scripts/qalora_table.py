@@ -47,7 +47,7 @@ def _base_int4(out: Path) -> Path:
 
     from mmlora.models.loading import resolve_pretrained
     from mmlora.models.modality import discover_modalities
-    from mmlora.placement.int4 import quantize_linears, save_int4_model
+    from mmlora.adapters.int4 import quantize_linears, save_int4_model
 
     path = resolve_pretrained("shapes-llava-base")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="float32")

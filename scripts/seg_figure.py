@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from mmlora.data.segmentation import SegmentationFolder
-    from mmlora.demo import overlay_figure
-    from mmlora.seg_demo import ClipSegmenter
+    from mmlora.showcase.demo import overlay_figure
+    from mmlora.showcase.seg_demo import ClipSegmenter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/shapes/world_A"))

@@ -22,7 +22,7 @@ def make_run(out: Path, preset: str, placement: dict, seed: int, scale: float = 
     from mmlora.models.modality import discover_modalities
     from mmlora.placement.apply import apply_placement
     from mmlora.placement.plan import plan_placement
-    from mmlora.placement.save import save_placement
+    from mmlora.runs.save import save_placement
 
     recipe = Recipe.model_validate({"model": {"name": preset}, "placement": placement})
     model = load_model(recipe.model)

@@ -25,7 +25,7 @@ SMALL_SCALE = 0.05
 @pytest.fixture(scope="session")
 def shapes_small() -> Path:
     """Folder with world_A/ and world_B/ at SMALL_SCALE, 128 px."""
-    from mmlora.data.shapes import cached_worlds
+    from mmlora.showcase.shapes import cached_worlds
 
     return cached_worlds(scale=SMALL_SCALE)
 

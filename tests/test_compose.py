@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmlora.cli import main
-from mmlora.compose import adapters_per_sample, load_adapter_set, parse_composition, weighted_merge
+from mmlora.runs.compose import adapters_per_sample, load_adapter_set, parse_composition, weighted_merge
 from mmlora.errors import MmloraError
 from tests.adapter_runs import CLIP_PLACEMENT, LLAVA_PLACEMENT, make_run
 
@@ -107,7 +107,7 @@ def test_eval_caption_routes_a_mixed_composition(llava_runs, shapes_small, tmp_p
 
 
 def test_eval_seg_routes_clip_adapters(tmp_path, shapes_small, tiny_clip_dir):
-    from mmlora.eval.dense import dense_features
+    from mmlora.models.dense import dense_features
     from mmlora.eval.segmentation import evaluate_segmentation
 
     runs = [make_run(tmp_path / n, "tiny-clip", CLIP_PLACEMENT, s) for n, s in (("c1", 3), ("c2", 4))]

@@ -6,7 +6,7 @@ import json
 import yaml
 from PIL import Image
 
-from mmlora.demo import CLIP_RECIPE, LLAVA_RECIPE, format_report, run_demo
+from mmlora.showcase.demo import CLIP_RECIPE, LLAVA_RECIPE, format_report, run_demo
 
 
 def _tiny(recipe, model: str, tmp_path, name: str):

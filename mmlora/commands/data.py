@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "check":
         return _check(args)
-    from mmlora.data.shapes import WORLDS, generate
+    from mmlora.showcase.shapes import WORLDS, generate
     from mmlora.errors import MmloraError
 
     worlds = tuple(w.strip() for w in args.worlds.split(",") if w.strip())
@@ -82,7 +82,7 @@ def _check(args: argparse.Namespace) -> int:
         if others:
             model_path = Path(resolve_pretrained(model))
             if (model_path / "open_clip_config.json").is_file():  # CLIP: image-caption pairs
-                from mmlora.train.objectives import Contrastive
+                from mmlora.objectives.core import Contrastive
 
                 encoder = Contrastive(model_path).encoder
             else:

@@ -1,5 +1,5 @@
-"""``mmlora demo``: run the embedded default on the shapes world (see ``mmlora.demo``);
-``mmlora demo seg IMAGE --classes ...``: segment any image into typed class names (``mmlora.seg_demo``)."""
+"""``mmlora demo``: run the embedded default on the shapes world (see ``mmlora.showcase.demo``);
+``mmlora demo seg IMAGE --classes ...``: segment any image into typed class names (``mmlora.showcase.seg_demo``)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "demo_command", None) == "seg":
         from mmlora.errors import MmloraError
-        from mmlora.eval.dense import MODES
-        from mmlora.seg_demo import run_seg_demo
+        from mmlora.models.dense import MODES
+        from mmlora.showcase.seg_demo import run_seg_demo
 
         if args.method not in MODES:
             raise MmloraError(f"unknown --method {args.method!r}; known: {', '.join(MODES)}")
@@ -38,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {c:<20} {share:6.1%} of pixels")
         print(f"overlay: {overlay}\nmask:    {mask} (pixel value = class index in --classes order)")
         return 0
-    from mmlora.demo import main
+    from mmlora.showcase.demo import main
 
     return main(args.out, args.data)

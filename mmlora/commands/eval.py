@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return _seg(args)
     if args.eval_command == "fewshot":
         return _fewshot(args)
-    from mmlora.data.shapes import CAPTION_PROMPT
+    from mmlora.showcase.shapes import CAPTION_PROMPT
     from mmlora.errors import MmloraError
     from mmlora.eval.caption import CaptionSet, evaluate_models
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _seg(args: argparse.Namespace) -> int:
     from mmlora.errors import MmloraError
-    from mmlora.eval.dense import MODES
+    from mmlora.models.dense import MODES
     from mmlora.eval.segmentation import evaluate_segmentation, seg_table
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

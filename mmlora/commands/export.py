@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmlora.export import export_run
+    from mmlora.runs.export import export_run
 
     result = export_run(args.run, args.out, merge=args.merge, int4_group_size=args.int4)
     what = "adapters"

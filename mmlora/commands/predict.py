@@ -1,5 +1,5 @@
 """``mmlora predict REF --image IMG [--image IMG ...] [--prompt TEXT]``: answer images with a run, an
-export, or a composition of runs (``mmlora.compose``).
+export, or a composition of runs (``mmlora.runs.compose``).
 
     mmlora predict runs/tiny-llava-train --image data/shapes/world_B/images/test/B_test_00000.png
     mmlora predict exports/merged --image photo.jpg --prompt "What is in the picture?"
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmlora.data.samples import load_image
-    from mmlora.data.shapes import CAPTION_PROMPT
+    from mmlora.showcase.shapes import CAPTION_PROMPT
     from mmlora.errors import MmloraError
     from mmlora.eval.caption import generate_captions, load_routed_captioner
 

@@ -247,13 +247,13 @@ class DenseSpec(_Strict):
     patch-text cosine logits against the masks, over the seen classes."""
 
     mode: Literal["vanilla", "maskclip", "sclip", "clearclip", "naclip"] = Field(
-        default="vanilla", description="how the last vision block makes patch features (mmlora.eval.dense)")
+        default="vanilla", description="how the last vision block makes patch features (mmlora.models.dense)")
     templates: str = Field(default="shapes", description="class prompts: shapes | imagenet | 'a {}.;a photo of a {}.'")
 
 
 class ChunkedLossSpec(_Strict):
     """The LM head and the cross-entropy in chunks of supervised rows, each chunk's gradient computed
-    on the spot: the ``[tokens, vocabulary]`` logits never exist whole (``mmlora.train.chunked_loss``)."""
+    on the spot: the ``[tokens, vocabulary]`` logits never exist whole (``mmlora.objectives.chunked_loss``)."""
 
     enabled: bool = True
     chunk_size: Annotated[int, Field(gt=0)] | None = Field(

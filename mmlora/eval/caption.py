@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mmlora.data.shapes import CAPTION_PROMPT, COLOURS, POSITIONS
+from mmlora.showcase.shapes import CAPTION_PROMPT, COLOURS, POSITIONS
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -159,7 +159,7 @@ def generate_captions(model, processor, images: list, prompt: str = CAPTION_PROM
 
 def load_captioner(ref: str | Path):
     """A base model (preset, folder, cached hub id), a run (its adapters on its base, in the run's
-    precision), a merged export (INT4 included) or a composition of runs (``mmlora.compose``) →
+    precision), a merged export (INT4 included) or a composition of runs (``mmlora.runs.compose``) →
     ``(model, processor)``; see :func:`load_routed_captioner` for routing samples to adapters."""
     model, processor, _ = load_routed_captioner(ref)
     return model, processor
@@ -168,9 +168,9 @@ def load_captioner(ref: str | Path):
 def load_routed_captioner(ref: str | Path):
     """``(model, processor, route)``: ``route(n)`` gives the adapter of each of ``n`` images for a
     mixed composition, else None."""
-    from mmlora.compose import load_reference
-    from mmlora.export import load_run
-    from mmlora.placement.int4 import INT4_MANIFEST
+    from mmlora.runs.compose import load_reference
+    from mmlora.runs.export import load_run
+    from mmlora.adapters.int4 import INT4_MANIFEST
 
     composed = load_reference(str(ref))
     if composed is not None:

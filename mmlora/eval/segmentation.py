@@ -8,7 +8,7 @@ language. Background: a class named ``background`` is embedded from background w
 
 Image side (recorded in the output as the protocol): the image's short side is resized to
 ``short_side`` (default: the CLIP's input size), normalised with the CLIP's mean/std, run through a
-dense mode (``mmlora.eval.dense``) whole or in sliding windows (``crop``, ``stride``), and the logits
+dense mode (``mmlora.models.dense``) whole or in sliding windows (``crop``, ``stride``), and the logits
 are upsampled to the label map's size. Metrics: ``mmlora.eval.seg_metrics`` (dataset-level mIoU).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmlora.eval.dense import MODES, segment_logits
+from mmlora.models.dense import MODES, segment_logits
 from mmlora.eval.seg_metrics import SegMetrics
 
 IMAGENET_TEMPLATES = [
@@ -90,9 +90,9 @@ def load_clip_for_eval(ref: str | Path):
 
 def load_clip_reference(ref: str | Path):
     """``(model, tokenizer, composed)``: a preset or folder (``composed`` None), a run, or a composition
-    of runs (``mmlora.compose``: a weighted merge, or mixed — one adapter per image, routed by the caller
+    of runs (``mmlora.runs.compose``: a weighted merge, or mixed — one adapter per image, routed by the caller
     through ``composed.route``). Single adapters are merged for speed; fp32, eval, attention unfused."""
-    from mmlora.compose import clip_tokenizer, load_reference
+    from mmlora.runs.compose import clip_tokenizer, load_reference
     from mmlora.models.clip import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
@@ -139,7 +139,7 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
     rows = {(n, m): SegMetrics(len(classes)) for n in named for m in modes}
     from tqdm.auto import tqdm
 
-    from mmlora.compose import adapters_per_sample
+    from mmlora.runs.compose import adapters_per_sample
 
     for i in tqdm(range(n_images), desc="eval seg", disable=n_images < 20):
         image, label = folder.load(i)

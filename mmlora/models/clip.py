@@ -36,7 +36,7 @@ def build_tiny_clip(arch: str = "mmlora-clip-tiny", seed: int = 0):
     import open_clip
     import torch
 
-    from mmlora.data.shapes import corpus
+    from mmlora.showcase.shapes import corpus
     from mmlora.models.tokenizer import build_clip_tokenizer
 
     register_configs()

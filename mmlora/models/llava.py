@@ -95,7 +95,7 @@ def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0, vision_config=None) -> 
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
-    from mmlora.data.shapes import corpus
+    from mmlora.showcase.shapes import corpus
     from mmlora.models.tokenizer import build_llava_tokenizer
 
     tokenizer = build_llava_tokenizer(corpus(), vocab_size=spec.tokenizer_vocab)

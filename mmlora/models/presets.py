@@ -19,7 +19,7 @@ _BUILDER_SOURCES = (
     "models/presets.py",
     "models/open_clip_configs/mmlora-clip-tiny.json",
     "models/open_clip_configs/mmlora-clip-shapes.json",
-    "data/shapes.py",
+    "showcase/shapes.py",
 )
 
 

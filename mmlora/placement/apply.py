@@ -66,7 +66,7 @@ def apply_placement(model: nn.Module, plan: PlacementPlan, spec: PlacementSpec) 
 def _apply_qalora(base: nn.Module, plan: PlacementPlan, spec: PlacementSpec) -> None:
     """QA-LoRA modalities: mmlora's own layer (PEFT's QA-LoRA needs GPTQ checkpoints), applied after
     PEFT so that PEFT never sees these layers."""
-    from mmlora.placement.qalora import apply_qalora
+    from mmlora.adapters.qalora import apply_qalora
 
     specs = dict(spec.items())
     for m in plan.qalora:

@@ -78,7 +78,7 @@ class PlacementPlan:
 
     @property
     def qalora(self) -> list[ModalityPlan]:
-        """Modalities placed with QA-LoRA (``mmlora.placement.qalora``)."""
+        """Modalities placed with QA-LoRA (``mmlora.adapters.qalora``)."""
         return [m for m in self.modalities.values() if m.mode == "qalora"]
 
     def to_dict(self) -> dict:

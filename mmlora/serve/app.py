@@ -25,7 +25,7 @@ from pathlib import Path
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 
-from mmlora.compose import BASE
+from mmlora.runs.compose import BASE
 from mmlora.serve.batcher import Batcher, QueueFull
 from mmlora.serve.engine import Engine, Item
 
@@ -132,7 +132,7 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
 
     @app.post("/caption")
     async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None)):
-        from mmlora.data.shapes import CAPTION_PROMPT
+        from mmlora.showcase.shapes import CAPTION_PROMPT
 
         check_adapter(adapter)
         if prompt is not None and len(prompt) > limits.max_prompt_chars:

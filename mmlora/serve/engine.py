@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlora.compose import BASE, adapters_per_sample
+from mmlora.runs.compose import BASE, adapters_per_sample
 from mmlora.errors import MmloraError
 
 MODES = ("mixed", "switch", "merged")
@@ -45,8 +45,8 @@ def _adapter_path(run: Path, base_ref: str) -> Path:
     """The PEFT folder of an adapter-only run, checked against the served base."""
     import json
 
-    from mmlora.compose import _check_run
-    from mmlora.export import run_folder
+    from mmlora.runs.compose import _check_run
+    from mmlora.runs.export import run_folder
     from mmlora.models.loading import resolve_pretrained
 
     folder = run_folder(run)
@@ -224,7 +224,7 @@ class Engine:
     def _segment(self, items: list[Item]) -> list[dict]:
         import numpy as np
 
-        from mmlora.eval.dense import dense_features
+        from mmlora.models.dense import dense_features
 
         s = self.image_size
         pixels = []

@@ -53,11 +53,11 @@ class Trainer:
 
         from mmlora.data.build import mix, read_dataset
         from mmlora.models.loading import resolve_pretrained
-        from mmlora.train.objectives import objective_for
+        from mmlora.objectives.core import objective_for
         from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing
         from mmlora.placement.plan import plan_placement
         from mmlora.train.optim import build_optimizer, param_groups
-        from mmlora.train.precision import load_for_training
+        from mmlora.models.precision import load_for_training
         from mmlora.train.speed import apply_speedups
 
         r, t = self.recipe, self.recipe.train
@@ -135,7 +135,7 @@ class Trainer:
                     params[k].copy_(v.to(params[k].dtype))
         if manifest["adapters"]:
             # Merge earlier adapters into the base: the new stage trains its own adapters on top.
-            from mmlora.placement.save import load_placement
+            from mmlora.runs.save import load_placement
 
             merged = load_placement(model, final)
             merged.merge_and_unload()
@@ -197,7 +197,7 @@ class Trainer:
             return None
         from safetensors.torch import save_file
 
-        from mmlora.placement.save import save_placement
+        from mmlora.runs.save import save_placement
 
         root = self.out / "checkpoints"
         tmp = ckpt.begin(root, self.step)
@@ -317,7 +317,7 @@ class Trainer:
     @torch.no_grad()
     def caption_metrics(self) -> dict[str, float]:
         """The in-training hook: caption a validation subset, score it (main process; the others wait)."""
-        from mmlora.data.shapes import CAPTION_PROMPT
+        from mmlora.showcase.shapes import CAPTION_PROMPT
         from mmlora.eval.caption import CaptionSet, generate_captions, mean_slot_accuracy, score_captions
 
         spec = self.recipe.train.caption_eval
@@ -378,8 +378,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        from mmlora.placement.save import save_placement
-        from mmlora.train.report import loss_curve, model_card
+        from mmlora.runs.save import save_placement
+        from mmlora.runs.card import loss_curve, model_card
 
         final = self.out / "final"
         model = self.accelerator.unwrap_model(self.model)

@@ -2,14 +2,14 @@
 ``train.lean_dora``), applied to a placed model. Each gives the plain path's loss and gradients
 (tested against it) and can be switched off in the recipe.
 
-* **Chunked loss**: the LM head and cross-entropy in chunks (``mmlora.train.chunked_loss``).
+* **Chunked loss**: the LM head and cross-entropy in chunks (``mmlora.objectives.chunked_loss``).
 * **Frozen towers without autograd**: with gradient checkpointing, transformers makes the input
   embeddings of *every* sub-model require grad (``enable_input_require_grads``), so a frozen vision
   tower is recorded by autograd, recomputed and back-propagated through — for nothing. A sub-model
   that reads raw inputs (the ``vision`` tower; CLIP's ``text`` tower) and holds nothing trainable runs
   under ``torch.no_grad`` instead. Sub-models fed by trainable ones (a frozen LM after a trained
   projector) must pass gradients on and are left alone.
-* **Lean DoRA**: ``mmlora.placement.lean_dora``.
+* **Lean DoRA**: ``mmlora.adapters.lean_dora``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def apply_speedups(model: nn.Module, mmap: ModalityMap, train: TrainSpec, object
     if train.frozen_no_grad:
         applied["no_grad_modules"] = run_frozen_without_grad(model, mmap)
     if train.lean_dora:
-        from mmlora.placement.lean_dora import use_lean_dora
+        from mmlora.adapters.lean_dora import use_lean_dora
 
         applied["lean_dora_layers"] = use_lean_dora(model)
     return applied

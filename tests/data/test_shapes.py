@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mmlora.data import shapes
-from mmlora.data.shapes import CLASSES, COLOURS, POSITIONS, WORLDS, generate_world
+from mmlora.showcase.shapes import CLASSES, COLOURS, POSITIONS, WORLDS, generate_world
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from mmlora.eval.dense import MODES, dense_features, dense_tokens
+from mmlora.models.dense import MODES, dense_features, dense_tokens
 from mmlora.models.unfuse import unfuse_attention
 
 
@@ -97,7 +97,7 @@ def test_needs_unfused_attention_and_known_mode(clips):
 
 
 def test_sliding_window_equals_whole_image_when_one_crop_covers_it(clips):
-    from mmlora.eval.dense import segment_logits, window_starts
+    from mmlora.models.dense import segment_logits, window_starts
 
     _, unfused = clips
     image = torch.randn(3, 64, 64)

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def worlds():
-    from mmlora.data.shapes import cached_worlds
+    from mmlora.showcase.shapes import cached_worlds
 
     return cached_worlds()  # the default worlds the bases were scored on
 

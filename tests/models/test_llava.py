@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlora.data.shapes import CAPTION_PROMPT
+from mmlora.showcase.shapes import CAPTION_PROMPT
 from mmlora.models.llava import TinyLlavaSpec, assemble_llava, build_tiny_llava, load_llava, save_llava
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from mmlora.data.shapes import corpus
+from mmlora.showcase.shapes import corpus
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlora.data.shapes import CAPTION_PROMPT
+from mmlora.showcase.shapes import CAPTION_PROMPT
 
 
 def llava_batch(processor, shapes_small, n: int = 2) -> dict:

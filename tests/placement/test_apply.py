@@ -17,7 +17,7 @@ from mmlora.config.schema import PlacementSpec
 from mmlora.models.modality import discover_modalities
 from mmlora.placement.apply import apply_placement
 from mmlora.placement.plan import plan_placement
-from mmlora.placement.save import load_placement, save_placement
+from mmlora.runs.save import load_placement, save_placement
 from tests.placement.conftest import clip_batch, clip_loss, llava_batch, text_batch
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mmlora.errors import MmloraError
-from mmlora.placement.int4 import Int4Linear, pack_int4, quantize_int4, quantize_linears, unpack_int4
+from mmlora.adapters.int4 import Int4Linear, pack_int4, quantize_int4, quantize_linears, unpack_int4
 
 
 def test_quantizer_matches_the_formula():

@@ -11,7 +11,7 @@ from mmlora.config.schema import PlacementSpec
 from mmlora.models.modality import discover_modalities
 from mmlora.placement.apply import apply_placement
 from mmlora.placement.plan import plan_placement
-from mmlora.placement.save import save_placement
+from mmlora.runs.save import save_placement
 from tests.placement.conftest import llava_batch
 
 

@@ -6,8 +6,8 @@ from torch import nn
 
 from mmlora.config.schema import PlacementSpec
 from mmlora.errors import MmloraError
-from mmlora.placement.int4 import Int4Linear, quantize_int4
-from mmlora.placement.qalora import QALoraLinear, merge_qalora, qalora_layers
+from mmlora.adapters.int4 import Int4Linear, quantize_int4
+from mmlora.adapters.qalora import QALoraLinear, merge_qalora, qalora_layers
 from tests.placement.conftest import llava_batch
 
 SPEC = {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0], "rank": 4},
@@ -71,7 +71,7 @@ def test_placed_trained_saved_reloaded_and_merged(tiny_llava, tiny_llava_dir, sh
     from mmlora.placement.audit import audit_gradients
     from mmlora.placement.plan import plan_placement
     from mmlora.placement.report import format_plan
-    from mmlora.placement.save import load_placement, save_placement
+    from mmlora.runs.save import load_placement, save_placement
 
     model, processor = tiny_llava
     spec = PlacementSpec.model_validate(SPEC)

@@ -35,7 +35,7 @@ def _alone(run, image) -> str:
 
 
 def test_every_mode_answers_each_sample_with_its_adapter(llava_runs, images):
-    from mmlora.data.shapes import CAPTION_PROMPT
+    from mmlora.showcase.shapes import CAPTION_PROMPT
 
     expected = [_alone(llava_runs["red"], images[0]), _alone(llava_runs["blue"], images[1])]
     items = [Item("caption", "red", images[0], CAPTION_PROMPT), Item("caption", "blue", images[1], CAPTION_PROMPT),

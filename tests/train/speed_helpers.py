@@ -8,7 +8,7 @@ import torch
 from mmlora.config.schema import ModelSpec, PlacementSpec, QuantSpec
 from mmlora.placement.apply import apply_placement
 from mmlora.placement.plan import plan_placement
-from mmlora.train.precision import load_for_training
+from mmlora.models.precision import load_for_training
 
 
 def placed_llava(placement: dict, seed: int = 0):

@@ -16,7 +16,7 @@ from mmlora.data.samples import Sample
 from mmlora.data.segmentation import SegmentationFolder
 from mmlora.errors import MmloraError
 from mmlora.eval.segmentation import BACKGROUND_WORDS
-from mmlora.train.dense_objective import DenseSeg, seg_classes, uses_dense
+from mmlora.objectives.dense import DenseSeg, seg_classes, uses_dense
 
 from .conftest import run_training
 
@@ -52,7 +52,7 @@ def test_encoder_crops_image_and_mask_together_and_hides_unseen(tiny_clip_dir, s
 
 
 def test_loss_is_the_pixel_cross_entropy_and_ignores_unseen_pixels(tiny_clip_dir, shapes_small):
-    from mmlora.eval.dense import dense_tokens
+    from mmlora.models.dense import dense_tokens
     from mmlora.models.clip import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
@@ -111,9 +111,9 @@ def test_lora_on_q_v_trains_in_both_towers(tiny_clip_dir, shapes_small, tmp_path
     # The run evaluates like any CLIP: its adapters merged for eval give the adapter model's features,
     # and `eval seg` scores base and run side by side.
     from mmlora.cli import main
-    from mmlora.eval.dense import dense_tokens
+    from mmlora.models.dense import dense_tokens
     from mmlora.eval.segmentation import load_clip_for_eval
-    from mmlora.export import load_run
+    from mmlora.runs.export import load_run
 
     images = torch.randn(2, 3, 64, 64)
     merged, _ = load_clip_for_eval(tmp_path / "run")
@@ -147,7 +147,7 @@ def test_refuses_mixed_data_unknown_classes_and_non_clip_models(tiny_llava_dir, 
     with pytest.raises(ValueError, match="format: seg only"):
         DatasetSpec(format="llava", path="x.json", ignore_classes=["triangle"])
     from mmlora.models.llava import load_llava
-    from mmlora.train.objectives import objective_for
+    from mmlora.objectives.core import objective_for
 
     model, _ = load_llava(tiny_llava_dir)
     with pytest.raises(MmloraError, match="open_clip"):

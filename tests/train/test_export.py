@@ -5,7 +5,7 @@ import torch
 
 from mmlora.cli import main
 from mmlora.errors import MmloraError
-from mmlora.export import export_run, load_run, predict
+from mmlora.runs.export import export_run, load_run, predict
 from tests.train.conftest import run_training
 
 
@@ -66,7 +66,7 @@ def test_adapter_export_and_cli(trained_run, tmp_path, capsys, shapes_small):
 
 @pytest.mark.bnb
 def test_merged_qlora_requantized_to_int4(trained_run, tmp_path):
-    from mmlora.placement.int4 import Int4Linear, int4_layers, quantize_int4
+    from mmlora.adapters.int4 import Int4Linear, int4_layers, quantize_int4
 
     result = export_run(trained_run, tmp_path / "int4", merge=True, int4_group_size=16)
     assert result["requantized"] and result["int4_layers"] == 14  # the 4-bit language model's linear layers

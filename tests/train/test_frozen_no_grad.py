@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mmlora.placement.apply import enable_gradient_checkpointing
-from mmlora.train.objectives import supervised_loss_sum
+from mmlora.objectives.core import supervised_loss_sum
 from mmlora.train.speed import run_frozen_without_grad
 from tests.placement.conftest import llava_batch, tiny_clip  # noqa: F401 (fixture)
 from tests.train.speed_helpers import assert_same_grads, grads_of, placed_llava

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from mmlora.placement.lean_dora import LeanDoraLinearVariant, use_lean_dora
+from mmlora.adapters.lean_dora import LeanDoraLinearVariant, use_lean_dora
 from tests.train.speed_helpers import assert_same_grads, grads_of
 
 
@@ -73,7 +73,7 @@ def test_merged_weights_give_the_lean_forward():
 def test_tiny_llava_dora_equals_peft(shapes_small, tiny_llava_dir):
     from transformers import AutoProcessor
 
-    from mmlora.train.objectives import supervised_loss_sum
+    from mmlora.objectives.core import supervised_loss_sum
     from tests.placement.conftest import llava_batch
     from tests.train.speed_helpers import placed_llava
 
@@ -93,7 +93,7 @@ def test_qdora_4bit_equals_peft():
     from mmlora.config.schema import ModelSpec, PlacementSpec, QuantSpec
     from mmlora.placement.apply import apply_placement
     from mmlora.placement.plan import plan_placement
-    from mmlora.train.precision import load_for_training
+    from mmlora.models.precision import load_for_training
 
     spec = PlacementSpec.model_validate({"language": {"mode": "dora", "rank": 4, "precision": "4bit"}})
     model, mmap = load_for_training(ModelSpec(name="tiny-llava"), spec, QuantSpec())

@@ -3,7 +3,7 @@ import torch
 
 from mmlora.config.schema import ModelSpec, PlacementSpec, QuantSpec
 from mmlora.errors import MmloraError
-from mmlora.train.precision import load_for_training, verify_precision
+from mmlora.models.precision import load_for_training, verify_precision
 from tests.train.conftest import read_metrics
 
 pytestmark = pytest.mark.bnb

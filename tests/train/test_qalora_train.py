@@ -9,9 +9,9 @@ from tests.train.conftest import run_training
 
 
 def test_train_export_int4_and_reload(make_recipe, tmp_path, shapes_small, capsys):
-    from mmlora.export import load_run
-    from mmlora.placement.int4 import INT4_MANIFEST, Int4Linear
-    from mmlora.placement.qalora import qalora_layers
+    from mmlora.runs.export import load_run
+    from mmlora.adapters.int4 import INT4_MANIFEST, Int4Linear
+    from mmlora.adapters.qalora import qalora_layers
 
     recipe = make_recipe("qalora", **{"placement.language": {"mode": "qalora", "rank": 4, "group_size": 16},
                                       "train.max_steps": 2, "train.eval_every": 2})

@@ -4,7 +4,7 @@ Fine-tuned open-vocabulary segmenters tune CLIP's attention in both towers on th
 labels, and are judged on classes it never labelled. Here a batch is images with index masks
 (``format: seg`` data); each step embeds the seen classes' prompts with the text tower (with
 gradient, so text-tower adapters train), takes the image tower's patch features from its last block
-in ``train.dense.mode`` (``mmlora.eval.dense``: the same path evaluation uses), and scores every
+in ``train.dense.mode`` (``mmlora.models.dense``: the same path evaluation uses), and scores every
 pixel by the cosine between its (bilinearly upsampled) patch logits and each class text, scaled by
 the CLIP's logit scale: cross-entropy against the mask, summed over supervised pixels (the loss
 unit). Pixels of ``ignore_classes`` (the unseen classes) and 255 are never supervised.
@@ -25,7 +25,7 @@ from mmlora.config.schema import DataSpec, DenseSpec
 from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample
 from mmlora.data.segmentation import IGNORE_INDEX, SegmentationFolder, load_seg_pair
 from mmlora.errors import MmloraError
-from mmlora.train.objectives import stack_collate
+from mmlora.objectives.core import stack_collate
 
 
 def seg_classes(data: DataSpec, base_dir: Path | None = None) -> tuple[list[str], list[str], bool]:
@@ -113,11 +113,11 @@ class DenseSeg:
         return int((batch["mask"] != IGNORE_INDEX).sum())
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        from mmlora.eval.dense import dense_features
+        from mmlora.models.dense import dense_features
         from mmlora.eval.segmentation import class_text_embeddings
 
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise MmloraError("the dense segmentation objective trains in one process (see mmlora.train.dense_objective)")
+            raise MmloraError("the dense segmentation objective trains in one process (see mmlora.objectives.dense)")
         if self._text_trains is None:  # a frozen text tower gives the same class embeddings every step
             image_tower = {id(p) for p in model.visual.parameters()}
             self._text_trains = any(p.requires_grad and id(p) not in image_tower for p in model.parameters())

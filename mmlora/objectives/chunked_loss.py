@@ -1,6 +1,6 @@
 """Cross-entropy through the LM head in chunks: the ``[tokens, vocabulary]`` logits are never whole.
 
-The plain path (:func:`mmlora.train.objectives.supervised_loss_sum`) materialises the logits at the
+The plain path (:func:`mmlora.objectives.core.supervised_loss_sum`) materialises the logits at the
 supervised positions, their fp32 copy and the log-softmax saved for backward, and in backward a
 gradient of the same size: with a 150k vocabulary these are most of a step's memory. Here the head
 and the loss run ``chunk_size`` rows at a time, and each chunk's gradient (with respect to the
@@ -190,7 +190,7 @@ def _base(model: nn.Module) -> nn.Module:
 
 def chunked_supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None
                                 ) -> tuple[torch.Tensor, int] | None:
-    """Like :func:`mmlora.train.objectives.supervised_loss_sum`, with the head and the loss in chunks.
+    """Like :func:`mmlora.objectives.core.supervised_loss_sum`, with the head and the loss in chunks.
     Returns ``(sum, number of supervised tokens)``, or None when the model's head does not allow it."""
     labels = batch["labels"]
     targets = labels[:, 1:]

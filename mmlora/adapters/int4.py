@@ -6,7 +6,7 @@ each row's ``g`` consecutive input columns share a scale ``s [out, G]`` and a ze
 ``z [out, G]``; the 4-bit codes are ``q = clamp(round(W / s) + z, 0, 15)`` and the layer computes with
 ``W_deq = s * (q - z)``. The range of each group is widened to include 0 (as GPTQ's quantizer does), so
 the initial zero point is an integer in ``[0, 15]``. Zero points are *stored as floats*: QA-LoRA's merge
-(``mmlora.placement.qalora``) moves them off the integer grid while the codes stay 4-bit.
+(``mmlora.adapters.qalora``) moves them off the integer grid while the codes stay 4-bit.
 
 Storage: codes packed two per byte (``qweight`` uint8 ``[out, in / 2]``, low nibble = even column),
 ``scales`` and ``zeros`` fp32 ``[out, G]``, the bias as it was.

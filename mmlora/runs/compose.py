@@ -109,8 +109,8 @@ def load_adapter_set(runs: list[Path], names: list[str] | None = None):
     from peft import PeftModel
 
     from mmlora.config.loading import load_recipe
-    from mmlora.export import run_folder
-    from mmlora.train.precision import load_for_training
+    from mmlora.runs.export import run_folder
+    from mmlora.models.precision import load_for_training
 
     folders = [run_folder(r) for r in runs]
     names = names or adapter_names_for(runs)
@@ -204,7 +204,7 @@ def load_reference(ref: str) -> Composed | None:
         return load_composition(comp)
     path = Path(ref)
     if (path / "manifest.json").is_file() or (path / "final" / "manifest.json").is_file():
-        from mmlora.export import load_run
+        from mmlora.runs.export import load_run
 
         model, processor, recipe = load_run(path)
         return Composed(model, processor, recipe, None)

@@ -11,7 +11,7 @@ Reassembling in plain transformers + PEFT: load the base, ``load_state_dict`` th
 (``strict=False``), ``PeftModel.from_pretrained(base, adapters/<first>)``, ``load_adapter`` the rest and
 activate them all (``model.base_model.set_adapter([...])``). PiSSA/OLoRA adapters are converted at
 save time into LoRA adapters (twice the rank) that apply to the *original* base weights. QA-LoRA
-layers are mmlora's own, not PEFT's: ``mmlora.placement.qalora.load_qalora`` re-quantizes the base
+layers are mmlora's own, not PEFT's: ``mmlora.adapters.qalora.load_qalora`` re-quantizes the base
 layers the manifest lists and loads their adapters.
 """
 
@@ -70,7 +70,7 @@ def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, b
             "tensors": len(plan.full_params),
         }
     if plan.qalora:
-        from mmlora.placement.qalora import QALORA_FILE, save_qalora
+        from mmlora.adapters.qalora import QALORA_FILE, save_qalora
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         manifest["qalora"] = {"path": QALORA_FILE, "modalities": [m.name for m in plan.qalora],
@@ -97,7 +97,7 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
             for k, v in state.items():
                 params[k].copy_(v)
     if manifest.get("qalora"):
-        from mmlora.placement.qalora import load_qalora
+        from mmlora.adapters.qalora import load_qalora
 
         load_qalora(base, folder / manifest["qalora"]["path"], manifest["qalora"]["modules"])
     adapters = manifest["adapters"]

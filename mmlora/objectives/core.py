@@ -64,7 +64,7 @@ class CaptionLM:
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         if self.chunked:
-            from mmlora.train.chunked_loss import chunked_supervised_loss_sum
+            from mmlora.objectives.chunked_loss import chunked_supervised_loss_sum
 
             out = chunked_supervised_loss_sum(model, batch, self.chunk_size)
             if out is not None:  # None: the model's logits are more than its head's output
@@ -126,7 +126,7 @@ def objective_for(model: Any, model_path: Path | str, data, dense=None, base_dir
     """The objective for a model and a recipe's ``data`` section: ``seg`` data → :class:`DenseSeg`
     (open_clip only); other open_clip data → :class:`Contrastive`; else :class:`CaptionLM`."""
     from mmlora.models.modality import is_open_clip, unwrap
-    from mmlora.train.dense_objective import DenseSeg, uses_dense
+    from mmlora.objectives.dense import DenseSeg, uses_dense
 
     max_length, max_image_pixels = data.max_length, data.max_image_pixels
     if uses_dense(data):

@@ -7,7 +7,7 @@
   processor, model card) or ``merge=True``: a quantized base is dequantized, the adapters are merged
   into it, and the result is saved as an ordinary transformers checkpoint. A merge is checked:
   merged outputs must equal the adapter model's outputs on a probe batch. QA-LoRA adapters merge
-  into their INT4 zero points, so such a run exports an INT4 model (``mmlora.placement.int4``);
+  into their INT4 zero points, so such a run exports an INT4 model (``mmlora.adapters.int4``);
   ``int4_group_size`` re-quantizes the merged layers of a run's quantized modalities to INT4
   (the QLoRA → merge → INT4 path that QA-LoRA is compared against).
 """
@@ -66,10 +66,10 @@ def load_run(path: str | Path, dequantize_base: bool = False):
     from transformers import AutoProcessor
 
     from mmlora.config.loading import load_recipe
-    from mmlora.placement.save import load_placement
-    from mmlora.train.precision import load_for_training
+    from mmlora.runs.save import load_placement
+    from mmlora.models.precision import load_for_training
 
-    from mmlora.placement.int4 import INT4_MANIFEST, load_int4_model
+    from mmlora.adapters.int4 import INT4_MANIFEST, load_int4_model
 
     folder = run_folder(path)
     if (folder / INT4_MANIFEST).is_file():
@@ -127,7 +127,7 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
     ``int4_group_size`` (with ``merge``): after merging, quantize the linear layers of the run's
     quantized modalities to INT4 with this group size; the probe-batch difference is then the
     re-quantization error, recorded rather than checked."""
-    from mmlora.train.report import append_to_card
+    from mmlora.runs.card import append_to_card
 
     folder, out = run_folder(path), Path(out)
     if out.exists() and any(out.iterdir()):
@@ -146,8 +146,8 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
         raise MmloraError("merged export of open_clip models is not supported; export the adapters")
     batch = _probe_batch(processor, recipe)
     batch.pop("labels", None)
-    from mmlora.placement.int4 import int4_layers, quantize_linears, save_int4_model
-    from mmlora.placement.qalora import merge_qalora
+    from mmlora.adapters.int4 import int4_layers, quantize_linears, save_int4_model
+    from mmlora.adapters.qalora import merge_qalora
 
     with torch.no_grad():
         before = model(**batch).logits

@@ -45,7 +45,7 @@ class ClipSegmenter:
         self.mode, self.crop, self.stride, self.short_side = mode, crop, stride, short_side or size
 
     def __call__(self, image) -> np.ndarray:
-        from mmlora.eval.dense import segment_logits
+        from mmlora.models.dense import segment_logits
         from mmlora.eval.segmentation import preprocess
 
         x = preprocess(image, self.short_side, self.mean, self.std)

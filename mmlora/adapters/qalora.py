@@ -3,7 +3,7 @@
 Written here rather than taken from PEFT because PEFT's ``use_qalora`` only wraps GPTQ checkpoints
 (an auto-gptq / gptqmodel ``QuantLinear``): it cannot quantize a plain model itself, and its merge
 goes back to float weights. This layer quantizes any ``nn.Linear`` with mmlora's affine INT4
-(``mmlora.placement.int4``) and keeps the merged model INT4.
+(``mmlora.adapters.int4``) and keeps the merged model INT4.
 
 The adapter sees the input pooled per quantization group: the group's mean times its size ``k``
 (``pooled = k * mean(x[..., g*k:(g+1)*k])``, i.e. the group sum), ``A [r, G]``, ``B [out, r]``,
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mmlora.errors import MmloraError
-from mmlora.placement.int4 import Int4Linear, replace_module
+from mmlora.adapters.int4 import Int4Linear, replace_module
 
 #: Saved beside the PEFT adapters: ``<module>.qalora_A.weight`` / ``<module>.qalora_B.weight`` per layer.
 QALORA_FILE = "qalora.safetensors"

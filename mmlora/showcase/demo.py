@@ -82,7 +82,7 @@ def _train(recipe_path: Path, data_dir: Path, run_dir: Path, overrides: dict[str
 
 def ensure_worlds(data_dir: Path, scale: float = 1.0) -> Path:
     """Generate worlds A and B into ``data_dir`` unless they are there."""
-    from mmlora.data.shapes import generate
+    from mmlora.showcase.shapes import generate
 
     if not all((data_dir / w / "world.json").is_file() for w in ("world_A", "world_B")):
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def overlay_figure(image_path: Path, truth, masks: list, classes: list[str], out
     from PIL import Image, ImageDraw, ImageFont
 
     from mmlora.data.segmentation import IGNORE_INDEX
-    from mmlora.seg_demo import render_overlay
+    from mmlora.showcase.seg_demo import render_overlay
 
     image = Image.open(image_path).convert("RGB")
     truth = np.where(truth == IGNORE_INDEX, 0, truth).astype(np.uint8)
@@ -171,7 +171,7 @@ def _demo_overlay(world: Path, clip_base: str, clip_run: Path, dense_mode: str, 
     import numpy as np
 
     from mmlora.data.segmentation import SegmentationFolder
-    from mmlora.seg_demo import ClipSegmenter
+    from mmlora.showcase.seg_demo import ClipSegmenter
 
     folder = SegmentationFolder(world, "test")
     classes = folder.classes

@@ -390,4 +390,4 @@ def cached_worlds(seed: int = 0, image_size: int = 128, scale: float = 1.0) -> P
     from mmlora.cache import cached_dir
 
     params = {"seed": seed, "image_size": image_size, "scale": scale, "version": GENERATOR_VERSION}
-    return cached_dir("shapes", params, ["data/shapes.py"], lambda tmp: generate(tmp, seed=seed, image_size=image_size, scale=scale) and None)
+    return cached_dir("shapes", params, ["showcase/shapes.py"], lambda tmp: generate(tmp, seed=seed, image_size=image_size, scale=scale) and None)
