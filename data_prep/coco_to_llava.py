@@ -36,7 +36,7 @@ def convert(coco: dict, prompt: str, images_prefix: str = "", captions: str = "a
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmlora.showcase.shapes import CAPTION_PROMPT
+    from mmlora.data.samples import CAPTION_PROMPT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("annotations", type=Path)

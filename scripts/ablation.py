@@ -73,7 +73,7 @@ def placement_for(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
 def novel_recall(captions: dict[int, str], objects: dict[int, list[dict]]) -> dict[str, float | None]:
     """Of the ground-truth objects with a novel shape (colour), the share a caption names right at
     their position."""
-    from mmlora.eval.caption import parse_objects
+    from mmlora.showcase.slots import parse_objects
 
     hits = {k: [0, 0] for k in NOVEL}
     for image_id, caption in captions.items():

@@ -15,7 +15,8 @@ import time
 def main(argv: list[str] | None = None) -> int:
     from mmlora.data.samples import load_image
     from mmlora.showcase.shapes import cached_worlds
-    from mmlora.eval.caption import CaptionSet, generate_captions, load_captioner
+    from mmlora.eval.caption import CaptionSet, load_captioner
+    from mmlora.generate import generate_answers
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="shapes-llava")
@@ -27,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     data = CaptionSet.from_coco(cached_worlds() / "world_B" / "annotations" / "captions_test.json", limit=args.images)
     images = [load_image(data.files[i], "", None) for i in data.image_ids]
     t0 = time.perf_counter()
-    batched = generate_captions(model, processor, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    batched = generate_answers(model, processor, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     t1 = time.perf_counter()
-    single = [generate_captions(model, processor, [im], batch_size=1, max_new_tokens=args.max_new_tokens)[0] for im in images]
+    single = [generate_answers(model, processor, [im], batch_size=1, max_new_tokens=args.max_new_tokens)[0] for im in images]
     t2 = time.perf_counter()
     b, s = len(images) / (t1 - t0), len(images) / (t2 - t1)
     print(f"{args.model}, {len(images)} images, {args.max_new_tokens} new tokens max: batched ({args.batch_size}) "

@@ -42,7 +42,8 @@ def pretrain_clip(worlds: Path, work: Path, out: Path, steps: int) -> Path:
     import torch
     from safetensors.torch import load_file
 
-    from mmlora.models.clip import load_clip, model_config, save_clip
+    from mmlora.models.loading import load_clip
+    from mmlora.models.clip import model_config, save_clip
     from mmlora.models.presets import preset_path
     from mmlora.models.unfuse import fuse_state_dict, unfuse_attention
 
@@ -124,7 +125,7 @@ def clip_retrieval(clip_dir: Path, coco: Path, limit: int = 200) -> float:
     from mmlora.data.samples import load_image
     from mmlora.eval.retrieval import image_to_text_top1 as retrieval
     from mmlora.eval.caption import CaptionSet
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
 
     model, preprocess, tokenizer = load_clip(clip_dir)
     data = CaptionSet.from_coco(coco, limit=limit)

@@ -63,13 +63,13 @@ def test_mixed_batch_equals_each_adapter_alone(llava_runs, shapes_small):
 
 def test_mixed_generation_equals_each_adapter_alone(llava_runs, shapes_small):
     from mmlora.data.samples import load_image
-    from mmlora.eval.caption import generate_captions
+    from mmlora.generate import generate_answers
 
     images = [load_image(p, "", None) for p in sorted((shapes_small / "world_B/images/test").glob("*.png"))[:2]]
     model, processor, _ = load_adapter_set(llava_runs)
-    mixed = generate_captions(model, processor, images, max_new_tokens=6, adapter_names=["red", "blue"])
+    mixed = generate_answers(model, processor, images, max_new_tokens=6, adapter_names=["red", "blue"])
     for i, run in enumerate(llava_runs):
-        assert mixed[i] == generate_captions(_plain_peft(run), processor, images[i:i + 1], max_new_tokens=6)[0]
+        assert mixed[i] == generate_answers(_plain_peft(run), processor, images[i:i + 1], max_new_tokens=6)[0]
 
 
 def test_weighted_cat_merge_is_the_weighted_sum_of_updates(llava_runs):

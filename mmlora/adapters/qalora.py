@@ -28,9 +28,6 @@ from mmlora.errors import MmloraError
 from mmlora.adapters.int4 import Int4Linear, replace_module
 
 #: Saved beside the PEFT adapters: ``<module>.qalora_A.weight`` / ``<module>.qalora_B.weight`` per layer.
-QALORA_FILE = "qalora.safetensors"
-
-
 class QALoraLinear(Int4Linear):
     """An :class:`Int4Linear` base plus a group-pooled low-rank adapter (see the module docstring).
 

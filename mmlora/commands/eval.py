@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return _seg(args)
     if args.eval_command == "fewshot":
         return _fewshot(args)
-    from mmlora.showcase.shapes import CAPTION_PROMPT
+    from mmlora.data.samples import CAPTION_PROMPT
     from mmlora.errors import MmloraError
     from mmlora.eval.caption import CaptionSet, evaluate_models
 

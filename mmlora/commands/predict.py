@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmlora.data.samples import load_image
-    from mmlora.showcase.shapes import CAPTION_PROMPT
+    from mmlora.data.samples import CAPTION_PROMPT
     from mmlora.errors import MmloraError
-    from mmlora.eval.caption import generate_captions, load_routed_captioner
+    from mmlora.generate import generate_answers
+    from mmlora.eval.caption import load_routed_captioner
 
     model, processor, route = load_routed_captioner(args.run)
     if processor is None or not hasattr(model, "generate"):
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             raise MmloraError(f"{len(args.adapter)} --adapter for {len(args.image)} --image: give one per image")
         names = args.adapter
     images = [load_image(Path(p), p, None) for p in args.image]
-    answers = generate_captions(model, processor, images, args.prompt or CAPTION_PROMPT, batch_size=len(images),
+    answers = generate_answers(model, processor, images, args.prompt or CAPTION_PROMPT, batch_size=len(images),
                                 max_new_tokens=args.max_new_tokens, adapter_names=names)
     for k, answer in enumerate(answers):
         if len(answers) == 1 and not names:

@@ -152,7 +152,7 @@ def read_messages(path: str | Path, image_root: str | Path | None = None) -> lis
 def read_coco(path: str | Path, image_root: str | Path | None = None, prompt: str = "", captions: str = "all") -> list[Record]:
     """COCO captions; ``image_root`` defaults to the annotation file's folder (and its parent, where
     COCO's ``annotations/`` sits beside the image folders)."""
-    from mmlora.showcase.shapes import CAPTION_PROMPT
+    from mmlora.data.samples import CAPTION_PROMPT
 
     path = Path(path)
     if not path.is_file():
@@ -187,7 +187,7 @@ def read_hf(path: str | Path, kind: str = "disk", split: str = "train", prompt: 
     """A ``datasets`` table (see module docstring for the columns it reads)."""
     import datasets
 
-    from mmlora.showcase.shapes import CAPTION_PROMPT
+    from mmlora.data.samples import CAPTION_PROMPT
 
     path = Path(path)
     if kind == "disk":

@@ -19,6 +19,8 @@ from typing import Any
 from mmlora.errors import MmloraError
 
 IMAGE_TOKEN = "<image>"
+#: The captioning protocol's default prompt (the common one-sentence COCO caption instruction).
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 ROLES = {"system", "user", "assistant"}
 #: LLaVA / ShareGPT speaker names → chat-template roles.
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

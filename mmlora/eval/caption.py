@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from mmlora.showcase.shapes import CAPTION_PROMPT, COLOURS, POSITIONS
+from mmlora.data.samples import CAPTION_PROMPT
+from mmlora.showcase.shapes import COLOURS, POSITIONS
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -85,74 +86,16 @@ def score_captions(results: dict[int, str], references: dict[int, list[str]]) ->
 
 # ----------------------------------------------------------------------------- slot accuracy
 
-_SHAPES = ("circle", "square", "triangle", "cross", "star")
-_POS_RE = re.compile("|".join(sorted((re.escape(p) for p in POSITIONS), key=len, reverse=True)))
 
 
-def parse_objects(caption: str) -> list[dict[str, str | None]]:
-    """Objects named in a caption of either world's style: clauses split at ``and``/``,``/``;``,
-    each with a shape word, the colour word before it, and a position phrase."""
-    text = caption.lower().replace("from top to bottom,", " ")
-    clauses = re.split(r";|,| and ", text)
-    found = []
-    for clause in clauses:
-        shape = next((s for s in _SHAPES if re.search(rf"\b{s}\b", clause)), None)
-        if shape is None:
-            continue
-        colour = next((c for c in COLOURS if re.search(rf"\b{c}\b", clause)), None)
-        pos = _POS_RE.search(clause)
-        found.append({"shape": shape, "colour": colour, "position": pos.group(0) if pos else None})
-    return found
 
 
-def slot_accuracy(caption: str, objects: list[dict]) -> dict[str, float]:
-    """Per ground-truth object, is its shape / colour named at its position? (and position itself)"""
-    parsed = parse_objects(caption)
-    by_pos = {p["position"]: p for p in parsed if p["position"]}
-    hits = {"shape": 0, "colour": 0, "position": 0}
-    for obj in objects:
-        pred = by_pos.get(obj["position"])
-        if pred is None:
-            continue
-        hits["position"] += 1
-        hits["shape"] += pred["shape"] == obj["shape"]
-        hits["colour"] += pred["colour"] == obj["colour"]
-    n = max(len(objects), 1)
-    out = {k: v / n for k, v in hits.items()}
-    out["all"] = sum(out.values()) / 3
-    return out
 
 
-def mean_slot_accuracy(results: dict[int, str], objects: dict[int, list[dict]]) -> dict[str, float]:
-    per = [slot_accuracy(results[i], objects[i]) for i in results if i in objects]
-    if not per:
-        return {}
-    return {f"slot_{k}": sum(p[k] for p in per) / len(per) for k in per[0]}
 
 
 # ----------------------------------------------------------------------------- generation
 
-@torch.no_grad()
-def generate_captions(model, processor, images: list, prompt: str = CAPTION_PROMPT, batch_size: int = 16,
-                      max_new_tokens: int = 64, num_beams: int = 1, adapter_names: list[str] | None = None) -> list[str]:
-    """Batched generation with KV cache; left padding so every prompt ends where generation starts.
-    ``adapter_names`` (one per image) runs each image with its own adapter in the same batch (PEFT)."""
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(conv, add_generation_prompt=True)
-    out: list[str] = []
-    try:
-        for k in range(0, len(images), batch_size):
-            chunk = images[k:k + batch_size]
-            batch = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
-            routed = {"adapter_names": adapter_names[k:k + batch_size]} if adapter_names else {}
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                 use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed)
-            out += [s.strip() for s in processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-    return out
 
 
 # ----------------------------------------------------------------------------- models side by side
@@ -206,7 +149,7 @@ def evaluate_models(models: dict[str, str], data: CaptionSet, out_dir: str | Pat
     for name, ref in models.items():
         model, processor, route = load_routed_captioner(ref)
         routed = route(len(images))
-        captions = generate_captions(model, processor, images, prompt, batch_size, max_new_tokens, num_beams, routed)
+        captions = generate_answers(model, processor, images, prompt, batch_size, max_new_tokens, num_beams, routed)
         results = dict(zip(data.image_ids, captions))
         scores = score_captions(results, data.references) | mean_slot_accuracy(results, data.objects)
         (out / f"results_{name}.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in results.items()], indent=1) + "\n")

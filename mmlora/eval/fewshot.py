@@ -105,7 +105,8 @@ def classify(method: str, query: torch.Tensor, text: torch.Tensor | None, suppor
 def evaluate_fewshot(models: dict[str, str], data_root: str | Path, out_dir: str | Path, shots: list[int],
                      seeds: int = 3, templates: str = "shapes", train_split: str = "train",
                      test_split: str = "test", limit: int | None = None) -> dict[str, Any]:
-    from mmlora.eval.segmentation import TEMPLATES, class_embeddings, load_clip_for_eval
+    from mmlora.models.text import template_list, class_embeddings
+    from mmlora.eval.segmentation import load_clip_for_eval
 
     classes, train = labelled_images(data_root, train_split)
     test_classes, test = labelled_images(data_root, test_split)
@@ -114,7 +115,7 @@ def evaluate_fewshot(models: dict[str, str], data_root: str | Path, out_dir: str
     test = test[:limit] if limit else test
     if not test:
         raise MmloraError(f"{data_root}: no {test_split} image of a class that {train_split} has")
-    template_list = TEMPLATES.get(templates, templates.split(";"))
+    template_list = template_list(templates)
     y = torch.tensor([c for _, c in test])
     train_labels = [c for _, c in train]
     rows: dict[str, dict[str, Any]] = {}

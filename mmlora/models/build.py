@@ -60,7 +60,7 @@ def load_model(spec: ModelSpec, meta: bool = False, **kwargs) -> nn.Module:
 
     path = resolve_pretrained(spec.name)
     if isinstance(path, Path) and (path / "open_clip_config.json").is_file():
-        from mmlora.models.clip import load_clip
+        from mmlora.models.loading import load_clip
 
         model, _, _ = load_clip(path)
         unfuse_attention(model)

@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from mmlora.models.llava import CLIP_MEAN, CLIP_STD
+from mmlora.models.corpus import tokenizer_corpus
+from mmlora.models.tokenizer import build_clip_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "open_clip_configs"
 _registered = False
@@ -31,18 +36,16 @@ def model_config(arch: str) -> dict[str, Any]:
     return json.loads((CONFIG_DIR / f"{arch}.json").read_text())
 
 
-def build_tiny_clip(arch: str = "mmlora-clip-tiny", seed: int = 0):
-    """A randomly initialised open_clip CLIP of architecture ``arch`` and its shapes-world tokenizer."""
+def build_tiny_clip(arch: str = "mmlora-clip-tiny", seed: int = 0, texts: Sequence[str] | None = None):
+    """A randomly initialised open_clip CLIP of architecture ``arch`` and its tokenizer, trained on
+    ``texts`` (default: the shipped corpus, ``mmlora.models.corpus``)."""
     import open_clip
     import torch
-
-    from mmlora.showcase.shapes import corpus
-    from mmlora.models.tokenizer import build_clip_tokenizer
 
     register_configs()
     cfg = model_config(arch)
     text_cfg = cfg["text_cfg"]
-    tokenizer = build_clip_tokenizer(corpus(), vocab_size=text_cfg["vocab_size"], context_length=text_cfg["context_length"])
+    tokenizer = build_clip_tokenizer(tokenizer_corpus() if texts is None else texts, vocab_size=text_cfg["vocab_size"], context_length=text_cfg["context_length"])
     if len(tokenizer) > text_cfg["vocab_size"] or tokenizer.eos_token_id != text_cfg["eos_id"]:
         raise RuntimeError(f"{arch}: tokenizer (size {len(tokenizer)}, eos {tokenizer.eos_token_id}) does not fit the config")
     torch.manual_seed(seed)
@@ -76,19 +79,6 @@ def save_clip(model, tokenizer, model_cfg: dict[str, Any], out_dir: str | Path) 
     save_file(state, str(out / "open_clip_model.safetensors"))
     tokenizer.save_pretrained(out)
     return out
-
-
-def load_clip(name_or_path: str | Path, device: str = "cpu"):
-    """Load an open_clip folder (or a preset name). Returns ``(model, preprocess, tokenizer)`` where
-    ``tokenizer(texts) -> LongTensor[B, context_length]`` as open_clip's tokenizers do."""
-    import open_clip
-
-    from mmlora.models.loading import resolve_pretrained
-
-    path = resolve_pretrained(name_or_path, kind="clip")
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-    return model.eval(), preprocess, tokenizer
 
 
 def image_settings(model) -> tuple[int, tuple[float, ...], tuple[float, ...]]:

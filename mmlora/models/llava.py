@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from mmlora.models.clip import CLIP_MEAN, CLIP_STD
+from mmlora.models.convert import hf_vision_from_open_clip
+from mmlora.models.corpus import tokenizer_corpus
+from mmlora.models.tokenizer import build_llava_tokenizer
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `mmlora --help` is fast
     from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ def build_llava_processor(tokenizer: PreTrainedTokenizerBase, image_size: int, p
     )
 
 
-def _llava_config(vision_config, text_config, tokenizer, num_image_tokens: int):
+def llava_config(vision_config, text_config, tokenizer, num_image_tokens: int):
     from transformers import LlavaConfig
 
     config = LlavaConfig(
@@ -83,22 +87,21 @@ def _llava_config(vision_config, text_config, tokenizer, num_image_tokens: int):
     return config
 
 
-def _text_token_ids(text_config, tokenizer) -> None:
+def set_text_token_ids(text_config, tokenizer) -> None:
     text_config.bos_token_id = tokenizer.bos_token_id
     text_config.eos_token_id = tokenizer.eos_token_id
     text_config.pad_token_id = tokenizer.pad_token_id
 
 
-def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0, vision_config=None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised tiny LLaVA with a real shapes-world tokenizer and processor
-    (``vision_config`` replaces the spec's vision sizes, e.g. to take a pretrained tower)."""
+def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0, vision_config=None,
+                     texts: Sequence[str] | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA with a real tokenizer (trained on ``texts``, default the
+    shipped corpus) and processor (``vision_config`` replaces the spec's vision sizes, e.g. to take a
+    pretrained tower)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
-    from mmlora.showcase.shapes import corpus
-    from mmlora.models.tokenizer import build_llava_tokenizer
-
-    tokenizer = build_llava_tokenizer(corpus(), vocab_size=spec.tokenizer_vocab)
+    tokenizer = build_llava_tokenizer(tokenizer_corpus() if texts is None else texts, vocab_size=spec.tokenizer_vocab)
     vision = vision_config or CLIPVisionConfig(
         hidden_size=spec.vision_width,
         intermediate_size=spec.vision_width * 4,
@@ -118,8 +121,8 @@ def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0, vision_config=None) -> 
         max_position_embeddings=spec.max_positions,
         tie_word_embeddings=False,
     )
-    _text_token_ids(text, tokenizer)
-    config = _llava_config(vision, text, tokenizer, spec.num_image_tokens)
+    set_text_token_ids(text, tokenizer)
+    config = llava_config(vision, text, tokenizer, spec.num_image_tokens)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -131,60 +134,10 @@ def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0, vision_config=None) -> 
 def llava_from_clip(clip_dir: str | Path, spec: TinyLlavaSpec, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A tiny LLaVA whose vision tower is the image tower of the open_clip model in ``clip_dir``
     (converted, at ``spec.image_size``), with a new projector and a new language model."""
-    from mmlora.models.convert import hf_vision_from_open_clip
-
     tower = hf_vision_from_open_clip(clip_dir, image_size=spec.image_size)
     model, processor = build_tiny_llava(spec, seed, vision_config=tower.config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     return model, processor
-
-
-def assemble_llava(
-    vision_encoder: str | Path,
-    language_model: str | Path,
-    seed: int = 0,
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Build a LLaVA from a CLIP vision encoder and a causal LM, with a new projector (LLaVA's
-    2-layer GELU MLP, randomly initialised): how a user makes their own VLM before projector
-    pre-training. The LM's tokenizer gains ``<image>`` (and ``<pad>`` if it has none); its embedding
-    matrix is resized to match. Both inputs are local folders (or ids already in the HF cache).
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
-
-    from mmlora.models.loading import resolve_pretrained
-    from mmlora.models.tokenizer import LLAVA_CHAT_TEMPLATE
-
-    vision_path = resolve_pretrained(vision_encoder)
-    lm_path = resolve_pretrained(language_model)
-    vision_cfg = AutoConfig.from_pretrained(vision_path)
-    vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # a full CLIP folder works too
-    tower = CLIPVisionModel.from_pretrained(vision_path, config=vision_cfg)
-    lm = AutoModelForCausalLM.from_pretrained(lm_path)
-    tokenizer = AutoTokenizer.from_pretrained(lm_path)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_tokens(["<image>"], special_tokens=True)
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    lm.resize_token_embeddings(len(tokenizer))
-    text_cfg = lm.config
-    _text_token_ids(text_cfg, tokenizer)
-    num_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
-    config = _llava_config(vision_cfg, text_cfg, tokenizer, num_image_tokens)
-
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(tower.state_dict())
-    model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = build_llava_processor(tokenizer, vision_cfg.image_size, vision_cfg.patch_size)
-    return model.eval(), processor
 
 
 def save_llava(model, processor, out_dir: str | Path) -> Path:
@@ -193,15 +146,3 @@ def save_llava(model, processor, out_dir: str | Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
-
-
-def load_llava(name_or_path: str | Path, **kwargs) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load any LLaVA checkpoint (a preset name, a local folder, or a cached hub id) and its processor."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from mmlora.models.loading import resolve_pretrained
-
-    path = resolve_pretrained(name_or_path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(path)
-    return model.eval(), processor

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmlora.errors import MmloraError
+from mmlora.models.llava import llava_config, set_text_token_ids, build_llava_processor
+from mmlora.models.presets import PRESETS, preset_path
+from mmlora.models.tokenizer import LLAVA_CHAT_TEMPLATE
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -29,8 +36,6 @@ def resolve_pretrained(ref: str | Path, kind: str | None = None) -> Path | str:
     ``ref`` may be a preset name (``mmlora models list``; built once and cached), a folder, or a hub
     id such as ``llava-hf/llava-1.5-7b-hf``. ``kind`` ("llava" or "clip") checks a preset's kind.
     """
-    from mmlora.models.presets import PRESETS, preset_path
-
     ref_str = str(ref)
     path = Path(ref_str).expanduser()
     if path.is_dir():
@@ -57,3 +62,74 @@ def resolve_pretrained(ref: str | Path, kind: str | None = None) -> Path | str:
             "then copy DIR here), or a preset from `mmlora models list`."
         )
     return ref_str
+
+
+def load_clip(name_or_path: str | Path, device: str = "cpu"):
+    """Load an open_clip folder (or a preset name). Returns ``(model, preprocess, tokenizer)`` where
+    ``tokenizer(texts) -> LongTensor[B, context_length]`` as open_clip's tokenizers do."""
+    import open_clip
+
+
+    path = resolve_pretrained(name_or_path, kind="clip")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    return model.eval(), preprocess, tokenizer
+
+
+
+def assemble_llava(
+    vision_encoder: str | Path,
+    language_model: str | Path,
+    seed: int = 0,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build a LLaVA from a CLIP vision encoder and a causal LM, with a new projector (LLaVA's
+    2-layer GELU MLP, randomly initialised): how a user makes their own VLM before projector
+    pre-training. The LM's tokenizer gains ``<image>`` (and ``<pad>`` if it has none); its embedding
+    matrix is resized to match. Both inputs are local folders (or ids already in the HF cache).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+
+    vision_path = resolve_pretrained(vision_encoder)
+    lm_path = resolve_pretrained(language_model)
+    vision_cfg = AutoConfig.from_pretrained(vision_path)
+    vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # a full CLIP folder works too
+    tower = CLIPVisionModel.from_pretrained(vision_path, config=vision_cfg)
+    lm = AutoModelForCausalLM.from_pretrained(lm_path)
+    tokenizer = AutoTokenizer.from_pretrained(lm_path)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    lm.resize_token_embeddings(len(tokenizer))
+    text_cfg = lm.config
+    set_text_token_ids(text_cfg, tokenizer)
+    num_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    config = llava_config(vision_cfg, text_cfg, tokenizer, num_image_tokens)
+
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = build_llava_processor(tokenizer, vision_cfg.image_size, vision_cfg.patch_size)
+    return model.eval(), processor
+
+
+
+def load_llava(name_or_path: str | Path, **kwargs) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load any LLaVA checkpoint (a preset name, a local folder, or a cached hub id) and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+
+    path = resolve_pretrained(name_or_path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path)
+    return model.eval(), processor

@@ -18,7 +18,7 @@ from torch import nn
 from mmlora.config.schema import ModelSpec, PlacementSpec, QuantSpec
 from mmlora.errors import MmloraError
 from mmlora.models.modality import ModalityMap, discover_modalities
-from mmlora.placement.targets import is_linear
+from mmlora.models.layers import is_linear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANT_CLASS = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
@@ -122,3 +122,30 @@ def _keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def dequantize(model: nn.Module) -> list[str]:
+    """Replace bitsandbytes 4-bit / 8-bit linear layers by fp32 ``nn.Linear`` holding the exact
+    dequantized weights (what the quantized layer computed with). Returns the names replaced."""
+    import bitsandbytes as bnb
+
+    replaced = []
+    for name, module in list(model.named_modules()):
+        kind = type(module).__name__
+        if kind not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        if kind == "Linear4bit":
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        else:
+            w = module.weight
+            weight = (w.CB.float() * w.SCB.float().unsqueeze(1) / 127.0) if getattr(w, "CB", None) is not None else w.data.float()
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight.reshape(module.out_features, module.in_features))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.float())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        replaced.append(name)
+    return replaced
+

@@ -6,11 +6,15 @@ takes a model accepts a preset name wherever it accepts a checkpoint folder.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mmlora.models.llava import TinyLlavaSpec
+from mmlora.cache import cached_dir
+from mmlora.errors import MmloraError
+from mmlora.models.clip import build_tiny_clip, save_clip
+from mmlora.models.llava import TinyLlavaSpec, build_tiny_llava, save_llava
 
 _BUILDER_SOURCES = (
     "models/llava.py",
@@ -19,7 +23,8 @@ _BUILDER_SOURCES = (
     "models/presets.py",
     "models/open_clip_configs/mmlora-clip-tiny.json",
     "models/open_clip_configs/mmlora-clip-shapes.json",
-    "showcase/shapes.py",
+    "models/corpus.py",
+    "models/tokenizer_corpus.txt.gz",
 )
 
 
@@ -68,30 +73,20 @@ BASES_DIR = Path(__file__).resolve().parents[1] / "bases"
 
 def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build preset ``name`` with random weights from ``seed`` and save it to ``out_dir``."""
-    from mmlora.errors import MmloraError
-
     if name not in PRESETS:
         raise MmloraError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     preset = PRESETS[name]
     if preset.shipped:
-        import shutil
-
         shutil.copytree(shipped_path(preset), out_dir, dirs_exist_ok=True)
         return Path(out_dir)
     if preset.kind == "llava":
-        from mmlora.models.llava import build_tiny_llava, save_llava
-
         model, processor = build_tiny_llava(preset.llava, seed=seed)
         return save_llava(model, processor, out_dir)
-    from mmlora.models.clip import build_tiny_clip, save_clip
-
     model, tokenizer, cfg = build_tiny_clip(preset.clip_arch, seed=seed)
     return save_clip(model, tokenizer, cfg, out_dir)
 
 
 def shipped_path(preset: Preset) -> Path:
-    from mmlora.errors import MmloraError
-
     path = BASES_DIR / preset.shipped
     if not (path / "README.md").is_file():
         raise MmloraError(f"the shipped base {preset.name!r} is missing at {path}; regenerate it with "
@@ -106,8 +101,6 @@ def preset_path(name: str, seed: int = 0) -> Path:
         return shipped_path(PRESETS[name])
     import open_clip
     import transformers
-
-    from mmlora.cache import cached_dir
 
     params = PRESETS[name].params() | {
         "seed": seed, "transformers": transformers.__version__, "open_clip": open_clip.__version__,

@@ -94,7 +94,7 @@ class Contrastive:
     unit = "sample"
 
     def __init__(self, model_path: Path, max_image_pixels: int = MAX_IMAGE_PIXELS):
-        from mmlora.models.clip import load_clip
+        from mmlora.models.loading import load_clip
 
         self.path = Path(model_path)
         _, preprocess, tokenizer = load_clip(self.path)

@@ -90,8 +90,9 @@ class DenseSeg:
 
     def __init__(self, model_path: Path | str, data: DataSpec, dense: DenseSpec, base_dir: Path | None = None,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
-        from mmlora.eval.segmentation import TEMPLATES
-        from mmlora.models.clip import image_settings, load_clip
+        from mmlora.models.text import template_list
+        from mmlora.models.clip import image_settings
+        from mmlora.models.loading import load_clip
 
         self.path = Path(model_path)
         model, _, self.clip_tokenizer = load_clip(self.path)
@@ -102,7 +103,7 @@ class DenseSeg:
         self.mode = dense.mode
         self._text_trains: bool | None = None
         self._text: torch.Tensor | None = None
-        self.templates = TEMPLATES.get(dense.templates, dense.templates.split(";"))
+        self.templates = template_list(dense.templates)
         size, mean, std = image_settings(model)
         self.encoder = _SegEncoder(size, mean, std, classes, self.seen, zero, self.clip_tokenizer.tokenizer,
                                    max_image_pixels)
@@ -114,7 +115,7 @@ class DenseSeg:
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         from mmlora.models.dense import dense_features
-        from mmlora.eval.segmentation import class_text_embeddings
+        from mmlora.models.text import class_text_embeddings
 
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise MmloraError("the dense segmentation objective trains in one process (see mmlora.objectives.dense)")

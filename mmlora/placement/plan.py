@@ -20,7 +20,8 @@ from torch import nn
 from mmlora.config.schema import ModalitySpec, PlacementSpec
 from mmlora.errors import MmloraError
 from mmlora.models.modality import ModalityMap, unwrap
-from mmlora.placement.targets import TARGET_GROUPS_SET, compile_pattern, is_adaptable, is_linear, matches_group
+from mmlora.placement.targets import TARGET_GROUPS_SET, compile_pattern, matches_group
+from mmlora.models.layers import is_adaptable, is_linear
 
 
 @dataclass

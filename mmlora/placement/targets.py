@@ -24,15 +24,8 @@ _MLP_PARENTS = {"mlp", "ffn", "feed_forward", "feedforward", "mlp_block", "inter
 _MLP_LEAVES = {"fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate_up_proj"}
 
 
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear and its quantized / transposed cousins that PEFT's LoRA layers wrap."""
-    name = type(module).__name__
-    return isinstance(module, nn.Linear) or name in {"Linear4bit", "Linear8bitLt", "Conv1D"}
 
 
-def is_adaptable(module: nn.Module) -> bool:
-    """Layers PEFT's LoRA can wrap (for explicit patterns)."""
-    return is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d, nn.Conv1d))
 
 
 def groups_of(name: str) -> set[str]:

@@ -35,30 +35,6 @@ def run_folder(path: str | Path) -> Path:
     raise MmloraError(f"{path}: not a run (no final/manifest.json) or an exported model (no config.json)")
 
 
-def dequantize(model: nn.Module) -> list[str]:
-    """Replace bitsandbytes 4-bit / 8-bit linear layers by fp32 ``nn.Linear`` holding the exact
-    dequantized weights (what the quantized layer computed with). Returns the names replaced."""
-    import bitsandbytes as bnb
-
-    replaced = []
-    for name, module in list(model.named_modules()):
-        kind = type(module).__name__
-        if kind not in ("Linear4bit", "Linear8bitLt"):
-            continue
-        if kind == "Linear4bit":
-            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-        else:
-            w = module.weight
-            weight = (w.CB.float() * w.SCB.float().unsqueeze(1) / 127.0) if getattr(w, "CB", None) is not None else w.data.float()
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(weight.reshape(module.out_features, module.in_features))
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.float())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-        replaced.append(name)
-    return replaced
 
 
 def load_run(path: str | Path, dequantize_base: bool = False):
@@ -111,7 +87,7 @@ def _probe_batch(processor, recipe) -> dict[str, torch.Tensor]:
 def _quantized_linears(model: nn.Module, recipe) -> list[str]:
     """Linear layers (heads excepted) of the modalities a recipe quantizes (4bit, 8bit) or places with qalora."""
     from mmlora.models.modality import discover_modalities
-    from mmlora.placement.targets import is_linear
+    from mmlora.models.layers import is_linear
 
     mmap = discover_modalities(model, recipe.model.modalities)
     specs = dict(recipe.placement.items())

@@ -17,7 +17,6 @@ layers the manifest lists and loads their adapters.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,10 +25,10 @@ import torch
 from torch import nn
 
 from mmlora import __version__
+from mmlora.adapters.qalora import load_qalora, save_qalora
 from mmlora.placement.plan import PlacementPlan
+from mmlora.runs.layout import FULL_MODULES, QALORA_FILE, Weights
 
-MANIFEST = "manifest.json"
-FULL_MODULES = "full_modules.safetensors"
 
 
 def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, base_model: str,
@@ -70,12 +69,10 @@ def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, b
             "tensors": len(plan.full_params),
         }
     if plan.qalora:
-        from mmlora.adapters.qalora import QALORA_FILE, save_qalora
-
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         manifest["qalora"] = {"path": QALORA_FILE, "modalities": [m.name for m in plan.qalora],
                               "modules": save_qalora(base, out / QALORA_FILE)}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    Weights(out).write_manifest(manifest)
     return out
 
 
@@ -85,7 +82,7 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = Weights(folder).manifest()
     full = manifest.get("full_modules")
     if full:
         state = load_file(str(folder / full["path"]))
@@ -97,8 +94,6 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
             for k, v in state.items():
                 params[k].copy_(v)
     if manifest.get("qalora"):
-        from mmlora.adapters.qalora import load_qalora
-
         load_qalora(base, folder / manifest["qalora"]["path"], manifest["qalora"]["modules"])
     adapters = manifest["adapters"]
     if not adapters:

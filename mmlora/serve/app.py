@@ -132,7 +132,7 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
 
     @app.post("/caption")
     async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None)):
-        from mmlora.showcase.shapes import CAPTION_PROMPT
+        from mmlora.data.samples import CAPTION_PROMPT
 
         check_adapter(adapter)
         if prompt is not None and len(prompt) > limits.max_prompt_chars:

@@ -89,7 +89,7 @@ class Engine:
         else:
             import open_clip
 
-            from mmlora.models.clip import load_clip
+            from mmlora.models.loading import load_clip
             from mmlora.models.unfuse import unfuse_attention
 
             self.base, _, self.tokenizer = load_clip(path)
@@ -200,7 +200,7 @@ class Engine:
 
     def _text(self, adapter: str, classes: list[str]) -> torch.Tensor:
         """``[C, E]`` class embeddings through ``adapter``'s text tower (cached per adapter and classes)."""
-        from mmlora.eval.segmentation import SHAPES_TEMPLATES, class_embeddings
+        from mmlora.models.text import SHAPES_TEMPLATES, class_embeddings
 
         key = (adapter, tuple(classes))
         if key in self._texts:

@@ -36,17 +36,18 @@ class ClipSegmenter:
     def __init__(self, classes: list[str], clip_ref: str = "shapes-clip-base", mode: str = "clearclip",
                  templates: str = "shapes", crop: int | None = None, stride: int | None = None,
                  short_side: int | None = None):
-        from mmlora.eval.segmentation import TEMPLATES, class_embeddings, load_clip_for_eval
+        from mmlora.models.text import template_list, class_embeddings
+        from mmlora.eval.segmentation import load_clip_for_eval
         from mmlora.models.clip import image_settings
 
         self.model, tokenizer = load_clip_for_eval(clip_ref)
         size, self.mean, self.std = image_settings(self.model)
-        self.text = class_embeddings(self.model, tokenizer, classes, TEMPLATES.get(templates, templates.split(";")))
+        self.text = class_embeddings(self.model, tokenizer, classes, template_list(templates))
         self.mode, self.crop, self.stride, self.short_side = mode, crop, stride, short_side or size
 
     def __call__(self, image) -> np.ndarray:
         from mmlora.models.dense import segment_logits
-        from mmlora.eval.segmentation import preprocess
+        from mmlora.models.text import preprocess
 
         x = preprocess(image, self.short_side, self.mean, self.std)
         with torch.no_grad():

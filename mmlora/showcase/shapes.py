@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmlora.data.samples import CAPTION_PROMPT
+
 GENERATOR_VERSION = 1
 
 #: Global class table shared by every world: index = mask value. 255 is the ignore index.
@@ -51,8 +53,6 @@ POSITIONS: tuple[str, ...] = (
 )
 SIZES: dict[str, tuple[float, float]] = {"small": (0.20, 0.26), "large": (0.36, 0.44)}
 
-#: The protocol prompt used in conversation files (and by the captioning evaluation).
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from mmlora.config.loading import recipe_to_yaml
 from mmlora.config.schema import Recipe
 from mmlora.data.batching import ConversationDataset, GroupedBatchSampler
 from mmlora.errors import MmloraError
-from mmlora.train import checkpoint as ckpt
+from mmlora.runs import checkpoint as ckpt
 
 
 class Trainer:
@@ -317,8 +317,10 @@ class Trainer:
     @torch.no_grad()
     def caption_metrics(self) -> dict[str, float]:
         """The in-training hook: caption a validation subset, score it (main process; the others wait)."""
-        from mmlora.showcase.shapes import CAPTION_PROMPT
-        from mmlora.eval.caption import CaptionSet, generate_captions, mean_slot_accuracy, score_captions
+        from mmlora.data.samples import CAPTION_PROMPT
+        from mmlora.eval.caption import CaptionSet, score_captions
+        from mmlora.generate import generate_answers
+        from mmlora.showcase.slots import mean_slot_accuracy
 
         spec = self.recipe.train.caption_eval
         out: dict[str, float] = {}
@@ -329,7 +331,7 @@ class Trainer:
             images = [load_image(data.files[i], str(data.files[i]), str(i)) for i in data.image_ids]
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
-            captions = generate_captions(model, self.objective.processor, images, spec.prompt or CAPTION_PROMPT,
+            captions = generate_answers(model, self.objective.processor, images, spec.prompt or CAPTION_PROMPT,
                                          max_new_tokens=spec.max_new_tokens)
             results = dict(zip(data.image_ids, captions))
             scores = score_captions(results, data.references) | mean_slot_accuracy(results, data.objects)

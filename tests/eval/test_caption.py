@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from mmlora.eval.caption import (CaptionSet, evaluate_models, generate_captions, parse_objects, score_captions,
-                                 slot_accuracy)
+from mmlora.eval.caption import CaptionSet, evaluate_models, score_captions
+from mmlora.generate import generate_answers
+from mmlora.showcase.slots import parse_objects, slot_accuracy
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -61,8 +62,8 @@ def test_batched_and_one_by_one_greedy_give_the_same_captions(tiny_llava_dir, sh
     from mmlora.data.samples import load_image
 
     images = [load_image(data.files[i], "", None) for i in data.image_ids]
-    batched = generate_captions(model, processor, images, batch_size=6, max_new_tokens=12)
-    single = [generate_captions(model, processor, [im], batch_size=1, max_new_tokens=12)[0] for im in images]
+    batched = generate_answers(model, processor, images, batch_size=6, max_new_tokens=12)
+    single = [generate_answers(model, processor, [im], batch_size=1, max_new_tokens=12)[0] for im in images]
     assert batched == single and any(batched)
 
 

@@ -12,7 +12,7 @@ from mmlora.models.unfuse import unfuse_attention
 
 @pytest.fixture(scope="module")
 def clips(tiny_clip_dir):
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
 
     fused, _, _ = load_clip(tiny_clip_dir)
     unfused = copy.deepcopy(fused)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmlora.cli import main
-from mmlora.eval.segmentation import IMAGENET_TEMPLATES, class_embeddings
+from mmlora.models.text import IMAGENET_TEMPLATES, class_embeddings
 
 
 def test_imagenet_templates_are_clips_eighty():
@@ -13,7 +13,7 @@ def test_imagenet_templates_are_clips_eighty():
 
 
 def test_class_embeddings_average_synonyms_and_templates(tiny_clip_dir):
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
 
     model, _, tokenizer = load_clip(tiny_clip_dir)
     templates = ["a {}.", "there is a {}."]

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlora.models.clip import load_clip, model_config, save_clip
+from mmlora.models.loading import load_clip
+from mmlora.models.clip import model_config, save_clip
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from mmlora.models.convert import hf_vision_from_open_clip
 def test_open_clip_tower_becomes_an_equal_clip_vision_model(tiny_clip_dir):
     from safetensors.torch import load_file
 
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
 
     clip, _, _ = load_clip(tiny_clip_dir)
     hf = hf_vision_from_open_clip(tiny_clip_dir)

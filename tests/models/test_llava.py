@@ -2,8 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlora.showcase.shapes import CAPTION_PROMPT
-from mmlora.models.llava import TinyLlavaSpec, assemble_llava, build_tiny_llava, load_llava, save_llava
+from mmlora.data.samples import CAPTION_PROMPT
+from mmlora.models.llava import TinyLlavaSpec, build_tiny_llava, save_llava
+from mmlora.models.loading import assemble_llava, load_llava
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlora.showcase.shapes import CAPTION_PROMPT
+from mmlora.data.samples import CAPTION_PROMPT
 
 
 def llava_batch(processor, shapes_small, n: int = 2) -> dict:
@@ -55,14 +55,14 @@ def text_batch(model, n: int = 2, length: int = 9) -> dict:
 
 @pytest.fixture
 def tiny_llava(tiny_llava_dir):
-    from mmlora.models.llava import load_llava
+    from mmlora.models.loading import load_llava
 
     return load_llava(tiny_llava_dir)
 
 
 @pytest.fixture
 def tiny_clip(tiny_clip_dir):
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
     model, preprocess, tokenizer = load_clip(tiny_clip_dir)

@@ -200,11 +200,11 @@ def test_placement_case(case, tiny_llava, tiny_clip, shapes_small, tmp_path):
 def _fresh(case: Case, tiny_llava, tiny_clip):
     """A new copy of the base (with original weights) for reloading."""
     if case.arch == "tiny-llava":
-        from mmlora.models.llava import load_llava
+        from mmlora.models.loading import load_llava
 
         return load_llava(tiny_llava[0].name_or_path), tiny_clip
     if case.arch == "tiny-clip":
-        from mmlora.models.clip import load_clip
+        from mmlora.models.loading import load_clip
         from mmlora.models.presets import preset_path
         from mmlora.models.unfuse import unfuse_attention
 

@@ -70,7 +70,7 @@ def test_all_zero_gradient_on_a_live_tensor_is_caught(tiny_clip, shapes_small):
 
 
 def test_non_reentrant_checkpointing_keeps_every_gradient(tiny_llava_dir, shapes_small):
-    from mmlora.models.llava import load_llava
+    from mmlora.models.loading import load_llava
     from mmlora.placement.apply import enable_gradient_checkpointing
 
     spec = {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0], "rank": 4},

@@ -65,7 +65,7 @@ def test_plan_refuses_a_group_size_that_does_not_divide(tiny_llava):
 
 
 def test_placed_trained_saved_reloaded_and_merged(tiny_llava, tiny_llava_dir, shapes_small, tmp_path):
-    from mmlora.models.llava import load_llava
+    from mmlora.models.loading import load_llava
     from mmlora.models.modality import discover_modalities
     from mmlora.placement.apply import apply_placement
     from mmlora.placement.audit import audit_gradients

@@ -7,7 +7,7 @@ from mmlora.models.unfuse import UnfusedAttention, fuse_state_dict, unfuse_atten
 
 
 def test_unfused_clip_gives_the_fused_outputs(tiny_clip_dir):
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
 
     model, _, tokenizer = load_clip(tiny_clip_dir)
     unfused = copy.deepcopy(model)

@@ -19,7 +19,7 @@ def test_pretrain_bases_on_a_few_steps(tmp_path):
                         "--stage1-steps", "2", "--stage2-steps", "2", "--eval-limit", "4"]) == 0
     from transformers import LlavaForConditionalGeneration
 
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
 
     llava = LlavaForConditionalGeneration.from_pretrained(out / "shapes-llava-base")
     assert llava.config.vision_config.image_size == 64 and llava.config.vision_config.hidden_act == "gelu"

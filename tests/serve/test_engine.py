@@ -26,16 +26,16 @@ def _alone(run, image) -> str:
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from mmlora.eval.caption import generate_captions
+    from mmlora.generate import generate_answers
     from mmlora.models.presets import preset_path
 
     base = LlavaForConditionalGeneration.from_pretrained(preset_path("tiny-llava"), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, run / "final/adapters/default").eval()
-    return generate_captions(model, AutoProcessor.from_pretrained(preset_path("tiny-llava")), [image], max_new_tokens=5)[0]
+    return generate_answers(model, AutoProcessor.from_pretrained(preset_path("tiny-llava")), [image], max_new_tokens=5)[0]
 
 
 def test_every_mode_answers_each_sample_with_its_adapter(llava_runs, images):
-    from mmlora.showcase.shapes import CAPTION_PROMPT
+    from mmlora.data.samples import CAPTION_PROMPT
 
     expected = [_alone(llava_runs["red"], images[0]), _alone(llava_runs["blue"], images[1])]
     items = [Item("caption", "red", images[0], CAPTION_PROMPT), Item("caption", "blue", images[1], CAPTION_PROMPT),

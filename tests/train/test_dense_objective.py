@@ -15,7 +15,7 @@ from mmlora.config.schema import DataSpec, DatasetSpec, DenseSpec
 from mmlora.data.samples import Sample
 from mmlora.data.segmentation import SegmentationFolder
 from mmlora.errors import MmloraError
-from mmlora.eval.segmentation import BACKGROUND_WORDS
+from mmlora.models.text import BACKGROUND_WORDS
 from mmlora.objectives.dense import DenseSeg, seg_classes, uses_dense
 
 from .conftest import run_training
@@ -53,7 +53,7 @@ def test_encoder_crops_image_and_mask_together_and_hides_unseen(tiny_clip_dir, s
 
 def test_loss_is_the_pixel_cross_entropy_and_ignores_unseen_pixels(tiny_clip_dir, shapes_small):
     from mmlora.models.dense import dense_tokens
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
     world = shapes_small / "world_A"
@@ -146,7 +146,7 @@ def test_refuses_mixed_data_unknown_classes_and_non_clip_models(tiny_llava_dir, 
         seg_classes(_seg_data(world, ["unicorn"]))
     with pytest.raises(ValueError, match="format: seg only"):
         DatasetSpec(format="llava", path="x.json", ignore_classes=["triangle"])
-    from mmlora.models.llava import load_llava
+    from mmlora.models.loading import load_llava
     from mmlora.objectives.core import objective_for
 
     model, _ = load_llava(tiny_llava_dir)
@@ -156,7 +156,7 @@ def test_refuses_mixed_data_unknown_classes_and_non_clip_models(tiny_llava_dir, 
 
 def test_a_frozen_text_tower_is_embedded_once(tiny_clip_dir, shapes_small, monkeypatch):
     import mmlora.eval.segmentation as seg
-    from mmlora.models.clip import load_clip
+    from mmlora.models.loading import load_clip
     from mmlora.models.unfuse import unfuse_attention
 
     world = shapes_small / "world_A"

@@ -1,0 +1,55 @@
+"""The one generation path: prompt building, left padding and ``generate``, for every caller.
+
+``mmlora predict``, ``mmlora eval caption``, the in-training caption metrics, the server and the demo
+all answer images through :func:`generate_answers`, so a model family's prompting specifics (its chat
+template, image placeholders, padding side) live here and in ``mmlora.data.processing``, nowhere else.
+
+Layer: generation. Imports ``mmlora.data`` and the foundation only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmlora.data.samples import CAPTION_PROMPT
+
+
+def image_prompt(processor: Any, prompt: str) -> str:
+    """The chat-templated text of one user turn holding an image and ``prompt``, ready for the answer."""
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(conv, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: str | Sequence[str] = CAPTION_PROMPT,
+                     batch_size: int = 16, max_new_tokens: int = 64, num_beams: int = 1,
+                     adapter_names: Sequence[str] | None = None) -> list[str]:
+    """Greedy (or beam) answers, one per image, with the KV cache.
+
+    ``images``: RGB PIL images; ``prompts``: one prompt for all or one per image; ``adapter_names``
+    (one per image) runs each image with its own PEFT adapter in the same batch. Prompts are left
+    padded so that every row ends where generation starts.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    tokenizer = processor.tokenizer
+    texts = {p: image_prompt(processor, p) for p in dict.fromkeys(prompts)}
+    out: list[str] = []
+    for k in range(0, len(images), batch_size):
+        chunk = list(images[k:k + batch_size])
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            batch = processor(images=chunk, text=[texts[p] for p in prompts[k:k + batch_size]],
+                              return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        routed = {"adapter_names": list(adapter_names[k:k + batch_size])} if adapter_names else {}
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed)
+        out += [s.strip() for s in processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return out
