@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
-    model, processor = load_captioner(args.model)
+    model, processor, _ = load_captioner(args.model)
     data = CaptionSet.from_coco(cached_worlds() / "world_B" / "annotations" / "captions_test.json", limit=args.images)
     images = [load_image(data.files[i], "", None) for i in data.image_ids]
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def make_adapters(base: str, n: int, out: Path, rank: int = 4) -> dict[str, Path
     spec = PlacementSpec.model_validate({"language": {"mode": "lora", "rank": rank}})
     model = load_model(ModelSpec(name=base))
     plan = plan_placement(model, discover_modalities(model), spec)
-    placed = apply_placement(model, plan, spec)
+    placed = apply_placement(model, plan)
     runs = {}
     for i in range(n):
         g = torch.Generator().manual_seed(i)

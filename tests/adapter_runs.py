@@ -27,7 +27,7 @@ def make_run(out: Path, preset: str, placement: dict, seed: int, scale: float = 
     recipe = Recipe.model_validate({"model": {"name": preset}, "placement": placement})
     model = load_model(recipe.model)
     plan = plan_placement(model, discover_modalities(model), recipe.placement)
-    placed = apply_placement(model, plan, recipe.placement)
+    placed = apply_placement(model, plan)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in placed.named_parameters():

@@ -82,7 +82,7 @@ def _check(args: argparse.Namespace) -> int:
         if others:
             model_path = Path(resolve_pretrained(model))
             if (model_path / "open_clip_config.json").is_file():  # CLIP: image-caption pairs
-                from mmlora.objectives.core import Contrastive
+                from mmlora.objectives.contrastive import Contrastive
 
                 encoder = Contrastive(model_path).encoder
             else:

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         return _fewshot(args)
     from mmlora.data.samples import CAPTION_PROMPT
     from mmlora.errors import MmloraError
-    from mmlora.eval.caption import CaptionSet, evaluate_models
+    from mmlora.eval.caption import CaptionSet, evaluate_models, markdown_table
+    from mmlora.showcase.slots import slot_scores
 
     models = {}
     for item in args.model:
@@ -84,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
         models[name] = ref
     data = CaptionSet.from_coco(args.coco, args.images, args.limit)
     report = evaluate_models(models, data, args.out, args.split, args.prompt or CAPTION_PROMPT,
-                             args.max_new_tokens, args.num_beams, args.batch_size)
-    from mmlora.eval.caption import markdown_table
+                             args.max_new_tokens, args.num_beams, args.batch_size, extra=slot_scores)
 
     print(markdown_table(report))
     print(f"results, per-image captions and metrics.json in {args.out}")

@@ -25,13 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmlora.data.samples import load_image
-    from mmlora.data.samples import CAPTION_PROMPT
+    from mmlora.data.samples import CAPTION_PROMPT, load_image
     from mmlora.errors import MmloraError
     from mmlora.generate import generate_answers
-    from mmlora.eval.caption import load_routed_captioner
+    from mmlora.runs.reference import load_reference
 
-    model, processor, route = load_routed_captioner(args.run)
+    loaded = load_reference(args.run)
+    model, processor, route = loaded.model, loaded.processor, loaded.route
     if processor is None or not hasattr(model, "generate"):
         raise MmloraError(f"{args.run} is not an image-text-to-text run; predict answers with VLM runs")
     names = route(len(args.image))

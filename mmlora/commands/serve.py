@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from mmlora.optional import require
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="the base every adapter was trained on (preset or folder)")
@@ -32,11 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mmlora.errors import MmloraError
 
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise MmloraError("serving needs FastAPI and uvicorn: pip install 'mmlora[serve]'") from None
+    require("fastapi", "serve", "mmlora serve")
+    uvicorn = require("uvicorn", "serve", "mmlora serve")
     from mmlora.serve.app import Limits, create_app
     from mmlora.serve.engine import Engine
 

@@ -19,12 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmlora.config.loading import load_recipe
+    from mmlora.eval.hooks import training_evaluators
     from mmlora.placement.report import format_plan
+    from mmlora.showcase.slots import slot_scores
     from mmlora.train.loop import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
     path = Path(args.recipe)
-    trainer = Trainer(recipe, recipe_name=path.stem, base_dir=None)
+    trainer = Trainer(recipe, recipe_name=path.stem, base_dir=None,
+                      evaluators=training_evaluators(recipe, extra=slot_scores))
     trainer.setup()
     if trainer.is_main:
         print(format_plan(trainer.plan, f"placement plan for {recipe.model.name}"))

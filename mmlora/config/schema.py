@@ -134,12 +134,19 @@ class ModalitySpec(_Strict):
         return self
 
     @property
-    def variant(self) -> str | None:
-        return self.mode if self.mode in ("lora", "dora") else None
-
-    @property
     def effective_rank(self) -> int:
         return self.rank or 8
+
+    def rank_for(self, position: int, count: int) -> int:
+        """The rank of an adapter at ``position`` of ``count`` selected layers: ``rank_schedule``
+        when given, else ``rank`` (default 8)."""
+        if self.rank_schedule is not None:
+            return self.rank_schedule.rank_at(position, count)
+        return self.effective_rank
+
+    def alpha_for(self, rank: int) -> float:
+        """The LoRA alpha of an adapter of ``rank``: ``alpha`` when given, else 2 x rank."""
+        return self.alpha if self.alpha is not None else 2.0 * rank
 
     @property
     def effective_group_size(self) -> int:

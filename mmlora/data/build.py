@@ -7,11 +7,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-from mmlora.config.schema import DataSpec, DatasetSpec
+from mmlora.config.schema import DatasetSpec, DataSpec
 from mmlora.data.batching import ConversationDataset
 from mmlora.data.processing import ConversationEncoder
 from mmlora.data.readers import read_coco, read_hf, read_llava, read_messages
 from mmlora.data.samples import BadSample, Sample
+from mmlora.data.segmentation import SegmentationFolder
 
 
 def read_dataset(spec: DatasetSpec, base_dir: Path | None = None) -> list[Sample | BadSample]:
@@ -30,8 +31,6 @@ def read_dataset(spec: DatasetSpec, base_dir: Path | None = None) -> list[Sample
     elif spec.format == "coco":
         records = read_coco(path, rel(spec.images), spec.prompt or "", spec.captions)
     elif spec.format == "seg":
-        from mmlora.data.segmentation import SegmentationFolder
-
         records = SegmentationFolder(path, spec.split).as_samples()
     else:
         records = read_hf(path, spec.hf_format, spec.split, spec.prompt or "")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mmlora.data.samples import BadSample, Sample
+from mmlora.data.segmentation import SegmentationFolder
 
 
 @dataclass
@@ -86,8 +87,6 @@ def check_records(source: str, records: list[Sample | BadSample], encoder: Any) 
 
 
 def check_segmentation(root: Path) -> list[CheckReport]:
-    from mmlora.data.segmentation import SegmentationFolder
-
     splits = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt")) or \
         sorted(p.name for p in (root / "masks").iterdir() if p.is_dir())
     reports = []

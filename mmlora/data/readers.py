@@ -21,8 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmlora.data.samples import SPEAKERS, BadSample, Sample, check_messages, parts_from_text, resolve_image_path
+from mmlora.data.samples import BadSample, CAPTION_PROMPT, Sample, SPEAKERS, check_messages, parts_from_text, resolve_image_path
 from mmlora.errors import MmloraError
+from mmlora.optional import require
 
 Record = Sample | BadSample
 
@@ -152,7 +153,6 @@ def read_messages(path: str | Path, image_root: str | Path | None = None) -> lis
 def read_coco(path: str | Path, image_root: str | Path | None = None, prompt: str = "", captions: str = "all") -> list[Record]:
     """COCO captions; ``image_root`` defaults to the annotation file's folder (and its parent, where
     COCO's ``annotations/`` sits beside the image folders)."""
-    from mmlora.data.samples import CAPTION_PROMPT
 
     path = Path(path)
     if not path.is_file():
@@ -185,9 +185,7 @@ def read_coco(path: str | Path, image_root: str | Path | None = None, prompt: st
 
 def read_hf(path: str | Path, kind: str = "disk", split: str = "train", prompt: str = "") -> list[Record]:
     """A ``datasets`` table (see module docstring for the columns it reads)."""
-    import datasets
-
-    from mmlora.data.samples import CAPTION_PROMPT
+    datasets = require("datasets", "data", "the hf reader (Hugging Face datasets)")
 
     path = Path(path)
     if kind == "disk":

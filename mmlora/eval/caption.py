@@ -11,15 +11,19 @@ accuracy — shape, colour and position parsed from each caption against the gro
 from __future__ import annotations
 
 import json
-import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import torch
 
-from mmlora.data.samples import CAPTION_PROMPT
-from mmlora.showcase.shapes import COLOURS, POSITIONS
+from mmlora.config.schema import CaptionEvalSpec
+from mmlora.data.samples import CAPTION_PROMPT, load_image
+from mmlora.errors import MmloraError
+from mmlora.optional import require
+from mmlora.generate import generate_answers
+from mmlora.runs.reference import load_reference
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -50,6 +54,7 @@ class CaptionSet:
 
 def spice_available() -> bool:
     """SPICE needs Stanford CoreNLP jars that pycocoevalcap downloads on first use (not possible offline)."""
+    require("pycocoevalcap", "eval", "caption scoring")
     import pycocoevalcap.spice.spice as spice  # pycocoevalcap is a namespace package: locate a module
 
     lib = Path(spice.__file__).parent / "lib"
@@ -58,6 +63,10 @@ def spice_available() -> bool:
 
 def score_captions(results: dict[int, str], references: dict[int, list[str]]) -> dict[str, Any]:
     """pycocoevalcap scores of ``results`` (one caption per image id) against ``references``."""
+    require("pycocoevalcap", "eval", "caption scoring")
+    if shutil.which("java") is None:  # the PTB tokenizer and METEOR run Stanford/METEOR jars
+        raise MmloraError("caption metrics need Java for pycocoevalcap's PTB tokenizer and METEOR: "
+                          "install a Java runtime (e.g. apt-get install default-jre-headless)")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -101,44 +110,30 @@ def score_captions(results: dict[int, str], references: dict[int, list[str]]) ->
 # ----------------------------------------------------------------------------- models side by side
 
 def load_captioner(ref: str | Path):
-    """A base model (preset, folder, cached hub id), a run (its adapters on its base, in the run's
-    precision), a merged export (INT4 included) or a composition of runs (``mmlora.runs.compose``) →
-    ``(model, processor)``; see :func:`load_routed_captioner` for routing samples to adapters."""
-    model, processor, _ = load_routed_captioner(ref)
-    return model, processor
+    """Any model reference (``mmlora.runs.reference``) → ``(model, processor, route)``: ``route(n)``
+    gives the adapter of each of ``n`` images for a mixed composition, else None."""
+    loaded = load_reference(ref)
+    if loaded.processor is None or not hasattr(loaded.model, "generate"):
+        raise MmloraError(f"{ref}: not an image-text-to-text model or run; captions need one")
+    return loaded.model, loaded.processor, loaded.route
 
 
-def load_routed_captioner(ref: str | Path):
-    """``(model, processor, route)``: ``route(n)`` gives the adapter of each of ``n`` images for a
-    mixed composition, else None."""
-    from mmlora.runs.compose import load_reference
-    from mmlora.runs.export import load_run
-    from mmlora.adapters.int4 import INT4_MANIFEST
+#: An extra scorer: ``(captions by image id, the CaptionSet) -> {metric: value}`` (e.g. the shapes
+#: world's slot accuracy, ``mmlora.showcase.slots.slot_scores``).
+ExtraScorer = Callable[[dict[int, str], "CaptionSet"], dict[str, float]]
 
-    composed = load_reference(str(ref))
-    if composed is not None:
-        return composed.model, composed.processor, composed.route
-    path = Path(ref)
-    if (path / INT4_MANIFEST).is_file():
-        model, processor, _ = load_run(path)
-        return model, processor, lambda n: None
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmlora.models.loading import resolve_pretrained
-
-    resolved = resolve_pretrained(ref)
-    return (AutoModelForImageTextToText.from_pretrained(resolved).eval(), AutoProcessor.from_pretrained(resolved),
-            lambda n: None)
+def score_all(results: dict[int, str], data: CaptionSet, extra: ExtraScorer | None = None) -> dict[str, Any]:
+    """pycocoevalcap scores against ``data``'s references, plus ``extra``'s."""
+    return score_captions(results, data.references) | (extra(results, data) if extra else {})
 
 
 def evaluate_models(models: dict[str, str], data: CaptionSet, out_dir: str | Path, split: str = "test",
                     prompt: str = CAPTION_PROMPT, max_new_tokens: int = 64, num_beams: int = 1,
-                    batch_size: int = 16) -> dict[str, Any]:
+                    batch_size: int = 16, extra: ExtraScorer | None = None) -> dict[str, Any]:
     """Caption ``data`` with each model and write, under ``out_dir``: ``results_<name>.json`` (COCO
     results format), ``captions_<name>.jsonl`` (per image: generated and references), ``metrics.json``
     (protocol + scores) and ``table.md`` (the models side by side)."""
-    from mmlora.data.samples import load_image
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = [load_image(data.files[i], str(data.files[i]), str(i)) for i in data.image_ids]
@@ -147,11 +142,11 @@ def evaluate_models(models: dict[str, str], data: CaptionSet, out_dir: str | Pat
                 "tokenization": "PTB (pycocoevalcap)"}
     report: dict[str, Any] = {"protocol": protocol, "models": {}}
     for name, ref in models.items():
-        model, processor, route = load_routed_captioner(ref)
+        model, processor, route = load_captioner(ref)
         routed = route(len(images))
         captions = generate_answers(model, processor, images, prompt, batch_size, max_new_tokens, num_beams, routed)
         results = dict(zip(data.image_ids, captions))
-        scores = score_captions(results, data.references) | mean_slot_accuracy(results, data.objects)
+        scores = score_all(results, data, extra)
         (out / f"results_{name}.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in results.items()], indent=1) + "\n")
         with open(out / f"captions_{name}.jsonl", "w") as f:
             for k, (i, c) in enumerate(results.items()):
@@ -179,3 +174,21 @@ def markdown_table(report: dict[str, Any]) -> str:
     note = (f"\nProtocol: prompt \"{p['prompt']}\", {p['decoding']}, max {p['max_new_tokens']} new tokens, "
             f"split {p['split']}, {p['num_images']} images; BLEU/METEOR/ROUGE-L/CIDEr from pycocoevalcap.\n")
     return head + "\n".join(rows) + "\n" + note
+
+
+class CaptionMetrics:
+    """The in-training caption evaluation (``train.caption_eval``, a ``mmlora.train.hooks.Evaluator``):
+    caption a validation subset with the one generation path and score it."""
+
+    def __init__(self, spec: CaptionEvalSpec, extra: ExtraScorer | None = None):
+        self.every, self.spec, self.extra = spec.every, spec, extra
+        self.data = CaptionSet.from_coco(spec.coco, limit=spec.limit)
+        self.images = [load_image(self.data.files[i], str(self.data.files[i]), str(i)) for i in self.data.image_ids]
+
+    def __call__(self, model: Any, processor: Any) -> dict[str, float]:
+        if processor is None:  # a CLIP run: nothing generates captions
+            return {}
+        captions = generate_answers(model, processor, self.images, self.spec.prompt or CAPTION_PROMPT,
+                                    max_new_tokens=self.spec.max_new_tokens)
+        scores = score_all(dict(zip(self.data.image_ids, captions)), self.data, self.extra)
+        return {f"caption/{k}": v for k, v in scores.items() if isinstance(v, float)}

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmlora.data.samples import load_image
+from mmlora.data.segmentation import IGNORE_INDEX, SegmentationFolder
 from mmlora.errors import MmloraError
+from mmlora.eval.segmentation import load_clip_for_eval
+from mmlora.models.clip import image_settings
+from mmlora.models.text import class_embeddings, template_list
+from mmlora.optional import require
 
 METHODS = ("zero-shot", "prototype", "blend")
 
@@ -38,8 +44,6 @@ def labelled_images(root: str | Path, split: str) -> tuple[list[str], list[tuple
     root = Path(root)
     if (root / "classes.txt").is_file():
         from PIL import Image
-
-        from mmlora.data.segmentation import IGNORE_INDEX, SegmentationFolder
 
         folder = SegmentationFolder(root, split)
         classes = folder.classes
@@ -69,7 +73,6 @@ def labelled_images(root: str | Path, split: str) -> tuple[list[str], list[tuple
 @torch.no_grad()
 def image_embeddings(model, preprocess, paths: list[Path], batch_size: int = 64) -> torch.Tensor:
     """``[N, E]`` normalised image embeddings."""
-    from mmlora.data.samples import load_image
 
     out = []
     for i in range(0, len(paths), batch_size):
@@ -105,8 +108,6 @@ def classify(method: str, query: torch.Tensor, text: torch.Tensor | None, suppor
 def evaluate_fewshot(models: dict[str, str], data_root: str | Path, out_dir: str | Path, shots: list[int],
                      seeds: int = 3, templates: str = "shapes", train_split: str = "train",
                      test_split: str = "test", limit: int | None = None) -> dict[str, Any]:
-    from mmlora.models.text import template_list, class_embeddings
-    from mmlora.eval.segmentation import load_clip_for_eval
 
     classes, train = labelled_images(data_root, train_split)
     test_classes, test = labelled_images(data_root, test_split)
@@ -115,14 +116,14 @@ def evaluate_fewshot(models: dict[str, str], data_root: str | Path, out_dir: str
     test = test[:limit] if limit else test
     if not test:
         raise MmloraError(f"{data_root}: no {test_split} image of a class that {train_split} has")
-    template_list = template_list(templates)
+    prompts = template_list(templates)
     y = torch.tensor([c for _, c in test])
     train_labels = [c for _, c in train]
     rows: dict[str, dict[str, Any]] = {}
     for name, ref in models.items():
         model, tokenizer = load_clip_for_eval(ref)
         preprocess = _preprocess(model)
-        text = class_embeddings(model, tokenizer, classes, template_list)
+        text = class_embeddings(model, tokenizer, classes, prompts)
         q = image_embeddings(model, preprocess, [p for p, _ in test])
         rows[f"{name}/zero-shot"] = {"accuracy": float((classify("zero-shot", q, text, None, None, len(classes)) == y).float().mean())}
         needed = sorted({i for k in shots for s in range(seeds) for i in support_indices(train_labels, k, s)})
@@ -150,9 +151,7 @@ def evaluate_fewshot(models: dict[str, str], data_root: str | Path, out_dir: str
 
 def _preprocess(model):
     """The CLIP's own evaluation transform (resize, centre crop, normalise)."""
-    import open_clip
-
-    from mmlora.models.clip import image_settings
+    open_clip = require("open_clip", "clip", "few-shot CLIP evaluation")
 
     size, mean, std = image_settings(model)
     return open_clip.image_transform(size, is_train=False, mean=mean, std=std)

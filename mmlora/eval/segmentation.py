@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from mmlora.models.dense import MODES, segment_logits
+from mmlora.data.segmentation import SegmentationFolder
+from mmlora.errors import MmloraError
 from mmlora.eval.seg_metrics import SegMetrics
+from mmlora.models.clip import image_settings
+from mmlora.models.dense import segment_logits
+from mmlora.models.text import class_embeddings, preprocess, template_list
+from mmlora.models.unfuse import unfuse_attention
+from mmlora.runs.compose import adapters_per_sample
+from mmlora.runs.reference import load_reference
 
 
 
@@ -41,23 +47,18 @@ def load_clip_for_eval(ref: str | Path):
 
 
 def load_clip_reference(ref: str | Path):
-    """``(model, tokenizer, composed)``: a preset or folder (``composed`` None), a run, or a composition
-    of runs (``mmlora.runs.compose``: a weighted merge, or mixed — one adapter per image, routed by the caller
-    through ``composed.route``). Single adapters are merged for speed; fp32, eval, attention unfused."""
-    from mmlora.runs.compose import clip_tokenizer, load_reference
-    from mmlora.models.loading import load_clip
-    from mmlora.models.unfuse import unfuse_attention
-
-    composed = load_reference(str(ref))
-    if composed is None:
-        model, _, tokenizer = load_clip(ref)
-    else:
-        model, tokenizer = composed.model, clip_tokenizer(composed.recipe)
-        if composed.adapters is None and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
+    """``(model, tokenizer, loaded)``: any CLIP reference (``mmlora.runs.reference``: a preset or folder,
+    a run, a composition of runs — a weighted merge, or mixed, one adapter per image, routed by the
+    caller through ``loaded.route``). Single adapters are merged for speed; fp32, eval, attention unfused."""
+    loaded = load_reference(ref)
+    if not loaded.is_clip:
+        raise MmloraError(f"{ref}: not a CLIP (open_clip) model or run; segmentation needs one")
+    model = loaded.model
+    if loaded.adapters is None and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     model = model.float().eval()
     unfuse_attention(model)
-    return model, tokenizer, composed
+    return model, loaded.tokenizer, loaded
 
 
 def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, split: str, modes: list[str],
@@ -66,23 +67,21 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
                           limit: int | None = None, unseen: list[str] | None = None) -> dict[str, Any]:
     """Score every model x mode on a segmentation folder; rows are named ``mode`` for one unnamed model
     (a plain reference) or ``name/mode``. Writes ``metrics.json`` and ``table.md`` into ``out_dir``."""
-    from mmlora.data.segmentation import SegmentationFolder
-    from mmlora.models.clip import image_settings
 
     named = {"": models} if isinstance(models, (str, Path)) else dict(models)
     folder = SegmentationFolder(data_root, split)
     classes = folder.classes
-    template_list = template_list(templates)
+    prompts = template_list(templates)
     n_images = min(len(folder), limit) if limit else len(folder)
     loaded = {}
     for name, ref in named.items():
-        model, tokenizer, composed = load_clip_reference(ref)
-        route = composed.route(n_images) if composed is not None else None
+        model, tokenizer, loaded = load_clip_reference(ref)
+        route = loaded.route(n_images)
         texts = {}
         for adapter in dict.fromkeys(route or [None]):
             if adapter is not None:
                 model.set_adapter(adapter)  # the text side switches; images are routed per sample below
-            texts[adapter] = class_embeddings(model, tokenizer, classes, template_list)
+            texts[adapter] = class_embeddings(model, tokenizer, classes, prompts)
         loaded[name] = (model, texts, route, *image_settings(model))
     short_side = short_side or max(v[3] for v in loaded.values())
     protocol = {"models": {n: str(r) for n, r in named.items()}, "data": str(data_root), "split": split,
@@ -90,8 +89,6 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
                 "bg_threshold": bg_threshold, "upsampling": "bilinear to the label size", "num_images": 0}
     rows = {(n, m): SegMetrics(len(classes)) for n in named for m in modes}
     from tqdm.auto import tqdm
-
-    from mmlora.runs.compose import adapters_per_sample
 
     for i in tqdm(range(n_images), desc="eval seg", disable=n_images < 20):
         image, label = folder.load(i)

@@ -14,11 +14,12 @@ from torch import nn
 
 from mmlora.config.schema import ModelSpec
 from mmlora.errors import MmloraError
+from mmlora.models.loading import load_clip, resolve_pretrained
+from mmlora.models.unfuse import unfuse_attention
+from mmlora.optional import require
 
 
 def _config_path(spec: ModelSpec) -> Path:
-    from mmlora.models.loading import resolve_pretrained
-
     if spec.config:
         path = Path(spec.config)
         if path.is_dir():
@@ -37,13 +38,10 @@ def load_model(spec: ModelSpec, meta: bool = False, **kwargs) -> nn.Module:
     """The recipe's model (a transformers image-text-to-text model or an unfused open_clip CLIP)."""
     import torch
 
-    from mmlora.models.unfuse import unfuse_attention
-
     if meta:
         cfg_path = _config_path(spec)
         if cfg_path.name == "open_clip_config.json":
-            import open_clip
-
+            open_clip = require("open_clip", "clip", "an open_clip CLIP model")
             model_cfg = json.loads(cfg_path.read_text())["model_cfg"]
             with torch.device("meta"):
                 model = open_clip.CLIP(**model_cfg)
@@ -56,12 +54,8 @@ def load_model(spec: ModelSpec, meta: bool = False, **kwargs) -> nn.Module:
         with torch.device("meta"):
             return AutoModelForImageTextToText.from_config(config, trust_remote_code=spec.trust_remote_code)
 
-    from mmlora.models.loading import resolve_pretrained
-
     path = resolve_pretrained(spec.name)
     if isinstance(path, Path) and (path / "open_clip_config.json").is_file():
-        from mmlora.models.loading import load_clip
-
         model, _, _ = load_clip(path)
         unfuse_attention(model)
         return model

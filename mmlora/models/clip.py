@@ -14,6 +14,7 @@ from typing import Any
 
 from mmlora.models.corpus import tokenizer_corpus
 from mmlora.models.tokenizer import build_clip_tokenizer
+from mmlora.optional import require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,8 +27,7 @@ def register_configs() -> None:
     """Register mmlora's architecture JSONs with open_clip (idempotent)."""
     global _registered
     if not _registered:
-        import open_clip
-
+        open_clip = require("open_clip", "clip", "an open_clip CLIP model")
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
@@ -39,9 +39,9 @@ def model_config(arch: str) -> dict[str, Any]:
 def build_tiny_clip(arch: str = "mmlora-clip-tiny", seed: int = 0, texts: Sequence[str] | None = None):
     """A randomly initialised open_clip CLIP of architecture ``arch`` and its tokenizer, trained on
     ``texts`` (default: the shipped corpus, ``mmlora.models.corpus``)."""
-    import open_clip
     import torch
 
+    open_clip = require("open_clip", "clip", "building an open_clip CLIP model")
     register_configs()
     cfg = model_config(arch)
     text_cfg = cfg["text_cfg"]

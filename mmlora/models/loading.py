@@ -15,6 +15,7 @@ from mmlora.errors import MmloraError
 from mmlora.models.llava import llava_config, set_text_token_ids, build_llava_processor
 from mmlora.models.presets import PRESETS, preset_path
 from mmlora.models.tokenizer import LLAVA_CHAT_TEMPLATE
+from mmlora.optional import require
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -67,7 +68,7 @@ def resolve_pretrained(ref: str | Path, kind: str | None = None) -> Path | str:
 def load_clip(name_or_path: str | Path, device: str = "cpu"):
     """Load an open_clip folder (or a preset name). Returns ``(model, preprocess, tokenizer)`` where
     ``tokenizer(texts) -> LongTensor[B, context_length]`` as open_clip's tokenizers do."""
-    import open_clip
+    open_clip = require("open_clip", "clip", "loading an open_clip CLIP model")
 
 
     path = resolve_pretrained(name_or_path, kind="clip")
@@ -133,3 +134,14 @@ def load_llava(name_or_path: str | Path, **kwargs) -> tuple[LlavaForConditionalG
     model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor
+
+
+def clip_tokenizer(ref: str | Path):
+    """The open_clip tokenizer of a CLIP reference (preset or folder)."""
+    open_clip = require("open_clip", "clip", "an open_clip CLIP tokenizer")
+    return open_clip.get_tokenizer(f"local-dir:{resolve_pretrained(ref, kind='clip')}")
+
+
+def is_clip_folder(path: str | Path) -> bool:
+    """An open_clip folder (``open_clip_config.json``), as saved by ``mmlora.models.clip.save_clip``."""
+    return (Path(path) / "open_clip_config.json").is_file()

@@ -17,8 +17,10 @@ from torch import nn
 
 from mmlora.config.schema import ModelSpec, PlacementSpec, QuantSpec
 from mmlora.errors import MmloraError
-from mmlora.models.modality import ModalityMap, discover_modalities
+from mmlora.models.build import load_model
 from mmlora.models.layers import is_linear
+from mmlora.models.modality import ModalityMap, discover_modalities, is_open_clip
+from mmlora.optional import require
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANT_CLASS = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
@@ -43,6 +45,8 @@ def quantization_config(precisions: dict[str, str | None], mmap: ModalityMap, qu
             "precision: 4bit and 8bit modalities in one model cannot be expressed by one BitsAndBytesConfig; "
             "pick one quantization for the quantized modalities"
         )
+    # transformers loads a BitsAndBytesConfig through bitsandbytes: say which extra installs it up front.
+    require("bitsandbytes", "quant", f"precision {'/'.join(sorted(kinds))} (QLoRA/QDoRA quantization)")
     from transformers import BitsAndBytesConfig
 
     kind = kinds.pop()
@@ -80,8 +84,6 @@ def verify_precision(model: nn.Module, mmap: ModalityMap, precisions: dict[str, 
 def load_for_training(spec: ModelSpec, placement: PlacementSpec, quant: QuantSpec,
                       attn_implementation: str | None = None) -> tuple[nn.Module, ModalityMap]:
     """The recipe's model, each modality in its precision (verified), and its modality map."""
-    from mmlora.models.build import load_model
-    from mmlora.models.modality import is_open_clip
 
     meta = load_model(spec, meta=True)
     meta_map = discover_modalities(meta, spec.modalities)
@@ -127,8 +129,7 @@ def _keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
 def dequantize(model: nn.Module) -> list[str]:
     """Replace bitsandbytes 4-bit / 8-bit linear layers by fp32 ``nn.Linear`` holding the exact
     dequantized weights (what the quantized layer computed with). Returns the names replaced."""
-    import bitsandbytes as bnb
-
+    bnb = require("bitsandbytes", "quant", "dequantizing 4-bit/8-bit layers")
     replaced = []
     for name, module in list(model.named_modules()):
         kind = type(module).__name__

@@ -15,6 +15,7 @@ from mmlora.cache import cached_dir
 from mmlora.errors import MmloraError
 from mmlora.models.clip import build_tiny_clip, save_clip
 from mmlora.models.llava import TinyLlavaSpec, build_tiny_llava, save_llava
+from mmlora.optional import require
 
 _BUILDER_SOURCES = (
     "models/llava.py",
@@ -99,11 +100,19 @@ def preset_path(name: str, seed: int = 0) -> Path:
     cached on first use (see ``mmlora.cache``)."""
     if PRESETS[name].shipped:
         return shipped_path(PRESETS[name])
-    import open_clip
+    import importlib.metadata
+
     import transformers
 
+    if PRESETS[name].kind == "clip":
+        clip_version: str | None = require("open_clip", "clip", f"the {name} preset").__version__
+    else:  # LLaVA presets build without open_clip; its version (when installed) stays in the cache key
+        try:
+            clip_version = importlib.metadata.version("open_clip_torch")
+        except importlib.metadata.PackageNotFoundError:
+            clip_version = None
     params = PRESETS[name].params() | {
-        "seed": seed, "transformers": transformers.__version__, "open_clip": open_clip.__version__,
+        "seed": seed, "transformers": transformers.__version__, "open_clip": clip_version,
     }
     build: Callable[[Path], None] = lambda tmp: build_preset(name, tmp, seed)  # noqa: E731
     return cached_dir(f"preset-{name}", params, _BUILDER_SOURCES, build)

@@ -25,7 +25,11 @@ from mmlora.config.schema import DataSpec, DenseSpec
 from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample
 from mmlora.data.segmentation import IGNORE_INDEX, SegmentationFolder, load_seg_pair
 from mmlora.errors import MmloraError
-from mmlora.objectives.core import stack_collate
+from mmlora.models.clip import image_settings, save_clip_processor
+from mmlora.models.dense import dense_features
+from mmlora.models.loading import load_clip
+from mmlora.models.text import class_text_embeddings, template_list
+from mmlora.objectives.base import stack_collate
 
 
 def seg_classes(data: DataSpec, base_dir: Path | None = None) -> tuple[list[str], list[str], bool]:
@@ -87,13 +91,10 @@ class _SegEncoder:
 
 class DenseSeg:
     unit = "pixel"
+    processor = None
 
     def __init__(self, model_path: Path | str, data: DataSpec, dense: DenseSpec, base_dir: Path | None = None,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
-        from mmlora.models.text import template_list
-        from mmlora.models.clip import image_settings
-        from mmlora.models.loading import load_clip
-
         self.path = Path(model_path)
         model, _, self.clip_tokenizer = load_clip(self.path)
         classes, ignored, zero = seg_classes(data, base_dir)
@@ -110,13 +111,13 @@ class DenseSeg:
 
     collate = staticmethod(stack_collate)
 
+    def use_chunked_loss(self, chunk_size: int | None = None) -> bool:
+        return False
+
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["mask"] != IGNORE_INDEX).sum())
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        from mmlora.models.dense import dense_features
-        from mmlora.models.text import class_text_embeddings
-
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise MmloraError("the dense segmentation objective trains in one process (see mmlora.objectives.dense)")
         if self._text_trains is None:  # a frozen text tower gives the same class embeddings every step
@@ -137,8 +138,6 @@ class DenseSeg:
         return loss, int((mask != IGNORE_INDEX).sum())
 
     def save_processor(self, folder: Path) -> None:
-        from mmlora.models.clip import save_clip_processor
-
         save_clip_processor(self.path, self.encoder.tokenizer, folder)
 
 

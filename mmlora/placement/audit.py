@@ -9,6 +9,7 @@ magnitudes and ``full`` parameters always receive gradient.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import nn
@@ -35,9 +36,14 @@ def _must_be_live(name: str, both_factors_live: bool, adalora: bool) -> bool:
     return ".lora_embedding_A." not in name  # lora_B, magnitudes, full parameters
 
 
-def audit_gradients(model: nn.Module, raise_on_error: bool = True) -> AuditReport:
-    """Check gradients of all trainable parameters of ``model`` (call after backward, before step)."""
-    init_dirs = getattr(model, "_mmlora_init_dirs", {}) or {}
+def audit_gradients(model: nn.Module, raise_on_error: bool = True, *,
+                    initial_adapters: Collection[str] = ()) -> AuditReport:
+    """Check gradients of all trainable parameters of ``model`` (call after backward, before step).
+
+    ``initial_adapters``: the adapters whose init makes both factors live (PiSSA/OLoRA), e.g. what
+    ``save_initial_state`` returned (its keys are the names).
+    """
+    init_dirs = list(initial_adapters)
     no_grad, zero_grad, checked = [], [], 0
     adalora_modules = {n.split(".lora_E.")[0] for n, _ in model.named_parameters() if ".lora_E." in n}
     for name, p in model.named_parameters():

@@ -3,7 +3,9 @@
 ``plan_placement(model, modality_map, spec)`` resolves every modality's mode, targets and layers to
 concrete module names, computes the parameters each adds, and compiles the LoRA/DoRA modalities into
 as few PEFT adapters as possible: modalities that share variant, dropout, init and rsLoRA go into one
-``LoraConfig`` whose ``rank_pattern``/``alpha_pattern`` give each module its rank. It refuses plans
+adapter (typed :class:`LoraSettings`) whose per-module overrides give each module its rank. The plan
+carries everything applying needs (AdaLoRA's budget, QA-LoRA's dropout and rsLoRA), so nothing reads
+the spec once it exists. It refuses plans
 that cannot work (a spec that matches nothing, a pattern that reaches into another modality, layers
 that do not exist) and warns about adapters on layers the model never reads. It needs only module
 structure, so it runs on a model built on the meta device (a 7B model plans in seconds).
@@ -11,17 +13,18 @@ structure, so it runs on a model built on the meta device (a 7B model plans in s
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from mmlora.config.schema import ModalitySpec, PlacementSpec
+from mmlora.config.schema import Init, ModalitySpec, PlacementSpec
 from mmlora.errors import MmloraError
-from mmlora.models.modality import ModalityMap, unwrap
-from mmlora.placement.targets import TARGET_GROUPS_SET, compile_pattern, matches_group
 from mmlora.models.layers import is_adaptable, is_linear
+from mmlora.models.modality import ModalityMap, unwrap
+from mmlora.placement.peft_backend import lora_kwargs
+from mmlora.placement.settings import AdaLoraSettings, LoraSettings
+from mmlora.placement.targets import TARGET_GROUPS_SET, compile_pattern, matches_group
 
 
 @dataclass
@@ -49,6 +52,10 @@ class ModalityPlan:
     lr_multiplier: float | None = None
     #: QA-LoRA's INT4 group size (mode qalora only).
     group_size: int | None = None
+    #: Adapter settings of lora/dora/qalora modalities (the defaults otherwise).
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Init = "default"
 
     @property
     def variant(self) -> str | None:
@@ -58,12 +65,14 @@ class ModalityPlan:
 
 @dataclass
 class AdapterPlan:
-    """One PEFT adapter: its name, variant, the modalities it covers, and its config arguments."""
+    """One PEFT adapter: its name, variant, the modalities it covers, and its settings (with AdaLoRA's
+    budget when the variant is adalora)."""
 
     name: str
     variant: str
     modalities: list[str]
-    config: dict
+    lora: LoraSettings
+    adalora: AdaLoraSettings | None = None
 
 
 @dataclass
@@ -76,6 +85,11 @@ class PlacementPlan:
     @property
     def full_params(self) -> list[str]:
         return [p for m in self.modalities.values() for p in m.full_params]
+
+    @property
+    def adalora(self) -> AdaLoraSettings | None:
+        """AdaLoRA's budget when the plan's (single) adapter is AdaLoRA."""
+        return next((a.adalora for a in self.adapters if a.adalora is not None), None)
 
     @property
     def qalora(self) -> list[ModalityPlan]:
@@ -95,7 +109,8 @@ class PlacementPlan:
                 }
                 for n, m in self.modalities.items()
             },
-            "adapters": [asdict(a) for a in self.adapters],
+            "adapters": [{"name": a.name, "variant": a.variant, "modalities": list(a.modalities),
+                          "config": lora_kwargs(a.lora)} for a in self.adapters],
             "warnings": self.warnings,
         }
 
@@ -146,7 +161,8 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
     modality = mmap.modalities[name]
     params = {n: p for n, p in model.named_parameters() if mmap.modality_of(n) == name}
     plan = ModalityPlan(name, spec.mode, n_layers=modality.n_layers, precision=spec.precision,
-                        total_params=sum(p.numel() for p in params.values()), lr=spec.lr, lr_multiplier=spec.lr_multiplier)
+                        total_params=sum(p.numel() for p in params.values()), lr=spec.lr, lr_multiplier=spec.lr_multiplier,
+                        dropout=spec.dropout, rslora=spec.rslora, init=spec.init)
     if spec.mode == "frozen":
         return plan
     plan.layers = _select_layers(where, spec, modality.n_layers)
@@ -208,12 +224,9 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
     layer_positions = {layer: i for i, layer in enumerate(plan.layers or range(modality.n_layers))}
     for module_name, module in chosen:
         layer = modality.layer_of(module_name)
-        if spec.rank_schedule is not None:
-            pos = layer_positions.get(layer, len(layer_positions) - 1) if layer is not None else len(layer_positions) - 1
-            rank = spec.rank_schedule.rank_at(pos, len(layer_positions))
-        else:
-            rank = spec.effective_rank
-        alpha = spec.alpha if spec.alpha is not None else 2.0 * rank
+        pos = layer_positions.get(layer, len(layer_positions) - 1) if layer is not None else len(layer_positions) - 1
+        rank = spec.rank_for(pos, len(layer_positions))
+        alpha = spec.alpha_for(rank)
         if spec.mode == "qalora":  # A reads the group means: [r, in / group_size]
             params = rank * (module.in_features // plan.group_size + module.out_features)
         else:
@@ -223,37 +236,32 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
     return plan
 
 
-_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
-
-
-def _compile_adapters(plans: dict[str, ModalityPlan], specs: dict[str, ModalitySpec], spec: PlacementSpec) -> list[AdapterPlan]:
+def _compile_adapters(plans: dict[str, ModalityPlan], adalora: AdaLoraSettings | None) -> list[AdapterPlan]:
     groups: dict[tuple, list[str]] = {}
     for name, plan in plans.items():
         if plan.variant:
-            s = specs[name]
-            groups.setdefault((plan.variant, s.dropout, s.init, s.rslora), []).append(name)
+            groups.setdefault((plan.variant, plan.dropout, plan.init, plan.rslora), []).append(name)
     adapters = []
     for i, ((variant, dropout, init, rslora), names) in enumerate(groups.items()):
         targets = [t for n in names for t in plans[n].targets]
         rank = Counter(t.rank for t in targets).most_common(1)[0][0]
         alpha = Counter(t.alpha for t in targets if t.rank == rank).most_common(1)[0][0]
-        config = {
-            "r": rank,
-            "lora_alpha": alpha,
-            "target_modules": [t.name for t in targets],
-            "rank_pattern": {re.escape(t.name): t.rank for t in targets if t.rank != rank},
-            "alpha_pattern": {re.escape(t.name): t.alpha for t in targets if t.alpha != alpha},
-            "lora_dropout": dropout,
-            "use_dora": variant == "dora",
-            "use_rslora": rslora,
-            "init_lora_weights": _INIT[init],
-            "bias": "none",
-        }
-        if spec.adalora is not None:
-            variant = "adalora"
+        lora = LoraSettings(
+            rank, alpha, [t.name for t in targets],
+            rank_overrides={t.name: t.rank for t in targets if t.rank != rank},
+            alpha_overrides={t.name: t.alpha for t in targets if t.alpha != alpha},
+            dropout=dropout, dora=variant == "dora", rslora=rslora, init=init,
+        )
         adapter_name = "default" if i == 0 else "_".join(names)
-        adapters.append(AdapterPlan(adapter_name, variant, names, config))
+        adapters.append(AdapterPlan(adapter_name, "adalora" if adalora else variant, names, lora, adalora))
     return adapters
+
+
+def _adalora(spec: PlacementSpec) -> AdaLoraSettings | None:
+    a = spec.adalora
+    if a is None:
+        return None
+    return AdaLoraSettings(a.init_r, a.target_r, a.tinit, a.tfinal, a.delta_t, a.total_step)
 
 
 def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec) -> PlacementPlan:
@@ -283,7 +291,7 @@ def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec) -> 
                 f"from layer {vision.read_layers - 1}); what trains there gets no gradient. Select the read layers, "
                 f"e.g. layers: {{range: [0, {vision.read_layers}]}}"
             )
-    adapters = _compile_adapters(plans, specs, spec)
+    adapters = _compile_adapters(plans, _adalora(spec))
     if spec.adalora is not None:
         if len(adapters) > 1:
             raise MmloraError(

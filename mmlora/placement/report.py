@@ -48,8 +48,8 @@ def format_plan(plan: PlacementPlan, title: str = "") -> str:
     out.append("")
     for a in plan.adapters:
         out.append(f"adapter {a.name!r}: {a.variant} on {', '.join(a.modalities)} "
-                   f"({len(a.config['target_modules'])} modules, r={a.config['r']}, "
-                   f"{len(a.config['rank_pattern'])} rank overrides)")
+                   f"({len(a.lora.targets)} modules, r={a.lora.rank}, "
+                   f"{len(a.lora.rank_overrides)} rank overrides)")
     for m in plan.qalora:
         out.append(f"qalora on {m.name}: {len(m.targets)} linear layers quantized to INT4 (group size {m.group_size}), "
                    f"group-pooled adapters saved to qalora.safetensors; merge keeps them INT4")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import re
 
-from torch import nn
 
 _ATTENTION_PARENTS = {"self_attn", "attn", "attention", "self_attention", "cross_attn", "cross_attention", "self"}
 _Q = {"q_proj", "query", "q", "wq", "to_q", "q_lin"}

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from mmlora.config.schema import Recipe
+from mmlora.errors import MmloraError
+from mmlora.optional import require
 from mmlora.placement.plan import PlacementPlan
 
 
 def loss_curve(rows: list[dict], path: Path, unit: str = "token") -> Path | None:
-    """Training loss per step (and validation loss where measured) as a PNG."""
+    """Training loss per step (and validation loss where measured) as a PNG; None (with a one-line
+    warning) without the ``plot`` extra: a run is complete without its curve."""
     if not rows:
         return None
-    import matplotlib
-
+    try:
+        matplotlib = require("matplotlib", "plot", "the loss-curve plot")
+    except MmloraError as exc:
+        warnings.warn(f"no {path.name}: {exc}", stacklevel=2)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -21,6 +21,8 @@ import torch
 
 LATEST = "latest"
 COMPLETE = ".complete"
+TRAINABLE = "trainable.safetensors"
+TRAINER_STATE = "trainer_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,3 +91,33 @@ def latest(root: Path) -> Path | None:
             return candidate
     done = sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file())
     return done[-1] if done else None
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file()
+
+
+def save_trainable(folder: Path, model: torch.nn.Module) -> None:
+    """Every trainable tensor of ``model`` by name (for an exact resume)."""
+    from safetensors.torch import save_file
+
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+              str(folder / TRAINABLE))
+
+
+def load_trainable(folder: Path, model: torch.nn.Module) -> None:
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in load_file(str(folder / TRAINABLE)).items():
+            params[k].copy_(v)
+
+
+def save_trainer_state(folder: Path, state: dict[str, Any]) -> None:
+    """Optimizer, scheduler, sampler position, RNG states and step."""
+    torch.save(state, folder / TRAINER_STATE)
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / TRAINER_STATE, weights_only=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 from torch import nn
 
 from mmlora.errors import MmloraError
+from mmlora.models.precision import load_for_training
+from mmlora.runs.layout import FINAL, Weights, require_weights
 
 BASE = "__base__"
 #: PEFT's ``add_weighted_adapter`` combination types.
@@ -51,7 +53,7 @@ def adapter_names_for(runs: list[Path]) -> list[str]:
     """Adapter names from run folder names (``runs/x/final`` → ``x``), made unique and PEFT-safe."""
     names = []
     for run in runs:
-        stem = run.parent.name if run.name == "final" else run.name
+        stem = run.parent.name if run.name == FINAL else run.name
         name = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "adapter"
         while name in names or name in (BASE, MERGED):
             name += "_"
@@ -91,15 +93,24 @@ def parse_composition(ref: str) -> Composition | None:
     return comp
 
 
-def _check_run(folder: Path) -> dict:
-    manifest = json.loads((folder / "manifest.json").read_text())
+
+
+def adapter_only(weights: Weights) -> dict:
+    """The manifest of a run that holds exactly one PEFT adapter and nothing trained in place (what
+    composes, and what a server can switch), else a one-line error."""
+    manifest = weights.manifest()
     if len(manifest["adapters"]) != 1:
-        raise MmloraError(f"{folder}: composition needs runs with exactly one PEFT adapter "
+        raise MmloraError(f"{weights.folder}: composition needs runs with exactly one PEFT adapter "
                           f"(this one has {len(manifest['adapters'])})")
     if manifest.get("full_modules") or manifest.get("qalora"):
-        raise MmloraError(f"{folder}: this run also changed the base (full modules or QA-LoRA layers); only "
+        raise MmloraError(f"{weights.folder}: this run also changed the base (full modules or QA-LoRA layers); only "
                           "adapter-only runs compose on one base")
     return manifest
+
+
+def adapter_path(weights: Weights) -> Path:
+    """The PEFT folder of an adapter-only run."""
+    return weights.path(adapter_only(weights)["adapters"][0]["path"])
 
 
 def load_adapter_set(runs: list[Path], names: list[str] | None = None):
@@ -107,15 +118,12 @@ def load_adapter_set(runs: list[Path], names: list[str] | None = None):
 
     Returns ``(peft_model, processor, recipe)`` (processor None for CLIP); the first adapter is active."""
     from peft import PeftModel
+    from transformers import AutoProcessor
 
-    from mmlora.config.loading import load_recipe
-    from mmlora.runs.export import run_folder
-    from mmlora.models.precision import load_for_training
-
-    folders = [run_folder(r) for r in runs]
+    all_weights = [require_weights(r, "composition") for r in runs]
     names = names or adapter_names_for(runs)
-    manifests = [_check_run(f) for f in folders]
-    recipes = [load_recipe(f / "recipe.yaml") for f in folders]
+    manifests = [adapter_only(w) for w in all_weights]
+    recipes = [w.recipe() for w in all_weights]
     bases = {m["base_model"] for m in manifests}
     if len(bases) > 1:
         raise MmloraError(f"these runs adapted different bases ({', '.join(sorted(bases))}); compose runs of one base")
@@ -124,17 +132,12 @@ def load_adapter_set(runs: list[Path], names: list[str] | None = None):
         raise MmloraError("these runs trained their base in different precisions; compose runs of one precision")
     base, _ = load_for_training(recipes[0].model, recipes[0].placement, recipes[0].train.quantization)
     model = None
-    for folder, manifest, name in zip(folders, manifests, names):
-        path = folder / manifest["adapters"][0]["path"]
+    for weights, name in zip(all_weights, names):
         if model is None:
-            model = PeftModel.from_pretrained(base, path, adapter_name=name)
+            model = PeftModel.from_pretrained(base, adapter_path(weights), adapter_name=name)
         else:
-            model.load_adapter(path, adapter_name=name)
-    processor = None
-    if (folders[0] / "processor_config.json").is_file():
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(folders[0])
+            model.load_adapter(adapter_path(weights), adapter_name=name)
+    processor = AutoProcessor.from_pretrained(all_weights[0].folder) if all_weights[0].has_processor else None
     return model.eval(), processor, recipes[0]
 
 
@@ -155,27 +158,14 @@ def weighted_merge(model, names: list[str], weights: list[float], method: str, o
     return new_name
 
 
-@dataclass
-class Composed:
-    """A loaded composition: the model, its processor, and how to route samples."""
-
-    model: nn.Module
-    processor: object
-    recipe: object
-    #: Adapters samples are routed to (mixed); None when one adapter (or merge) serves every sample.
-    adapters: list[str] | None
-
-    def route(self, n: int) -> list[str] | None:
-        """Round-robin adapter names for ``n`` samples (None: no routing)."""
-        return None if self.adapters is None else [self.adapters[i % len(self.adapters)] for i in range(n)]
-
-
-def load_composition(comp: Composition) -> Composed:
+def load_composition(comp: Composition):
+    """``(model, processor, recipe, adapters)``: ``adapters`` are the names samples are routed to
+    (mixed), None after a weighted merge."""
     model, processor, recipe = load_adapter_set(comp.runs, comp.names)
     if comp.method == "mixed":
-        return Composed(model, processor, recipe, comp.names)
+        return model, processor, recipe, comp.names
     weighted_merge(model, comp.names, comp.weights, comp.method, comp.options)
-    return Composed(model, processor, recipe, None)
+    return model, processor, recipe, None
 
 
 @contextlib.contextmanager
@@ -196,25 +186,5 @@ def adapters_per_sample(model, names: list[str] | None):
         raise
 
 
-def load_reference(ref: str) -> Composed | None:
-    """A composition or a run → :class:`Composed`; None for anything else (a base or an export,
-    which the caller loads as before)."""
-    comp = parse_composition(str(ref))
-    if comp is not None:
-        return load_composition(comp)
-    path = Path(ref)
-    if (path / "manifest.json").is_file() or (path / "final" / "manifest.json").is_file():
-        from mmlora.runs.export import load_run
-
-        model, processor, recipe = load_run(path)
-        return Composed(model, processor, recipe, None)
-    return None
 
 
-def clip_tokenizer(recipe):
-    """The open_clip tokenizer of a CLIP run's base."""
-    import open_clip
-
-    from mmlora.models.loading import resolve_pretrained
-
-    return open_clip.get_tokenizer(f"local-dir:{resolve_pretrained(recipe.model.name, kind='clip')}")

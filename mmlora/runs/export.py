@@ -1,8 +1,5 @@
-"""Load what a run produced, answer an image with it, and export it.
+"""Export a run.
 
-* :func:`load_run` — a run folder (its ``final/``, or a checkpoint folder) → the base model in the
-  precision the run trained it in, with the run's adapters and fully trained modules, and its
-  processor; an exported merged folder loads as a plain model.
 * :func:`export_run` — adapters-only (a copy of ``final/``: PEFT folders, full modules, manifest,
   processor, model card) or ``merge=True``: a quantized base is dequantized, the adapters are merged
   into it, and the result is saved as an ordinary transformers checkpoint. A merge is checked:
@@ -21,54 +18,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmlora.adapters.int4 import int4_layers, quantize_linears, save_int4_model
+from mmlora.adapters.qalora import merge_qalora
+from mmlora.data.batching import Collator
+from mmlora.data.build import read_dataset
+from mmlora.data.processing import ConversationEncoder
+from mmlora.data.samples import Sample
 from mmlora.errors import MmloraError
-
-
-def run_folder(path: str | Path) -> Path:
-    """The folder with ``manifest.json`` for a run path (run root → ``final/``)."""
-    path = Path(path)
-    for candidate in (path, path / "final"):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    if (path / "config.json").is_file():
-        return path  # an exported merged model
-    raise MmloraError(f"{path}: not a run (no final/manifest.json) or an exported model (no config.json)")
-
-
-
-
-def load_run(path: str | Path, dequantize_base: bool = False):
-    """``(model, processor, recipe)`` for a run; ``model`` carries the run's adapters (PEFT)."""
-    from transformers import AutoProcessor
-
-    from mmlora.config.loading import load_recipe
-    from mmlora.runs.save import load_placement
-    from mmlora.models.precision import load_for_training
-
-    from mmlora.adapters.int4 import INT4_MANIFEST, load_int4_model
-
-    folder = run_folder(path)
-    if (folder / INT4_MANIFEST).is_file():
-        return load_int4_model(folder), AutoProcessor.from_pretrained(folder), None
-    if not (folder / "manifest.json").is_file():
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder), None
-    recipe = load_recipe(folder / "recipe.yaml")
-    base, _ = load_for_training(recipe.model, recipe.placement, recipe.train.quantization)
-    if dequantize_base:
-        dequantize(base)
-    model = load_placement(base, folder)
-    processor = AutoProcessor.from_pretrained(folder) if (folder / "processor_config.json").is_file() else None
-    return model.eval(), processor, recipe
+from mmlora.models.layers import is_linear
+from mmlora.models.modality import discover_modalities, is_open_clip, unwrap
+from mmlora.runs.card import append_to_card
+from mmlora.runs.layout import find_weights, require_weights
+from mmlora.runs.reference import load_run
 
 
 def _probe_batch(processor, recipe) -> dict[str, torch.Tensor]:
     """A real batch from the run's validation (or training) data for the merge check."""
-    from mmlora.data.build import read_dataset
-    from mmlora.data.processing import ConversationEncoder
-    from mmlora.data.samples import Sample
-
     specs = (recipe.data.val or recipe.data.train) if recipe and recipe.data else []
     for spec in specs:
         try:
@@ -76,8 +41,6 @@ def _probe_batch(processor, recipe) -> dict[str, torch.Tensor]:
         except MmloraError:
             continue
         if records:
-            from mmlora.data.batching import Collator
-
             enc = ConversationEncoder(processor, recipe.data.max_length)
             return Collator(processor.tokenizer.pad_token_id)([enc.encode(r) for r in records[:2]])
     ids = torch.arange(3, 19).reshape(2, 8)
@@ -86,9 +49,6 @@ def _probe_batch(processor, recipe) -> dict[str, torch.Tensor]:
 
 def _quantized_linears(model: nn.Module, recipe) -> list[str]:
     """Linear layers (heads excepted) of the modalities a recipe quantizes (4bit, 8bit) or places with qalora."""
-    from mmlora.models.modality import discover_modalities
-    from mmlora.models.layers import is_linear
-
     mmap = discover_modalities(model, recipe.model.modalities)
     specs = dict(recipe.placement.items())
     chosen = {n for n, s in specs.items() if s.precision in ("4bit", "8bit") or s.mode == "qalora"}
@@ -103,9 +63,10 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
     ``int4_group_size`` (with ``merge``): after merging, quantize the linear layers of the run's
     quantized modalities to INT4 with this group size; the probe-batch difference is then the
     re-quantization error, recorded rather than checked."""
-    from mmlora.runs.card import append_to_card
-
-    folder, out = run_folder(path), Path(out)
+    if find_weights(path) is None and (Path(path) / "config.json").is_file():
+        raise MmloraError(f"{path} is already a merged model")
+    weights, out = require_weights(path, "export"), Path(out)
+    folder = weights.folder
     if out.exists() and any(out.iterdir()):
         raise MmloraError(f"{out} exists and is not empty")
     if int4_group_size is not None and not merge:
@@ -113,18 +74,12 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
     if not merge:
         shutil.copytree(folder, out, dirs_exist_ok=True)
         return {"out": str(out), "merged": False}
-    model, processor, recipe = load_run(folder, dequantize_base=True)
-    if recipe is None:
-        raise MmloraError(f"{folder} is already a merged model")
-    from mmlora.models.modality import is_open_clip, unwrap
-
+    loaded = load_run(weights, dequantize_base=True)
+    model, processor, recipe = loaded.model, loaded.processor, loaded.recipe
     if is_open_clip(unwrap(model)):
         raise MmloraError("merged export of open_clip models is not supported; export the adapters")
     batch = _probe_batch(processor, recipe)
     batch.pop("labels", None)
-    from mmlora.adapters.int4 import int4_layers, quantize_linears, save_int4_model
-    from mmlora.adapters.qalora import merge_qalora
-
     with torch.no_grad():
         before = model(**batch).logits
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
@@ -159,7 +114,7 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
     processor.save_pretrained(out)
     check = ("max |logits(INT4 re-quantized) - logits(adapters)|" if requantized
              else "max |logits(merged) - logits(adapters)|")
-    card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    card = weights.card_file.read_text() if weights.card_file.is_file() else ""
     (out / "README.md").write_text(append_to_card(card, {
         "export": ("INT4 model: " + how) if int4 else "adapters merged into the (dequantized) base",
         "merge check": f"{check} = {diff:.2e} on a probe batch",
@@ -170,14 +125,3 @@ def export_run(path: str | Path, out: str | Path, merge: bool = False, atol: flo
             "requantized": bool(requantized)}
 
 
-@torch.no_grad()
-def predict(model, processor, image_path: str | Path, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy answer to ``prompt`` about one image."""
-    from mmlora.data.samples import load_image
-
-    image = load_image(Path(image_path), str(image_path), None)
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(conv, add_generation_prompt=True)
-    batch = processor(images=[image], text=[text], return_tensors="pt")
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()

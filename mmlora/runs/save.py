@@ -19,30 +19,40 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlora import __version__
 from mmlora.adapters.qalora import load_qalora, save_qalora
 from mmlora.placement.plan import PlacementPlan
-from mmlora.runs.layout import FULL_MODULES, QALORA_FILE, Weights
+from mmlora.errors import MmloraError
+from mmlora.runs.layout import FINAL, FULL_MODULES, MANIFEST, QALORA_FILE, Weights, find_weights
 
 
 
 def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, base_model: str,
-                   convert: bool = True) -> Path:
+                   convert: bool = True, initial_adapters: Mapping[str, str] | None = None) -> Path:
     """Write adapters, full modules and manifest of a model placed with ``apply_placement``.
 
-    ``convert=False`` keeps PiSSA/OLoRA adapters as trained (for checkpoints that resume training).
+    PiSSA/OLoRA adapters are converted with their initial state, ``initial_adapters`` (what
+    ``save_initial_state`` returned right after placing). ``convert=False`` keeps them as trained
+    (for checkpoints that resume training).
     """
-    from safetensors.torch import save_file
-
+    init_dirs = dict(initial_adapters or {})
+    unconvertible = [a.name for a in plan.adapters if convert and a.lora.converts_at_save and a.name not in init_dirs]
+    if unconvertible:
+        raise MmloraError(
+            f"save_placement: adapter(s) {', '.join(unconvertible)} start from PiSSA/OLoRA and convert with their "
+            "initial state: pass initial_adapters=save_initial_state(model, plan) (saved right after "
+            "apply_placement), or convert=False"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict = {"mmlora_version": __version__, "base_model": base_model, "kind": plan.kind, "adapters": []}
-    init_dirs = getattr(model, "_mmlora_init_dirs", {}) or {}
     for adapter in plan.adapters:
         model.peft_config[adapter.name].base_model_name_or_path = base_model
         with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +67,7 @@ def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, b
             shutil.copytree(src, dest, ignore=shutil.ignore_patterns(*[a.name for a in plan.adapters if a.name != "default"]))
         manifest["adapters"].append({
             "name": adapter.name, "path": f"adapters/{adapter.name}", "variant": adapter.variant,
-            "modalities": adapter.modalities, "converted_from": kwargs and adapter.config["init_lora_weights"] or None,
+            "modalities": adapter.modalities, "converted_from": adapter.lora.init if kwargs else None,
         })
     if plan.full_params:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -79,7 +89,6 @@ def save_placement(model: nn.Module, plan: PlacementPlan, out_dir: str | Path, b
 def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
     """Reassemble a saved placement on ``base`` with plain PEFT (what the module docstring describes)."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     manifest = Weights(folder).manifest()
@@ -105,3 +114,21 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
     if rest:
         model.base_model.set_adapter([a["name"] for a in adapters])
     return model
+
+
+def init_from_run(model: nn.Module, ref: str | Path) -> None:
+    """Start ``model`` from an earlier run's weights: its full modules copied in, its adapters merged
+    into the base (the new stage trains adapters of its own on top)."""
+    weights = find_weights(ref)
+    if weights is None:
+        raise MmloraError(f"train.init_from: no {FINAL}/{MANIFEST} in {ref}")
+    manifest = weights.manifest()
+    if manifest.get("full_modules"):
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in load_file(str(weights.path(manifest["full_modules"]["path"]))).items():
+                if k not in params:
+                    raise MmloraError(f"train.init_from: {k} (from {weights.folder}) is not a parameter of this model")
+                params[k].copy_(v.to(params[k].dtype))
+    if manifest["adapters"]:
+        load_placement(model, weights.folder).merge_and_unload()

@@ -21,13 +21,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-# At module level: FastAPI reads the routes' (string) annotations from this module's globals.
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.responses import HTMLResponse
-
+from mmlora.data.samples import CAPTION_PROMPT, to_rgb
+from mmlora.eval.overlay import colour_mask, render_overlay
+from mmlora.optional import require
 from mmlora.runs.compose import BASE
 from mmlora.serve.batcher import Batcher, QueueFull
 from mmlora.serve.engine import Engine, Item
+
+require("fastapi", "serve", "the HTTP API (mmlora serve)")  # one line that says how to install it
+# At module level: FastAPI reads the routes' (string) annotations from this module's globals.
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile  # noqa: E402
+from fastapi.responses import HTMLResponse  # noqa: E402
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -46,18 +50,6 @@ def _png(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def overlay(image, mask, n_classes: int):
-    """``(mask PNG, overlay PNG)``: class colours, and the image blended with them where not class 0."""
-    import numpy as np
-    from PIL import Image
-
-    palette = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], dtype=np.uint8)
-    m = mask.numpy()
-    colours = palette[np.arange(max(n_classes, 1)) % len(palette)][m]
-    base = np.asarray(image, dtype=np.float32)
-    blend = np.where((m > 0)[..., None], 0.45 * base + 0.55 * colours, base).astype(np.uint8)
-    return Image.fromarray(colours), Image.fromarray(blend)
 
 
 def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait_ms: float = 10.0,
@@ -95,7 +87,6 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
                 if w * h > limits.max_pixels:
                     raise HTTPException(413, f"image is {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
                 img.load()
-                from mmlora.data.samples import to_rgb
 
                 return to_rgb(img)
         except HTTPException:
@@ -132,8 +123,6 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
 
     @app.post("/caption")
     async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None)):
-        from mmlora.data.samples import CAPTION_PROMPT
-
         check_adapter(adapter)
         if prompt is not None and len(prompt) > limits.max_prompt_chars:
             raise HTTPException(400, f"prompt is longer than {limits.max_prompt_chars} characters")
@@ -151,7 +140,7 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
         img = await read_image(image)
         result = await answer(Item("segment", adapter, img, classes=names))
         mask = result.pop("mask")
-        mask_img, blend = overlay(img, mask, len(names))
+        mask_img, blend = colour_mask(mask.numpy(), len(names)), render_overlay(img, mask.numpy(), names)
         fractions = {c: round(float((mask == k).float().mean()), 4) for k, c in enumerate(names)}
         return result | {"mask_png": _png(mask_img), "overlay_png": _png(blend), "classes": names,
                          "fractions": fractions, "size": list(img.size)}

@@ -15,17 +15,29 @@ Not thread-safe: one worker (``mmlora.serve.batcher``) calls it.
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlora.runs.compose import BASE, adapters_per_sample
 from mmlora.errors import MmloraError
+from mmlora.generate import generate_answers
+from mmlora.models.clip import image_settings
+from mmlora.models.dense import dense_features
+from mmlora.models.loading import resolve_pretrained
+from mmlora.models.text import class_embeddings, template_list
+from mmlora.models.unfuse import unfuse_attention
+from mmlora.runs.compose import BASE, adapter_only, adapter_path, adapters_per_sample
+from mmlora.runs.layout import require_weights
+from mmlora.runs.reference import load_reference
+from mmlora.optional import require
 
 MODES = ("mixed", "switch", "merged")
 
@@ -43,19 +55,11 @@ class Item:
 
 def _adapter_path(run: Path, base_ref: str) -> Path:
     """The PEFT folder of an adapter-only run, checked against the served base."""
-    import json
-
-    from mmlora.runs.compose import _check_run
-    from mmlora.runs.export import run_folder
-    from mmlora.models.loading import resolve_pretrained
-
-    folder = run_folder(run)
-    if not (folder / "manifest.json").is_file():
-        raise MmloraError(f"{run}: not a run with adapters (no manifest.json)")
-    manifest = _check_run(folder)
+    weights = require_weights(run)
+    manifest = adapter_only(weights)
     if str(resolve_pretrained(manifest["base_model"])) != str(resolve_pretrained(base_ref)):
         raise MmloraError(f"{run} adapted {manifest['base_model']}, not the served base {base_ref}")
-    path = folder / manifest["adapters"][0]["path"]
+    path = adapter_path(weights)
     cfg = json.loads((path / "adapter_config.json").read_text())
     if cfg.get("use_dora"):
         raise MmloraError(f"{run}: DoRA adapters cannot share a mixed batch (PEFT); serve LoRA runs")
@@ -66,9 +70,7 @@ class Engine:
     """See the module docstring. ``adapters``: ``{name: run folder}``."""
 
     def __init__(self, base: str, adapters: dict[str, str | Path], mode: str = "mixed", max_loaded: int = 8,
-                 max_new_tokens: int = 32, seg_mode: str = "maskclip"):
-        from mmlora.models.loading import resolve_pretrained
-
+                 max_new_tokens: int = 32, seg_mode: str = "maskclip", templates: str = "shapes"):
         if mode not in MODES:
             raise MmloraError(f"mode {mode!r}: use one of {', '.join(MODES)}")
         if max_loaded < 1:
@@ -78,27 +80,19 @@ class Engine:
             raise MmloraError(f"adapter names {bad}: use letters, digits, - and _ ({BASE} means the base itself)")
         self.base_ref, self.mode, self.max_loaded = base, mode, max_loaded
         self.max_new_tokens, self.seg_mode = max_new_tokens, seg_mode
+        self.templates = template_list(templates)  # class prompts for segmentation (mmlora.models.text)
         self.paths = {name: _adapter_path(Path(run), base) for name, run in adapters.items()}
-        path = resolve_pretrained(base)
-        self.kind = "segment" if (Path(path) / "open_clip_config.json").is_file() else "caption"
+        loaded = load_reference(base)
+        if loaded.recipe is not None:
+            raise MmloraError(f"--base {base} is a run: serve the base model it adapted and name the run with --adapter")
+        self.base = loaded.model.float().eval()
+        self.kind = "segment" if loaded.is_clip else "caption"
         if self.kind == "caption":
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            self.base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-            self.processor = AutoProcessor.from_pretrained(path)
+            self.processor = loaded.processor
         else:
-            import open_clip
-
-            from mmlora.models.loading import load_clip
-            from mmlora.models.unfuse import unfuse_attention
-
-            self.base, _, self.tokenizer = load_clip(path)
-            self.base = self.base.float().eval()
+            self.tokenizer = loaded.tokenizer
             unfuse_attention(self.base)
-            size = self.base.visual.image_size
-            self.image_size = size[0] if isinstance(size, (tuple, list)) else size
-            self.mean = self.base.visual.image_mean or open_clip.OPENAI_DATASET_MEAN
-            self.std = self.base.visual.image_std or open_clip.OPENAI_DATASET_STD
+            self.image_size, self.mean, self.std = image_settings(self.base)
             self._texts: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.peft: nn.Module | None = None  # mixed / switch: the base wrapped with the loaded adapters
         self.loaded: OrderedDict[str, nn.Module | None] = OrderedDict()  # name → merged model (merged mode)
@@ -142,8 +136,6 @@ class Engine:
     def _evict(self, name: str) -> None:
         model = self.loaded.pop(name)
         if self.mode != "merged":
-            import warnings
-
             with warnings.catch_warnings():  # expected here: each batch sets the adapters it needs
                 warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
                 self.peft.delete_adapter(name)
@@ -183,25 +175,12 @@ class Engine:
     @torch.no_grad()
     def _caption(self, items: list[Item]) -> list[dict]:
         model, names = self._model_for([i.adapter for i in items])
-        tok = self.processor.tokenizer
-        texts = [self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": i.prompt}]}],
-            add_generation_prompt=True) for i in items]
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            batch = self.processor(images=[i.image for i in items], text=texts, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-        routed = {"adapter_names": names} if names else {}
-        gen = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tok.pad_token_id, **routed)
-        out = self.processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [{"caption": c.strip()} for c in out]
+        out = generate_answers(model, self.processor, [i.image for i in items], [i.prompt for i in items],
+                               batch_size=len(items), max_new_tokens=self.max_new_tokens, adapter_names=names)
+        return [{"caption": c} for c in out]
 
     def _text(self, adapter: str, classes: list[str]) -> torch.Tensor:
         """``[C, E]`` class embeddings through ``adapter``'s text tower (cached per adapter and classes)."""
-        from mmlora.models.text import SHAPES_TEMPLATES, class_embeddings
-
         key = (adapter, tuple(classes))
         if key in self._texts:
             self._texts.move_to_end(key)
@@ -212,9 +191,9 @@ class Engine:
             model = self.peft
         if model is None and self.peft is not None:
             with self.peft.disable_adapter():
-                emb = class_embeddings(self.peft, self.tokenizer, classes, SHAPES_TEMPLATES)
+                emb = class_embeddings(self.peft, self.tokenizer, classes, self.templates)
         else:
-            emb = class_embeddings(model or self.base, self.tokenizer, classes, SHAPES_TEMPLATES)
+            emb = class_embeddings(model or self.base, self.tokenizer, classes, self.templates)
         self._texts[key] = emb
         while len(self._texts) > 256:
             self._texts.popitem(last=False)
@@ -222,10 +201,6 @@ class Engine:
 
     @torch.no_grad()
     def _segment(self, items: list[Item]) -> list[dict]:
-        import numpy as np
-
-        from mmlora.models.dense import dense_features
-
         s = self.image_size
         pixels = []
         for i in items:  # every image to the CLIP's square input: one batch, whatever the upload's shape

@@ -9,10 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 
+from mmlora.optional import require
+
 
 @contextlib.contextmanager
 def on_loopback(app, timeout: float = 30.0) -> Iterator[str]:
-    import uvicorn
+    uvicorn = require("uvicorn", "serve", "serving on the loopback interface")
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -28,11 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmlora.errors import MmloraError
+import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-LLAVA_RECIPE = REPO / "recipes" / "shapes" / "llava-lora-b.yaml"
-CLIP_RECIPE = REPO / "recipes" / "shapes" / "clip-seg-lora-b.yaml"
+from mmlora.config.loading import load_recipe
+from mmlora.data.segmentation import IGNORE_INDEX, SegmentationFolder
+from mmlora.errors import MmloraError
+from mmlora.eval.caption import CaptionSet, evaluate_models
+from mmlora.eval.overlay import render_overlay
+from mmlora.eval.segmentation import evaluate_segmentation
+from mmlora.runs.layout import find_weights
+from mmlora.showcase.seg_demo import ClipSegmenter
+from mmlora.showcase.shapes import generate
+from mmlora.showcase.slots import slot_scores
+from mmlora.train.loop import Trainer
+
+#: The demo's recipes ship inside the package (``recipes/shapes/`` links to them in a checkout).
+RECIPES = Path(__file__).resolve().parent / "recipes"
+LLAVA_RECIPE = RECIPES / "llava-lora-b.yaml"
+CLIP_RECIPE = RECIPES / "clip-seg-lora-b.yaml"
 #: Training-free dense mode the base CLIP is scored with (the adapted one uses its recipe's mode).
 BASE_DENSE_MODE = "clearclip"
 
@@ -65,14 +78,11 @@ def retarget_recipe(recipe, data_dir: Path, output_dir: Path, overrides: dict[st
 
 
 def _train(recipe_path: Path, data_dir: Path, run_dir: Path, overrides: dict[str, Any], log) -> Path:
-    from mmlora.config.loading import load_recipe
-    from mmlora.train.loop import Trainer
-
-    if (run_dir / "final" / "manifest.json").is_file():
+    if find_weights(run_dir) is not None:
         log(f"  reusing {run_dir} (delete it to retrain)")
         return run_dir
     if not recipe_path.is_file():
-        raise MmloraError(f"{recipe_path}: the demo recipe is missing (run the demo from a checkout of mmlora)")
+        raise MmloraError(f"{recipe_path}: the demo recipe is missing; reinstall mmlora")
     recipe = retarget_recipe(load_recipe(recipe_path), data_dir, run_dir, overrides)
     trainer = Trainer(recipe, recipe_name=recipe_path.stem)
     trainer.setup()
@@ -82,8 +92,6 @@ def _train(recipe_path: Path, data_dir: Path, run_dir: Path, overrides: dict[str
 
 def ensure_worlds(data_dir: Path, scale: float = 1.0) -> Path:
     """Generate worlds A and B into ``data_dir`` unless they are there."""
-    from mmlora.showcase.shapes import generate
-
     if not all((data_dir / w / "world.json").is_file() for w in ("world_A", "world_B")):
         data_dir.mkdir(parents=True, exist_ok=True)
         generate(data_dir, scale=scale)
@@ -93,11 +101,7 @@ def ensure_worlds(data_dir: Path, scale: float = 1.0) -> Path:
 def overlay_figure(image_path: Path, truth, masks: list, classes: list[str], out: Path,
                    labels: tuple[str, ...] = ("input", "ground truth", "base", "adapted")) -> Path:
     """One row: the input, the ground truth and each segmentation as an overlay, upscaled 3x, titled."""
-    import numpy as np
     from PIL import Image, ImageDraw, ImageFont
-
-    from mmlora.data.segmentation import IGNORE_INDEX
-    from mmlora.showcase.seg_demo import render_overlay
 
     image = Image.open(image_path).convert("RGB")
     truth = np.where(truth == IGNORE_INDEX, 0, truth).astype(np.uint8)
@@ -120,10 +124,6 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
              llava_overrides: dict[str, Any] | None = None, clip_overrides: dict[str, Any] | None = None,
              caption_limit: int | None = None, seg_limit: int | None = None, scale: float = 1.0,
              log=print) -> DemoReport:
-    from mmlora.config.loading import load_recipe
-    from mmlora.eval.caption import CaptionSet, evaluate_models
-    from mmlora.eval.segmentation import evaluate_segmentation
-
     out, data_dir = Path(out_dir), Path(data_dir)
     log(f"[1/5] data: shapes worlds A and B in {data_dir}")
     ensure_worlds(data_dir, scale)
@@ -141,7 +141,8 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
     clip_base = load_recipe(clip_recipe).model.name
     dense_mode = load_recipe(clip_recipe).train.dense.mode
     captions = CaptionSet.from_coco(world_b / "annotations" / "captions_test.json", limit=caption_limit)
-    cap = evaluate_models({"base": llava_base, "adapted": str(llava_run)}, captions, out / "eval_caption")
+    cap = evaluate_models({"base": llava_base, "adapted": str(llava_run)}, captions, out / "eval_caption",
+                          extra=slot_scores)
     modes = sorted({BASE_DENSE_MODE, dense_mode})
     seg = evaluate_segmentation({"base": clip_base, "adapted": str(clip_run)}, world_b, "test", modes,
                                 out / "eval_seg", limit=seg_limit, unseen=unseen)
@@ -168,11 +169,6 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
 
 def _demo_overlay(world: Path, clip_base: str, clip_run: Path, dense_mode: str, out: Path) -> Path:
     """The first world-B test image showing the novel shape (else the first image)."""
-    import numpy as np
-
-    from mmlora.data.segmentation import SegmentationFolder
-    from mmlora.showcase.seg_demo import ClipSegmenter
-
     folder = SegmentationFolder(world, "test")
     classes = folder.classes
     novel = classes.index("star") if "star" in classes else None

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmlora.cache import cached_dir
 from mmlora.data.samples import CAPTION_PROMPT
 
 GENERATOR_VERSION = 1
@@ -387,7 +388,6 @@ def corpus(worlds: tuple[str, ...] = ("A", "B")) -> list[str]:
 def cached_worlds(seed: int = 0, image_size: int = 128, scale: float = 1.0) -> Path:
     """The default worlds A and B, generated once into mmlora's cache; returns the folder holding
     ``world_A/`` and ``world_B/``."""
-    from mmlora.cache import cached_dir
 
     params = {"seed": seed, "image_size": image_size, "scale": scale, "version": GENERATOR_VERSION}
     return cached_dir("shapes", params, ["showcase/shapes.py"], lambda tmp: generate(tmp, seed=seed, image_size=image_size, scale=scale) and None)

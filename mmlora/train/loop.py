@@ -12,64 +12,109 @@ exact resume; NaN/inf detection; metrics.jsonl, trackers, a progress bar and a l
 Distributed runs are whatever ``accelerate launch`` / ``torchrun`` starts (DDP, FSDP2, DeepSpeed):
 every process draws the same seeded global batch and trains on its own slice of it.
 
+In-training evaluations (``train.caption_eval``) and event callbacks are passed in
+(``mmlora.train.hooks``): the loop imports no evaluation.
+
 Run: ``mmlora train RECIPE [key=value ...]``.
+
+Layer: train. Imports objectives, runs, data, placement, models, config and the foundation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata as md
 import json
 import math
-import os
-import signal
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
-from mmlora.config.loading import recipe_to_yaml
+from mmlora import __version__
+from mmlora.config.loading import recipe_to_yaml as recipe_yaml
 from mmlora.config.schema import Recipe
 from mmlora.data.batching import ConversationDataset, GroupedBatchSampler
+from mmlora.data.build import mix, read_dataset
 from mmlora.errors import MmloraError
+from mmlora.models.loading import resolve_pretrained
+from mmlora.models.precision import load_for_training
+from mmlora.objectives.select import objective_for
+from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing, save_initial_state
+from mmlora.placement.audit import audit_gradients
+from mmlora.placement.plan import plan_placement
 from mmlora.runs import checkpoint as ckpt
+from mmlora.runs.card import loss_curve, model_card
+from mmlora.runs.layout import Run, Weights
+from mmlora.runs.save import init_from_run, save_placement
+from mmlora.train.hooks import Evaluator, EventHook
+from mmlora.train.optim import build_optimizer, param_groups
+from mmlora.train.speed import apply_speedups
 
 
 class Trainer:
-    """``setup()`` → ``train()``; the run folder is ``train.output_dir`` (default ``runs/<recipe>``)."""
+    """``setup()`` → ``train()``; the run folder is ``train.output_dir`` (default ``runs/<recipe>``).
 
-    def __init__(self, recipe: Recipe, recipe_name: str = "run", base_dir: Path | None = None):
+    ``evaluators`` run during training (``mmlora.train.hooks.Evaluator``; a recipe with
+    ``train.caption_eval`` needs one, see ``mmlora.eval.hooks.training_evaluators``); ``on_event``
+    is told where the loop is (``mmlora.train.hooks.EventHook``)."""
+
+    def __init__(self, recipe: Recipe, recipe_name: str = "run", base_dir: Path | None = None,
+                 evaluators: Sequence[Evaluator] = (), on_event: EventHook | None = None):
         if recipe.data is None:
             raise MmloraError("the recipe has no data section: nothing to train on")
+        if recipe.train.caption_eval is not None and not evaluators:
+            raise MmloraError("train.caption_eval is set, but no caption evaluator was passed to the Trainer: "
+                              "run `mmlora train`, or pass evaluators=mmlora.eval.hooks.training_evaluators(recipe)")
         self.recipe, self.base_dir = recipe, base_dir
+        self.evaluators, self.on_event = list(evaluators), on_event
         self.out = Path(recipe.train.output_dir or Path("runs") / recipe_name)
+        self.run = Run(self.out)
+        self.step = 0
+        self.step_lrs: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        """Model, data, placement, optimizer, run folder: in that order, each its own step."""
+        self._setup_accelerator()
+        model = self._setup_model()
+        self._setup_data()
+        model = self._setup_placement(model)
+        self._setup_optimizer(model)
+        self._setup_run_folder()
+
+    def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from mmlora.data.build import mix, read_dataset
-        from mmlora.models.loading import resolve_pretrained
-        from mmlora.objectives.core import objective_for
-        from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing
-        from mmlora.placement.plan import plan_placement
-        from mmlora.train.optim import build_optimizer, param_groups
-        from mmlora.models.precision import load_for_training
-        from mmlora.train.speed import apply_speedups
-
-        r, t = self.recipe, self.recipe.train
+        t = self.recipe.train
         # Without CUDA, say cpu=True: only then does Accelerate read torchrun's environment as a
         # multi-process CPU (gloo) run instead of starting every process as a single-process run.
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=t.trackers or None,
                                        project_dir=str(self.out), cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
         set_seed(t.seed)
+
+    def _setup_model(self) -> nn.Module:
+        """The base in its per-modality precision, its objective, and an earlier run's weights."""
+        r, t = self.recipe, self.recipe.train
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
-        data = r.data
-        self.objective = objective_for(model, resolve_pretrained(r.model.name), data, t.dense, self.base_dir)
+        self.objective = objective_for(model, resolve_pretrained(r.model.name), r.data, t.dense, self.base_dir)
+        self.collate = self.objective.collate
+        if t.init_from:
+            init_from_run(model, Path(t.init_from))
+        return model
+
+    def _setup_data(self) -> None:
+        """Datasets, the seeded global-batch sampler, and the number of steps."""
+        data, t = self.recipe.data, self.recipe.train
 
         def dataset(specs):
             records = mix([(read_dataset(d, self.base_dir), d.weight) for d in specs], t.seed)
@@ -79,28 +124,34 @@ class Trainer:
         self.val_set = dataset(data.val) if data.val else None
         if len(self.train_set) == 0:
             raise MmloraError("the training data has no usable sample")
-        if t.init_from:
-            self._init_from(model, Path(t.init_from))
         self.global_batch = t.batch_size * t.grad_accum * self.accelerator.num_processes
-        image_tokens = self._image_tokens()
-        self.sampler = GroupedBatchSampler(self.train_set.lengths(image_tokens), self.train_set.has_image(),
+        self.sampler = GroupedBatchSampler(self.train_set.lengths(self._image_tokens()), self.train_set.has_image(),
                                            self.global_batch, seed=t.seed, group_by_length=data.group_by_length)
         steps_per_epoch = len(self.sampler.batches(0))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-        placement = r.placement
+
+    def _setup_placement(self, model: nn.Module) -> nn.Module:
+        """Plan and apply the placement; checkpointing and the speed switches on top."""
+        t, placement = self.recipe.train, self.recipe.placement
         if placement.adalora is not None and placement.adalora.total_step is None:
             placement = placement.model_copy(update={"adalora": placement.adalora.model_copy(update={"total_step": self.total_steps})})
         self.placement = placement
         self.plan = plan_placement(model, self.mmap, placement)
-        model = apply_placement(model, self.plan, placement)
+        model = apply_placement(model, self.plan)
+        self.initial_adapters = save_initial_state(model, self.plan)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.speedups = apply_speedups(model, self.mmap, t, self.objective)
-        groups, self.group_infos = param_groups(model, self.mmap, placement, t)
-        optimizer, self.scheduler = build_optimizer(groups, t, self.total_steps)
+        return model
+
+    def _setup_optimizer(self, model: nn.Module) -> None:
+        groups, self.group_infos = param_groups(model, self.mmap, self.placement, self.recipe.train)
+        optimizer, self.scheduler = build_optimizer(groups, self.recipe.train, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.collate = self.objective.collate
-        self.step = 0
+
+    def _setup_run_folder(self) -> None:
+        """The run folder: resume from its latest checkpoint, or start it (recipe, run info, metrics)."""
+        t = self.recipe.train
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
@@ -117,49 +168,27 @@ class Trainer:
                     return int((item["input_ids"] == self.train_set.encoder.image_token_id).sum())
         return 0
 
-    def _init_from(self, model, run: Path) -> None:
-        """Start from an earlier run's final weights: full modules into the base now, adapters after
-        placement (by matching adapter and module names)."""
-        final = run / "final" if (run / "final").is_dir() else run
-        if not (final / "manifest.json").is_file():
-            raise MmloraError(f"train.init_from: no final/manifest.json in {run}")
-        manifest = json.loads((final / "manifest.json").read_text())
-        if manifest.get("full_modules"):
-            from safetensors.torch import load_file
-
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for k, v in load_file(str(final / manifest["full_modules"]["path"])).items():
-                    if k not in params:
-                        raise MmloraError(f"train.init_from: {k} (from {final}) is not a parameter of this model")
-                    params[k].copy_(v.to(params[k].dtype))
-        if manifest["adapters"]:
-            # Merge earlier adapters into the base: the new stage trains its own adapters on top.
-            from mmlora.runs.save import load_placement
-
-            merged = load_placement(model, final)
-            merged.merge_and_unload()
-
     def _write_run_info(self) -> None:
-        import importlib.metadata as md
-        import subprocess
-
-        (self.out / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
-        versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "accelerate", "bitsandbytes",
-                                                "datasets", "open_clip_torch")}
+        self.run.recipe_file.write_text(recipe_yaml(self.recipe))
+        versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "accelerate")}
+        for p in ("bitsandbytes", "datasets", "open_clip_torch"):  # optional extras
+            with contextlib.suppress(md.PackageNotFoundError):
+                versions[p] = md.version(p)
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                     cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             commit = None
-        from mmlora import __version__
-
         info = {"mmlora": __version__, "git_commit": commit, "versions": versions, "python": sys.version.split()[0],
                 "processes": self.accelerator.num_processes, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "groups": [g.__dict__ for g in self.group_infos],
                 "speedups": self.speedups}
-        (self.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        (self.out / "metrics.jsonl").write_text("")
+        self.run.run_info_file.write_text(json.dumps(info, indent=2) + "\n")
+        self.run.metrics_file.write_text("")
+
+    def _event(self, where: str) -> None:
+        if self.on_event is not None:
+            self.on_event(where, self.step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -167,56 +196,39 @@ class Trainer:
         t = self.recipe.train
         if t.resume == "never":
             return
-        found = ckpt.latest(self.out / "checkpoints") if t.resume == "auto" else Path(t.resume)
+        found = ckpt.latest(self.run.checkpoints) if t.resume == "auto" else Path(t.resume)
         if found is None:
             return
-        if not (found / ckpt.COMPLETE).is_file():
+        if not ckpt.is_complete(found):
             raise MmloraError(f"train.resume: {found} is not a complete checkpoint")
-        from safetensors.torch import load_file
-
-        state = torch.load(found / "trainer_state.pt", weights_only=True)
-        model = self.accelerator.unwrap_model(self.model)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in load_file(str(found / "trainable.safetensors")).items():
-                params[k].copy_(v)
+        state = ckpt.load_trainer_state(found)
+        ckpt.load_trainable(found, self.accelerator.unwrap_model(self.model))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         if self.is_main:  # the metrics after the checkpoint are rewritten by the resumed run
-            rows = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
+            rows = [line for line in self.run.metrics_file.read_text().splitlines()
                     if line and json.loads(line)["step"] <= self.step]
-            (self.out / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
+            self.run.metrics_file.write_text("".join(row + "\n" for row in rows))
         self.accelerator.print(f"resumed from {found} at step {self.step}")
 
     def save_checkpoint(self) -> Path | None:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        from safetensors.torch import save_file
-
-        from mmlora.runs.save import save_placement
-
-        root = self.out / "checkpoints"
+        root = self.run.checkpoints
         tmp = ckpt.begin(root, self.step)
         model = self.accelerator.unwrap_model(self.model)
         save_placement(model, self.plan, tmp, self.recipe.model.name, convert=False)
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(tmp / "trainable.safetensors"))
-        self._maybe_die("during-save")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step},
-                   tmp / "trainer_state.pt")
+        ckpt.save_trainable(tmp, model)
+        self._event("during-save")
+        ckpt.save_trainer_state(tmp, {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                                      "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
         self.objective.save_processor(tmp)
-        (tmp / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        Weights(tmp).write_recipe(self.recipe)
         return ckpt.commit(root, tmp, self.step, self.recipe.train.keep_last)
-
-    def _maybe_die(self, where: str) -> None:
-        """Test hook: ``MMLORA_TEST_KILL=<where>@<step>`` SIGKILLs this process there."""
-        if os.environ.get("MMLORA_TEST_KILL") == f"{where}@{self.step}":
-            os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ the loop
 
@@ -273,12 +285,10 @@ class Trainer:
             loss_sum += float(s.detach()) if counts else 0.0
         loss = self._all_sum(loss_sum) / total_tokens
         if not math.isfinite(loss):
-            last = ckpt.latest(self.out / "checkpoints")
+            last = ckpt.latest(self.run.checkpoints)
             raise MmloraError(f"loss is {loss} at step {self.step + 1}; stopping. Last good checkpoint: {last or 'none'}")
         if self.step == 0:
-            from mmlora.placement.audit import audit_gradients
-
-            audit_gradients(self.accelerator.unwrap_model(self.model))
+            audit_gradients(self.accelerator.unwrap_model(self.model), initial_adapters=self.initial_adapters)
         if self.recipe.train.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
         self.optimizer.step()
@@ -315,33 +325,20 @@ class Trainer:
         return total / tokens if tokens else None
 
     @torch.no_grad()
-    def caption_metrics(self) -> dict[str, float]:
-        """The in-training hook: caption a validation subset, score it (main process; the others wait)."""
-        from mmlora.data.samples import CAPTION_PROMPT
-        from mmlora.eval.caption import CaptionSet, score_captions
-        from mmlora.generate import generate_answers
-        from mmlora.showcase.slots import mean_slot_accuracy
-
-        spec = self.recipe.train.caption_eval
+    def run_evaluators(self, final: bool = False) -> dict[str, float]:
+        """The evaluators due at this step (main process; the others wait)."""
+        due = [e for e in self.evaluators if final or self.step % e.every == 0]
         out: dict[str, float] = {}
-        if self.is_main and hasattr(self.objective, "processor"):
-            from mmlora.data.samples import load_image
-
-            data = CaptionSet.from_coco(spec.coco, limit=spec.limit)
-            images = [load_image(data.files[i], str(data.files[i]), str(i)) for i in data.image_ids]
+        if due and self.is_main:
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
-            captions = generate_answers(model, self.objective.processor, images, spec.prompt or CAPTION_PROMPT,
-                                         max_new_tokens=spec.max_new_tokens)
-            results = dict(zip(data.image_ids, captions))
-            scores = score_captions(results, data.references) | mean_slot_accuracy(results, data.objects)
-            out = {f"caption/{k}": v for k, v in scores.items() if isinstance(v, float)}
-        self.accelerator.wait_for_everyone()
+            for evaluator in due:
+                out.update(evaluator(model, self.objective.processor))
+        if due:
+            self.accelerator.wait_for_everyone()
         return out
 
     def train(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
         t = self.recipe.train
         batches = self._global_batches()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
@@ -355,18 +352,17 @@ class Trainer:
                                    "lr": self.step_lrs}
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                 last_val = row["val_loss"] = self.evaluate()
-            if t.caption_eval and (self.step % t.caption_eval.every == 0 or self.step == self.total_steps):
-                row.update(self.caption_metrics())
+            row.update(self.run_evaluators(final=self.step == self.total_steps))
             rate = done_samples / max(time.perf_counter() - start, 1e-9)
             row["samples_per_s"] = rate
             if self.is_main and (self.step % t.log_every == 0 or "val_loss" in row or self.step == self.total_steps):
-                with open(self.out / "metrics.jsonl", "a") as f:
+                with open(self.run.metrics_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
             if t.trackers:
                 self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(self.step_lrs.values())):.2e}", samples_s=f"{rate:.1f}")
             bar.update(1)
-            self._maybe_die("after-step")
+            self._event("after-step")
             if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         bar.close()
@@ -380,16 +376,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        from mmlora.runs.save import save_placement
-        from mmlora.runs.card import loss_curve, model_card
-
-        final = self.out / "final"
+        final = self.run.final
         model = self.accelerator.unwrap_model(self.model)
-        save_placement(model, self.plan, final, self.recipe.model.name)
-        self.objective.save_processor(final)
-        (final / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
-        rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
-        loss_curve(rows, self.out / "loss_curve.png", self.objective.unit)
-        (final / "README.md").write_text(model_card(self.recipe, self.plan, rows))
-        return final
-
+        save_placement(model, self.plan, final.folder, self.recipe.model.name, initial_adapters=self.initial_adapters)
+        self.objective.save_processor(final.folder)
+        final.write_recipe(self.recipe)
+        rows = self.run.metrics()
+        loss_curve(rows, self.run.loss_curve_file, self.objective.unit)
+        final.card_file.write_text(model_card(self.recipe, self.plan, rows))
+        return final.folder

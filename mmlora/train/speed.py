@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmlora.adapters.lean_dora import use_lean_dora
 from mmlora.config.schema import TrainSpec
 from mmlora.models.modality import ModalityMap, unwrap
 
@@ -59,7 +60,5 @@ def apply_speedups(model: nn.Module, mmap: ModalityMap, train: TrainSpec, object
     if train.frozen_no_grad:
         applied["no_grad_modules"] = run_frozen_without_grad(model, mmap)
     if train.lean_dora:
-        from mmlora.adapters.lean_dora import use_lean_dora
-
         applied["lean_dora_layers"] = use_lean_dora(model)
     return applied

@@ -57,7 +57,7 @@ def test_slot_accuracy_counts_each_slot():
 def test_batched_and_one_by_one_greedy_give_the_same_captions(tiny_llava_dir, shapes_small):
     from mmlora.eval.caption import load_captioner
 
-    model, processor = load_captioner(tiny_llava_dir)
+    model, processor, _ = load_captioner(tiny_llava_dir)
     data = CaptionSet.from_coco(shapes_small / "world_B" / "annotations" / "captions_test.json", limit=6)
     from mmlora.data.samples import load_image
 

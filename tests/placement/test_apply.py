@@ -15,7 +15,7 @@ import torch
 
 from mmlora.config.schema import PlacementSpec
 from mmlora.models.modality import discover_modalities
-from mmlora.placement.apply import apply_placement
+from mmlora.placement.apply import apply_placement, save_initial_state
 from mmlora.placement.plan import plan_placement
 from mmlora.runs.save import load_placement, save_placement
 from tests.placement.conftest import clip_batch, clip_loss, llava_batch, text_batch
@@ -150,7 +150,8 @@ def test_placement_case(case, tiny_llava, tiny_clip, shapes_small, tmp_path):
     assert planned == expected, f"planned - expected: {planned - expected}; expected - planned: {expected - planned}"
     assert len(plan.adapters) == case.n_adapters
 
-    placed = apply_placement(model, plan, spec)
+    placed = apply_placement(model, plan)
+    initial_adapters = save_initial_state(placed, plan)
     # 1. Adapters sit exactly on the planned modules.
     assert _adapted_modules(placed) == expected
     # 2. Only the planned parameters are trainable.
@@ -189,7 +190,7 @@ def test_placement_case(case, tiny_llava, tiny_clip, shapes_small, tmp_path):
 
     # 5. Saved adapters reload on a fresh base through plain PEFT and give the same outputs.
     base_name = case.arch
-    save_placement(placed, plan, tmp_path / "final", base_name)
+    save_placement(placed, plan, tmp_path / "final", base_name, initial_adapters=initial_adapters)
     fresh = _build(case, *_fresh(case, tiny_llava, tiny_clip))
     reloaded = load_placement(fresh, tmp_path / "final")
     with torch.no_grad():

@@ -13,7 +13,7 @@ from tests.placement.conftest import clip_batch, clip_loss, llava_batch
 def _place(model, spec: dict):
     spec = PlacementSpec.model_validate(spec)
     plan = plan_placement(model, discover_modalities(model), spec)
-    return apply_placement(model, plan, spec), plan
+    return apply_placement(model, plan), plan
 
 
 def test_healthy_default_init_passes(tiny_llava, shapes_small):

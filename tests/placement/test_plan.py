@@ -3,6 +3,7 @@ import pytest
 from mmlora.config.schema import PlacementSpec
 from mmlora.errors import MmloraError
 from mmlora.models.modality import discover_modalities
+from mmlora.placement.peft_backend import lora_kwargs
 from mmlora.placement.plan import plan_placement
 from mmlora.placement.report import format_plan
 
@@ -15,7 +16,7 @@ def test_per_modality_ranks_compile_into_one_adapter(tiny_llava):
     plan = _plan(tiny_llava[0], {"vision": {"mode": "lora", "targets": "q", "layers": [0], "rank": 2},
                                  "language": {"mode": "lora", "targets": "v", "rank": 8, "alpha": 4}})
     assert len(plan.adapters) == 1
-    cfg = plan.adapters[0].config
+    cfg = lora_kwargs(plan.adapters[0].lora)
     assert cfg["r"] in (2, 8) and set(plan.adapters[0].modalities) == {"vision", "language"}
     ranks = {t.name: t.rank for m in plan.modalities.values() for t in m.targets}
     # every module's rank is the default or in rank_pattern (escaped full names, PEFT's regex match)

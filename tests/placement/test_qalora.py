@@ -78,7 +78,7 @@ def test_placed_trained_saved_reloaded_and_merged(tiny_llava, tiny_llava_dir, sh
     plan = plan_placement(model, discover_modalities(model), spec)
     table = format_plan(plan)
     assert "qalora" in table and "int4 g16" in table and "qalora on language: 14 linear layers" in table
-    placed = apply_placement(model, plan, spec)
+    placed = apply_placement(model, plan)
     layers = qalora_layers(placed.get_base_model())
     assert len(layers) == 14
     trainable = {n for n, p in placed.named_parameters() if p.requires_grad}

@@ -48,9 +48,12 @@ def make_recipe(shapes_small, tmp_path):
 
 def run_training(recipe_path: Path, *overrides: str):
     from mmlora.config.loading import load_recipe
+    from mmlora.eval.hooks import training_evaluators
+    from mmlora.showcase.slots import slot_scores
     from mmlora.train.loop import Trainer
 
-    trainer = Trainer(load_recipe(recipe_path, overrides), recipe_name=recipe_path.stem)
+    recipe = load_recipe(recipe_path, overrides)
+    trainer = Trainer(recipe, recipe_name=recipe_path.stem, evaluators=training_evaluators(recipe, extra=slot_scores))
     trainer.setup()
     result = trainer.train()
     return trainer, result

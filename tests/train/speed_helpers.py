@@ -15,7 +15,7 @@ def placed_llava(placement: dict, seed: int = 0):
     """``(peft_model, modality map)`` for the tiny LLaVA, adapters and DoRA magnitudes perturbed."""
     spec = PlacementSpec.model_validate(placement)
     model, mmap = load_for_training(ModelSpec(name="tiny-llava"), spec, QuantSpec())
-    model = apply_placement(model, plan_placement(model, mmap, spec), spec)
+    model = apply_placement(model, plan_placement(model, mmap, spec))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlora.objectives.chunked_loss import chunked_supervised_loss_sum, linear_cross_entropy_sum
-from mmlora.objectives.core import supervised_loss_sum
+from mmlora.objectives.caption import supervised_loss_sum
 from tests.placement.conftest import llava_batch
 from tests.train.speed_helpers import assert_same_grads, grads_of, placed_llava
 
@@ -62,7 +62,7 @@ def test_models_whose_logits_are_not_the_head_output_use_the_plain_loss(shapes_s
     out by the probe, and the objective falls back to the plain path."""
     from transformers import AutoProcessor
 
-    from mmlora.objectives.core import CaptionLM
+    from mmlora.objectives.caption import CaptionLM
 
     model, _ = placed_llava({"language": {"mode": "lora", "rank": 4}})
     base = model.get_base_model()

@@ -113,11 +113,11 @@ def test_lora_on_q_v_trains_in_both_towers(tiny_clip_dir, shapes_small, tmp_path
     from mmlora.cli import main
     from mmlora.models.dense import dense_tokens
     from mmlora.eval.segmentation import load_clip_for_eval
-    from mmlora.runs.export import load_run
+    from mmlora.runs.reference import load_reference
 
     images = torch.randn(2, 3, 64, 64)
     merged, _ = load_clip_for_eval(tmp_path / "run")
-    unmerged, _, _ = load_run(tmp_path / "run")
+    unmerged = load_reference(tmp_path / "run").model
     base, _ = load_clip_for_eval(str(tiny_clip_dir))
     with torch.no_grad():
         m, u, b = (dense_tokens(x, images) for x in (merged, unmerged, base))
@@ -147,7 +147,7 @@ def test_refuses_mixed_data_unknown_classes_and_non_clip_models(tiny_llava_dir, 
     with pytest.raises(ValueError, match="format: seg only"):
         DatasetSpec(format="llava", path="x.json", ignore_classes=["triangle"])
     from mmlora.models.loading import load_llava
-    from mmlora.objectives.core import objective_for
+    from mmlora.objectives.select import objective_for
 
     model, _ = load_llava(tiny_llava_dir)
     with pytest.raises(MmloraError, match="open_clip"):

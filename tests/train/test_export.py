@@ -5,7 +5,10 @@ import torch
 
 from mmlora.cli import main
 from mmlora.errors import MmloraError
-from mmlora.runs.export import export_run, load_run, predict
+from mmlora.data.samples import load_image
+from mmlora.generate import generate_answers
+from mmlora.runs.export import export_run
+from mmlora.runs.reference import load_reference
 from tests.train.conftest import run_training
 
 
@@ -39,7 +42,8 @@ def test_merged_export_equals_the_adapters(trained_run, tmp_path, shapes_small):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert {type(m).__name__ for m in merged.modules()} .isdisjoint({"Linear4bit"})
     # The merged checkpoint reproduces the adapter model (on the dequantized base) on a real image.
-    adapters, processor, _ = load_run(trained_run, dequantize_base=True)
+    loaded = load_reference(trained_run, dequantize_base=True)
+    adapters, processor = loaded.model, loaded.processor
     from tests.placement.conftest import llava_batch
 
     batch = llava_batch(AutoProcessor.from_pretrained(tmp_path / "merged"), shapes_small)
@@ -58,8 +62,9 @@ def test_adapter_export_and_cli(trained_run, tmp_path, capsys, shapes_small):
         export_run(trained_run, out)
     image = shapes_small / "world_B" / "images" / "test" / "B_test_00000.png"
     assert main(["predict", str(trained_run), "--image", str(image), "--max-new-tokens", "4"]) == 0
-    model, processor, _ = load_run(trained_run)
-    answer = predict(model, processor, image, "Describe.", max_new_tokens=4)
+    loaded = load_reference(trained_run)
+    (answer,) = generate_answers(loaded.model, loaded.processor, [load_image(image, str(image), None)], "Describe.",
+                                 max_new_tokens=4)
     assert isinstance(answer, str)
     assert main(["predict", str(tmp_path / "nope"), "--image", str(image)]) == 2
 
@@ -70,8 +75,8 @@ def test_merged_qlora_requantized_to_int4(trained_run, tmp_path):
 
     result = export_run(trained_run, tmp_path / "int4", merge=True, int4_group_size=16)
     assert result["requantized"] and result["int4_layers"] == 14  # the 4-bit language model's linear layers
-    int4, _, _ = load_run(tmp_path / "int4")
-    reference = load_run(trained_run, dequantize_base=True)[0].merge_and_unload()
+    int4 = load_reference(tmp_path / "int4").model
+    reference = load_reference(trained_run, dequantize_base=True).model.merge_and_unload()
     name = next(iter(int4_layers(int4)))
     codes, scales, zeros = quantize_int4(reference.get_submodule(name).weight, 16)
     layer = int4.get_submodule(name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mmlora.placement.apply import enable_gradient_checkpointing
-from mmlora.objectives.core import supervised_loss_sum
+from mmlora.objectives.caption import supervised_loss_sum
 from mmlora.train.speed import run_frozen_without_grad
 from tests.placement.conftest import llava_batch, tiny_clip  # noqa: F401 (fixture)
 from tests.train.speed_helpers import assert_same_grads, grads_of, placed_llava
@@ -67,7 +67,7 @@ def test_frozen_clip_text_tower_same_gradients(tiny_clip, shapes_small):
     spec = PlacementSpec.model_validate({"vision": {"mode": "lora", "targets": ["q", "v"], "rank": 2},
                                          "text": {"mode": "frozen"}})
     mmap = discover_modalities(model)
-    model = apply_placement(model, plan_placement(model, mmap, spec), spec).train()
+    model = apply_placement(model, plan_placement(model, mmap, spec)).train()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_B." in n:

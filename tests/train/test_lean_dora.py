@@ -73,7 +73,7 @@ def test_merged_weights_give_the_lean_forward():
 def test_tiny_llava_dora_equals_peft(shapes_small, tiny_llava_dir):
     from transformers import AutoProcessor
 
-    from mmlora.objectives.core import supervised_loss_sum
+    from mmlora.objectives.caption import supervised_loss_sum
     from tests.placement.conftest import llava_batch
     from tests.train.speed_helpers import placed_llava
 
@@ -97,7 +97,7 @@ def test_qdora_4bit_equals_peft():
 
     spec = PlacementSpec.model_validate({"language": {"mode": "dora", "rank": 4, "precision": "4bit"}})
     model, mmap = load_for_training(ModelSpec(name="tiny-llava"), spec, QuantSpec())
-    model = apply_placement(model, plan_placement(model, mmap, spec), spec).train()
+    model = apply_placement(model, plan_placement(model, mmap, spec)).train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_B." in name:

@@ -9,7 +9,7 @@ from tests.train.conftest import run_training
 
 
 def test_train_export_int4_and_reload(make_recipe, tmp_path, shapes_small, capsys):
-    from mmlora.runs.export import load_run
+    from mmlora.runs.reference import load_reference
     from mmlora.adapters.int4 import INT4_MANIFEST, Int4Linear
     from mmlora.adapters.qalora import qalora_layers
 
@@ -33,8 +33,10 @@ def test_train_export_int4_and_reload(make_recipe, tmp_path, shapes_small, capsy
     name = next(iter(layers))
     assert state[f"{name}.qweight"].dtype == torch.uint8 and f"{name}.weight" not in state
 
-    unmerged, processor, _ = load_run(trainer.out)
-    merged, _, recipe_back = load_run(tmp_path / "int4")
+    run = load_reference(trainer.out)
+    unmerged, processor = run.model, run.processor
+    export = load_reference(tmp_path / "int4")
+    merged, recipe_back = export.model, export.recipe
     assert recipe_back is None and isinstance(merged.get_submodule(name), Int4Linear)
     codes = qalora_layers(unmerged.get_base_model())[name].qweight
     assert torch.equal(merged.get_submodule(name).qweight, codes)

@@ -1,10 +1,10 @@
 """A run killed with SIGKILL (between steps, or in the middle of writing a checkpoint) and resumed
 reproduces the uninterrupted run's losses exactly (CPU, fixed seed)."""
 
-import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,11 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def _train_in_subprocess(recipe, kill: str | None = None) -> int:
-    env = dict(os.environ)
-    if kill:
-        env["MMLORA_TEST_KILL"] = kill
-    result = subprocess.run([sys.executable, "-m", "mmlora", "train", str(recipe)], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "tests.train.kill_run", str(recipe), *([kill] if kill else [])],
+                            capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     if result.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(result.stderr[-3000:])
     return result.returncode

@@ -1,0 +1,62 @@
+"""Optional dependencies: import a heavy library that lives in an extra, or say in one line how to get it.
+
+The core install is what planning and training need; the rest is in extras (``pyproject.toml``)::
+
+    quant   bitsandbytes        4-bit / 8-bit quantized modalities (QLoRA, QDoRA)
+    clip    open_clip_torch     open_clip CLIP models (contrastive training, segmentation, few-shot)
+    eval    pycocoevalcap       caption metrics (METEOR, SPICE and the PTB tokenizer also need Java)
+    serve   fastapi, uvicorn    the HTTP API and demo page
+    plot    matplotlib          loss curves in run folders
+    data    datasets            the Hugging Face ``datasets`` reader (``hf``)
+
+``require("bitsandbytes", "quant", "4-bit/8-bit quantization")`` returns the module, or raises
+:class:`~mmlora.errors.MmloraError` with ``4-bit/8-bit quantization needs bitsandbytes (pip install
+'mmlora[quant]')``, which the CLI prints as one line. ``make setup`` installs every extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from mmlora.errors import MmloraError
+
+#: Top-level module name → the pip package that provides it (the default is the module name).
+PIP_NAMES: dict[str, str] = {
+    "bitsandbytes": "bitsandbytes",
+    "open_clip": "open_clip_torch",
+    "pycocoevalcap": "pycocoevalcap",
+    "matplotlib": "matplotlib",
+    "datasets": "datasets",
+    "fastapi": "fastapi",
+    "uvicorn": "uvicorn",
+}
+
+
+def pip_name(module: str) -> str:
+    """The pip package that provides ``module`` (its top-level package decides)."""
+    top = module.split(".", 1)[0]
+    return PIP_NAMES.get(top, top)
+
+
+def _is_missing(exc: ImportError, module: str) -> bool:
+    """Whether ``exc`` says ``module`` (or a package above it) is not installed, rather than that it
+    is installed and failed while importing."""
+    if not isinstance(exc, ModuleNotFoundError) or exc.name is None:
+        return False
+    return module == exc.name or module.startswith(exc.name + ".")
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import and return ``module`` (as ``importlib.import_module`` does), which the extra ``extra``
+    installs; ``purpose`` says what needs it, for the message when it cannot be imported."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package = pip_name(module)
+        fix = f"pip install 'mmlora[{extra}]'"
+        if _is_missing(exc, module):
+            raise MmloraError(f"{purpose} needs {package} ({fix})") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MmloraError(f"{purpose} needs {package}, which is installed but failed to import "
+                          f"({reason}); reinstall it: {fix}") from exc
