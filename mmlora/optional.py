@@ -50,7 +50,8 @@ def _is_missing(exc: ImportError, module: str) -> bool:
 def require(module: str, extra: str, purpose: str) -> ModuleType:
     """Import and return ``module`` (as ``importlib.import_module`` does), which the extra ``extra``
     installs; ``purpose`` says what needs it, for the message when it cannot be imported."""
-    try:
+    try:  # the top package first: a submodule imported earlier stays cached after its package is gone
+        importlib.import_module(module.partition(".")[0])
         return importlib.import_module(module)
     except ImportError as exc:
         package = pip_name(module)

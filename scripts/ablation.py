@@ -90,11 +90,12 @@ def train_row(name: str, seed: int, steps: int, recipe: dict[str, Any], data_dir
     import yaml
 
     from mmlora.config.loading import load_recipe
+    from mmlora.runs.layout import find_weights
     from mmlora.showcase.demo import retarget_recipe
     from mmlora.train.loop import Trainer
 
     run = out / "runs" / f"{name.replace('/', '_')}-s{seed}"
-    if (run / "final" / "manifest.json").is_file():
+    if find_weights(run) is not None:
         return run
     data = dict(recipe, placement=placement_for(recipe["placement"], ROWS[name]))
     path = out / "recipes" / f"{run.name}.yaml"

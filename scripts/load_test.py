@@ -34,6 +34,7 @@ def make_adapters(base: str, n: int, out: Path, rank: int = 4) -> dict[str, Path
     from mmlora.models.modality import discover_modalities
     from mmlora.placement.apply import apply_placement
     from mmlora.placement.plan import plan_placement
+    from mmlora.runs.layout import Run
     from mmlora.runs.save import save_placement
 
     spec = PlacementSpec.model_validate({"language": {"mode": "lora", "rank": rank}})
@@ -47,7 +48,8 @@ def make_adapters(base: str, n: int, out: Path, rank: int = 4) -> dict[str, Path
             for name, p in placed.named_parameters():
                 if ".lora_" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        runs[f"a{i}"] = save_placement(placed, plan, out / f"a{i}" / "final", base).parent
+        runs[f"a{i}"] = Run(out / f"a{i}").root
+        save_placement(placed, plan, Run(out / f"a{i}").final.folder, base)
     return runs
 
 

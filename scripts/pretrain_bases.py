@@ -46,6 +46,7 @@ def pretrain_clip(worlds: Path, work: Path, out: Path, steps: int) -> Path:
     from mmlora.models.clip import model_config, save_clip
     from mmlora.models.presets import preset_path
     from mmlora.models.unfuse import fuse_state_dict, unfuse_attention
+    from mmlora.runs.layout import FULL_MODULES, Run
 
     a = worlds / "world_A" / "annotations"
     recipe = {
@@ -60,7 +61,7 @@ def pretrain_clip(worlds: Path, work: Path, out: Path, steps: int) -> Path:
     trainer = _train(recipe, "clip-pretrain")
     model, _, tokenizer = load_clip(preset_path("shapes-clip"))
     unfuse_attention(model)
-    trained = load_file(str(trainer.out / "final" / "full_modules.safetensors"))
+    trained = load_file(str(Run(trainer.out).final.path(FULL_MODULES)))
     model.load_state_dict(trained, strict=False)
     state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in fuse_state_dict(model.state_dict()).items()}
     from mmlora.models.clip import register_configs
@@ -81,6 +82,7 @@ def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: 
 
     from mmlora.models.llava import llava_from_clip, save_llava
     from mmlora.models.presets import PRESETS
+    from mmlora.runs.layout import FULL_MODULES, Run
 
     spec = PRESETS["shapes-llava"].llava
     model, processor = llava_from_clip(clip_dir, spec)
@@ -111,7 +113,7 @@ def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: 
                   "eval_every": max(1, steps2 // 2), "save_every": max(1, steps2 // 4)},
     }, "llava-stage2")
     model = type(model).from_pretrained(init, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(load_file(str(stage2.out / "final" / "full_modules.safetensors")), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(str(Run(stage2.out).final.path(FULL_MODULES))), strict=False)
     assert not unexpected, unexpected
     dest = out / "shapes-llava-base"
     shutil.rmtree(dest, ignore_errors=True)

@@ -62,6 +62,7 @@ def _base_int4(out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from mmlora.cli import main as mmlora
+    from mmlora.runs.layout import find_weights
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/shapes", help="shapes worlds (mmlora data shapes --out DIR)")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in RECIPES:
         run = runs / f"shapes-llava-{name}-b"
-        if args.retrain or not (run / "final" / "manifest.json").is_file():
+        if args.retrain or find_weights(run) is None:
             if mmlora(["train", str(_recipe(name, data, runs, args.steps)), "train.resume=never"]) != 0:
                 return 1
     models = {

@@ -16,12 +16,12 @@ CLIP_PLACEMENT = {"vision": {"mode": "lora", "targets": ["q", "v"], "rank": 4},
 
 def make_run(out: Path, preset: str, placement: dict, seed: int, scale: float = 0.3) -> Path:
     """Write a run folder at ``out`` whose adapter has seeded random A and B; returns ``out``."""
-    from mmlora.config.loading import recipe_to_yaml
     from mmlora.config.schema import Recipe
     from mmlora.models.build import load_model
     from mmlora.models.modality import discover_modalities
     from mmlora.placement.apply import apply_placement
     from mmlora.placement.plan import plan_placement
+    from mmlora.runs.layout import Run
     from mmlora.runs.save import save_placement
 
     recipe = Recipe.model_validate({"model": {"name": preset}, "placement": placement})
@@ -33,13 +33,13 @@ def make_run(out: Path, preset: str, placement: dict, seed: int, scale: float = 
         for name, p in placed.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
-    final = out / "final"
-    save_placement(placed, plan, final, preset)
-    (final / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    final = Run(out).final
+    save_placement(placed, plan, final.folder, preset)
+    final.write_recipe(recipe)
     if preset.endswith("llava"):
         from transformers import AutoProcessor
 
         from mmlora.models.presets import preset_path
 
-        AutoProcessor.from_pretrained(preset_path(preset)).save_pretrained(final)
+        AutoProcessor.from_pretrained(preset_path(preset)).save_pretrained(final.folder)
     return out

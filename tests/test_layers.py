@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import mmlora
@@ -45,3 +46,15 @@ def test_commands_may_import_lazily_but_not_upwards():
     problems = violations(sources, packages)
     assert not any(p.startswith("mmlora.commands.planted") for p in problems)
     assert any(p.startswith("mmlora.showcase.planted (showcase) imports mmlora.commands.train (commands)") for p in problems)
+
+
+def test_every_package_says_what_it_owns_and_its_layer():
+    from tests.layering import layer_of
+
+    for init in sorted(ROOT.rglob("__init__.py")):
+        module = ".".join(init.relative_to(ROOT.parent).parent.parts)
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        if module == "mmlora":
+            assert "Layers, bottom to top" in doc
+            continue
+        assert f"Layer: {layer_of(module)[1]}." in doc, f"{init}: the docstring must say 'Layer: {layer_of(module)[1]}.'"

@@ -1,4 +1,7 @@
-"""Recipes: schema (``schema.py``) and loading with overrides (``loading.py``)."""
+"""Recipes: the schema (``schema.py``) and loading with ``key=value`` overrides (``loading.py``).
+
+Layer: config. Imports the foundation only.
+"""
 
 from mmlora.config.loading import load_recipe, recipe_json_schema
 from mmlora.config.schema import ModalitySpec, PlacementSpec, Recipe

@@ -1,0 +1,5 @@
+"""Data: readers (LLaVA JSON, COCO captions, messages JSONL, Hugging Face datasets, segmentation
+folders) → samples → processing (chat template, labels on answers only) → batching; ``data check``.
+
+Layer: data. Imports config and the foundation (nothing of models: processors are arguments).
+"""

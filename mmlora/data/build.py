@@ -7,9 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from mmlora.config.schema import DatasetSpec, DataSpec
-from mmlora.data.batching import ConversationDataset
-from mmlora.data.processing import ConversationEncoder
+from mmlora.config.schema import DatasetSpec
 from mmlora.data.readers import read_coco, read_hf, read_llava, read_messages
 from mmlora.data.samples import BadSample, Sample
 from mmlora.data.segmentation import SegmentationFolder
@@ -49,8 +47,3 @@ def mix(sources: list[tuple[list[Any], float]], seed: int = 0) -> list[Any]:
     return out
 
 
-def build_dataset(spec: DataSpec, specs: list[DatasetSpec], processor: Any, base_dir: Path | None = None,
-                  seed: int = 0) -> ConversationDataset:
-    encoder = ConversationEncoder(processor, spec.max_length, spec.max_image_pixels)
-    records = mix([(read_dataset(d, base_dir), d.weight) for d in specs], seed)
-    return ConversationDataset(records, encoder, spec.on_bad_sample)

@@ -75,8 +75,8 @@ def evaluate_segmentation(models: str | dict[str, str], data_root: str | Path, s
     n_images = min(len(folder), limit) if limit else len(folder)
     loaded = {}
     for name, ref in named.items():
-        model, tokenizer, loaded = load_clip_reference(ref)
-        route = loaded.route(n_images)
+        model, tokenizer, reference = load_clip_reference(ref)
+        route = reference.route(n_images)
         texts = {}
         for adapter in dict.fromkeys(route or [None]):
             if adapter is not None:

@@ -1,1 +1,5 @@
-"""Placement: per-modality spec → plan (``plan.py``) → PEFT adapters (``apply.py``) → audit, save."""
+"""Placement: a recipe's per-modality spec → a typed plan (``plan.py``) → PEFT adapters (``apply.py``,
+through the one PEFT backend), the gradient-flow audit and the plan's report.
+
+Layer: placement. Imports adapters, models, config and the foundation.
+"""

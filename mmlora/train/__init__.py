@@ -1,1 +1,5 @@
-"""Training: precision-aware loading, optimizer groups, checkpoints, and the loop (``loop.py``)."""
+"""Training: the Accelerate loop (``loop.py``), optimizer groups, speed switches, and the hooks a caller
+passes in (``hooks.py``: evaluators, event callbacks).
+
+Layer: train. Imports objectives, runs, data, placement, adapters, models, config and the foundation.
+"""

@@ -135,7 +135,6 @@ class Trainer:
         t, placement = self.recipe.train, self.recipe.placement
         if placement.adalora is not None and placement.adalora.total_step is None:
             placement = placement.model_copy(update={"adalora": placement.adalora.model_copy(update={"total_step": self.total_steps})})
-        self.placement = placement
         self.plan = plan_placement(model, self.mmap, placement)
         model = apply_placement(model, self.plan)
         self.initial_adapters = save_initial_state(model, self.plan)
@@ -145,7 +144,7 @@ class Trainer:
         return model
 
     def _setup_optimizer(self, model: nn.Module) -> None:
-        groups, self.group_infos = param_groups(model, self.mmap, self.placement, self.recipe.train)
+        groups, self.group_infos = param_groups(model, self.mmap, self.plan, self.recipe.train)
         optimizer, self.scheduler = build_optimizer(groups, self.recipe.train, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
@@ -293,7 +292,7 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
         self.optimizer.step()
         self.step_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this step used
-        if self.placement.adalora is not None:
+        if self.plan.adalora is not None:
             self.accelerator.unwrap_model(self.model).base_model.update_and_allocate(self.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

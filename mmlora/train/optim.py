@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmlora.config.schema import PlacementSpec, TrainSpec
+from mmlora.config.schema import TrainSpec
 from mmlora.models.modality import ModalityMap
+from mmlora.placement.plan import PlacementPlan
 
 
 @dataclass
@@ -41,8 +42,8 @@ def _no_decay(name: str, module_types: dict[str, str]) -> bool:
     return "Norm" in module_types.get(owner, "") or "norm" in owner.rsplit(".", 1)[-1].lower()
 
 
-def param_groups(model: nn.Module, mmap: ModalityMap, placement: PlacementSpec, train: TrainSpec) -> tuple[list[dict], list[GroupInfo]]:
-    specs = dict(placement.items())
+def param_groups(model: nn.Module, mmap: ModalityMap, plan: PlacementPlan, train: TrainSpec) -> tuple[list[dict], list[GroupInfo]]:
+    """Optimizer groups per modality x (decay, no decay, LoRA+ B): each modality's learning rate from the plan."""
     module_types = {n: type(m).__name__ for n, m in model.named_modules()}
     buckets: dict[tuple[str, str], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -58,8 +59,8 @@ def param_groups(model: nn.Module, mmap: ModalityMap, placement: PlacementSpec, 
         buckets.setdefault((modality, kind), []).append(p)
     groups, infos = [], []
     for (modality, kind), params in sorted(buckets.items()):
-        spec = specs.get(modality)
-        lr = (spec.lr if spec and spec.lr else train.lr * (spec.lr_multiplier if spec and spec.lr_multiplier else 1.0))
+        m = plan.modalities.get(modality)
+        lr = (m.lr if m and m.lr else train.lr * (m.lr_multiplier if m and m.lr_multiplier else 1.0))
         if kind == "lora_B":
             lr *= train.lora_plus_ratio
         wd = 0.0 if kind == "no_decay" else train.weight_decay

@@ -65,3 +65,54 @@ def test_table_shows_every_modality(tiny_llava):
     text = format_plan(plan)
     for word in ("vision", "projector", "language", "dora", "4bit", "0.001", "trainable:", "full_modules.safetensors"):
         assert word in text
+
+
+def test_per_modality_ranks_reach_lora_config_exactly(tiny_llava):
+    import inspect
+
+    from peft import AdaLoraConfig, LoraConfig
+
+    from mmlora.placement.apply import apply_placement
+    from mmlora.placement.peft_backend import peft_config
+    from mmlora.placement.settings import AdaLoraSettings
+
+    model = tiny_llava[0]
+    plan = _plan(model, {"vision": {"mode": "lora", "targets": "q", "layers": [0], "rank": 2},
+                         "language": {"mode": "lora", "targets": "v", "rank": 8, "alpha": 32}})
+    (adapter,) = plan.adapters
+    assert adapter.adalora is None and adapter.lora.dora is False and adapter.lora.init == "default"
+    cfg = peft_config(adapter.lora, adapter.adalora, causal_lm=True)
+    assert isinstance(cfg, LoraConfig) and cfg.task_type == "CAUSAL_LM"
+    # language (two modules) sets the default; vision's rank 2 and default alpha 2 x 2 are the overrides
+    assert (cfg.r, cfg.lora_alpha) == (8, 32)
+    assert cfg.rank_pattern == {r"model\.vision_tower\.encoder\.layers\.0\.self_attn\.q_proj": 2}
+    assert cfg.alpha_pattern == {r"model\.vision_tower\.encoder\.layers\.0\.self_attn\.q_proj": 4.0}
+    assert set(cfg.target_modules) == {"model.vision_tower.encoder.layers.0.self_attn.q_proj",
+                                       "model.language_model.layers.0.self_attn.v_proj",
+                                       "model.language_model.layers.1.self_attn.v_proj"}
+    assert (cfg.lora_dropout, cfg.use_dora, cfg.use_rslora, cfg.init_lora_weights, cfg.bias) == (0.0, False, False, True, "none")
+
+    # AdaLoRA's budget travels in the plan; without total_step, building its config is refused as before
+    ada = _plan(model, {"vision": {"mode": "lora", "targets": "q", "layers": [0]}, "language": {"mode": "lora"},
+                        "adalora": {"init_r": 6, "target_r": 2, "tfinal": 2, "total_step": 10}})
+    assert ada.adapters[0].adalora == ada.adalora == AdaLoraSettings(6, 2, 0, 2, 1, 10)
+    cfg = peft_config(ada.adapters[0].lora, ada.adapters[0].adalora)
+    assert isinstance(cfg, AdaLoraConfig) and (cfg.init_r, cfg.target_r, cfg.tfinal, cfg.total_step) == (6, 2, 2, 10)
+    no_steps = _plan(model, {"language": {"mode": "lora"}, "adalora": {}})
+    with pytest.raises(MmloraError, match="placement.adalora.total_step: AdaLoRA needs the number of training steps"):
+        peft_config(no_steps.adapters[0].lora, no_steps.adapters[0].adalora)
+
+    # applying needs only the plan, and PEFT puts the planned rank and alpha on each module
+    assert list(inspect.signature(apply_placement).parameters) == ["model", "plan"]
+    base = apply_placement(model, plan).get_base_model()
+    for m in plan.modalities.values():
+        for t in m.targets:
+            module = base.get_submodule(t.name)
+            assert module.r["default"] == t.rank and module.scaling["default"] == t.alpha / t.rank, t.name
+
+
+def test_qalora_settings_live_on_the_modality_plan(tiny_llava):
+    plan = _plan(tiny_llava[0], {"language": {"mode": "qalora", "targets": "q", "rank": 4, "dropout": 0.1,
+                                              "rslora": True, "group_size": 16}})
+    (m,) = plan.qalora
+    assert (m.group_size, m.dropout, m.rslora) == (16, 0.1, True) and not plan.adapters

@@ -155,7 +155,7 @@ def test_refuses_mixed_data_unknown_classes_and_non_clip_models(tiny_llava_dir, 
 
 
 def test_a_frozen_text_tower_is_embedded_once(tiny_clip_dir, shapes_small, monkeypatch):
-    import mmlora.eval.segmentation as seg
+    import mmlora.objectives.dense as seg  # where the objective looks the function up
     from mmlora.models.loading import load_clip
     from mmlora.models.unfuse import unfuse_attention
 

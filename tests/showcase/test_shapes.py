@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmlora.data import shapes
+from mmlora.showcase import shapes
 from mmlora.showcase.shapes import CLASSES, COLOURS, POSITIONS, WORLDS, generate_world
 
 
@@ -135,3 +135,9 @@ def test_corpus_covers_every_caption_word():
     words = {w for line in shapes.corpus() for w in line.replace(".", " ").replace(";", " ").replace(",", " ").split()}
     for name in list(COLOURS) + list(CLASSES[1:]) + ["top", "left", "holds", "large", "small"]:
         assert name in words
+
+
+def test_the_shipped_tokenizer_corpus_is_the_worlds_corpus():
+    from mmlora.models.corpus import tokenizer_corpus
+
+    assert tokenizer_corpus() == shapes.corpus()
