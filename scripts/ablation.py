@@ -112,12 +112,13 @@ def train_row(name: str, seed: int, steps: int, recipe: dict[str, Any], data_dir
 
 def score(ref: str, name: str, data, out: Path) -> dict[str, float]:
     from mmlora.eval.caption import evaluate_models
+    from mmlora.showcase.slots import slot_scores
 
     folder = out / "evals" / name
     if (folder / "metrics.json").is_file():
         report = json.loads((folder / "metrics.json").read_text())
     else:
-        report = evaluate_models({name: ref}, data, folder)
+        report = evaluate_models({name: ref}, data, folder, extra=slot_scores)
     captions = {json.loads(x)["image_id"]: json.loads(x)["caption"]
                 for x in (folder / f"captions_{name}.jsonl").read_text().splitlines()}
     return report["models"][name]["scores"] | novel_recall(captions, data.objects)

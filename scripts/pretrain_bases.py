@@ -137,12 +137,13 @@ def clip_retrieval(clip_dir: Path, coco: Path, limit: int = 200) -> float:
 
 def evaluate(worlds: Path, llava_dir: Path, clip_dir: Path, work: Path, limit: int | None) -> dict:
     from mmlora.eval.caption import CaptionSet, evaluate_models
+    from mmlora.showcase.slots import slot_scores
 
     scores: dict = {"llava": {}, "clip": {}}
     for world in ("A", "B"):
         coco = worlds / f"world_{world}" / "annotations" / "captions_test.json"
         report = evaluate_models({"base": str(llava_dir)}, CaptionSet.from_coco(coco, limit=limit),
-                                 work / f"eval_{world}", split=f"world {world} test")
+                                 work / f"eval_{world}", split=f"world {world} test", extra=slot_scores)
         s = report["models"]["base"]["scores"]
         scores["llava"][world] = {k: s[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "slot_all", "slot_shape",
                                                     "slot_colour", "slot_position", "mean_length")}

@@ -37,7 +37,6 @@ from mmlora.models.unfuse import unfuse_attention
 from mmlora.runs.compose import BASE, adapter_only, adapter_path, adapters_per_sample
 from mmlora.runs.layout import require_weights
 from mmlora.runs.reference import load_reference
-from mmlora.optional import require
 
 MODES = ("mixed", "switch", "merged")
 

@@ -36,11 +36,13 @@ def test_recorded_scores_reproduce(worlds, tmp_path):
     """Tolerance: 0.01 absolute on every recorded score (greedy decoding on CPU is deterministic;
     the margin covers BLAS differences between machines)."""
     from mmlora.eval.caption import CaptionSet, evaluate_models
+    from mmlora.showcase.slots import slot_scores
 
     recorded = json.loads((preset_path("shapes-llava-base") / "scores.json").read_text())
     for world in ("A", "B"):
         coco = worlds / f"world_{world}" / "annotations" / "captions_test.json"
-        report = evaluate_models({"base": "shapes-llava-base"}, CaptionSet.from_coco(coco), tmp_path / world)
+        report = evaluate_models({"base": "shapes-llava-base"}, CaptionSet.from_coco(coco), tmp_path / world,
+                                 extra=slot_scores)
         scores = report["models"]["base"]["scores"]
         for key in ("CIDEr", "BLEU-4", "slot_all"):
             assert scores[key] == pytest.approx(recorded[world][key], abs=0.01), (world, key)
