@@ -75,7 +75,8 @@ def _explain(err: Any, source: str) -> str:
         # For a union, a validator's own message is more useful than "input should be ..." per branch.
         specific = [m for m in msgs if not m.startswith("Input should be")]
         lines.append(f"{where}: {'; '.join(dict.fromkeys(specific or msgs))}")
-    return f"{source}: invalid recipe:\n  " + "\n  ".join(lines)
+    # One line, whatever the number of problems: the CLI's error path is one line per failure.
+    return f"{source}: invalid recipe: " + " | ".join(lines)
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
