@@ -12,11 +12,18 @@ The core install is what planning and training need; the rest is in extras (``py
 ``require("bitsandbytes", "quant", "4-bit/8-bit quantization")`` returns the module, or raises
 :class:`~mmlora.errors.MmloraError` with ``4-bit/8-bit quantization needs bitsandbytes (pip install
 'mmlora[quant]')``, which the CLI prints as one line. ``make setup`` installs every extra.
+
+:func:`quiet_known_noise` silences the few lines libraries print on every command that are known to
+be harmless (listed in ``KNOWN_LOG_LINES`` and ``KNOWN_WARNINGS``, each matched by its logger or
+category and its message); every other warning still shows.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import re
+import warnings
 from types import ModuleType
 
 from mmlora.errors import MmloraError
@@ -61,3 +68,43 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MmloraError(f"{purpose} needs {package}, which is installed but failed to import "
                           f"({reason}); reinstall it: {fix}") from exc
+
+
+#: ``(logger, message regex)``: log lines known to be harmless, matched against the formatted message.
+KNOWN_LOG_LINES: tuple[tuple[str, str], ...] = (
+    # bitsandbytes >= 0.49 on a CPU with AVX512-BF16 tries the optional ``kernels`` package at import,
+    # even when nothing is 4-bit; without it the CPU path simply uses bitsandbytes' own kernel.
+    ("bitsandbytes.backends.cpu.ops",
+     r"Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"),
+)
+#: ``(category, message regex, module regex)``: warnings known to be harmless (``warnings.filterwarnings``).
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # PEFT probes ``getattr(model, "is_gradient_checkpointing", True)`` when it wraps or loads a model;
+    # transformers 5 deprecated the name. Nothing for a user to change.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+    # PEFT looks for the base's config.json to decide whether to save resized embeddings; a preset name
+    # or an offline hub id has none to look up. mmlora never resizes a base's vocabulary, so PEFT's
+    # assumption ("the vocabulary was not modified") is right.
+    (UserWarning, r"Could not find a config file in .* - will assume that the vocabulary was not modified",
+     r"peft\.utils\.save_and_load"),
+)
+
+
+class _KnownNoise(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """Silence exactly the lines in ``KNOWN_LOG_LINES`` and ``KNOWN_WARNINGS`` (call it before the
+    libraries are imported; calling it again changes nothing)."""
+    for name, pattern in KNOWN_LOG_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNoise) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_KnownNoise(pattern))
+    for category, message, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)

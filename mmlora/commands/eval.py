@@ -2,17 +2,18 @@
 mIoU; few-shot CLIP classification.
 
     mmlora eval caption --coco data/shapes/world_B/annotations/captions_test.json \
-        --model base=tiny-llava --model adapted=runs/tiny-llava-train --out evals/world_B
+        --model base=tiny-llava --model adapted=runs/tiny-llava-train --out runs/evals/world_B
     mmlora eval caption --coco ... --model m=exports/merged --num-beams 3 --limit 50
-    mmlora eval seg --data data/shapes/world_A --split test --clip shapes-clip-base --unseen triangle --out evals/seg
+    mmlora eval seg --data data/shapes/world_A --split test --clip shapes-clip-base --unseen triangle --out runs/evals/seg
     mmlora eval seg --data data/shapes/world_A --model base=shapes-clip-base --model lora=runs/shapes-clip-seg-lora \
-        --modes vanilla --unseen triangle --out evals/seg
-    mmlora eval fewshot --data data/shapes/world_B --model base=shapes-clip-base --shots 1,4,16 --out evals/fewshot
+        --modes vanilla --unseen triangle --out runs/evals/seg
+    mmlora eval fewshot --data data/shapes/world_B --model base=shapes-clip-base --shots 1,4,16 --out runs/evals/fewshot
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return _fewshot(args)
     from mmlora.data.samples import CAPTION_PROMPT
     from mmlora.errors import MmloraError
-    from mmlora.eval.caption import CaptionSet, evaluate_models, markdown_table
+    from mmlora.eval.caption import CaptionSet, empty_caption_warnings, evaluate_models, markdown_table
     from mmlora.showcase.slots import slot_scores
 
     models = {}
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(markdown_table(report))
     print(f"results, per-image captions and metrics.json in {args.out}")
+    for line in empty_caption_warnings(report):
+        print(f"mmlora: warning: {line}", file=sys.stderr)
     return 0
 
 

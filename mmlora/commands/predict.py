@@ -10,6 +10,7 @@ export, or a composition of runs (``mmlora.runs.compose``).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from mmlora.data.samples import CAPTION_PROMPT, load_image
     from mmlora.errors import MmloraError
     from mmlora.generate import generate_answers
+    from mmlora.runs.compose import check_adapter_names
     from mmlora.runs.reference import load_reference
 
     loaded = load_reference(args.run)
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             raise MmloraError("--adapter needs a mixed composition of runs, e.g. runs/a+runs/b")
         if len(args.adapter) != len(args.image):
             raise MmloraError(f"{len(args.adapter)} --adapter for {len(args.image)} --image: give one per image")
+        check_adapter_names(args.adapter, loaded.adapters or [])
         names = args.adapter
     images = [load_image(Path(p), p, None) for p in args.image]
     answers = generate_answers(model, processor, images, args.prompt or CAPTION_PROMPT, batch_size=len(images),
@@ -49,4 +52,10 @@ def run(args: argparse.Namespace) -> int:
             print(answer)
         else:
             print(f"{args.image[k]}\t{names[k] if names else '-'}\t{answer}")
+    empty = [args.image[k] for k, answer in enumerate(answers) if not answer]
+    if empty:
+        which = f"for {empty[0]}" if len(answers) == 1 else \
+            f"for {len(empty)} of {len(answers)} images: {', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}"
+        print(f"mmlora: warning: the model produced an empty answer ({which}): the base may not have learned to "
+              "answer this prompt; try --max-new-tokens or another prompt", file=sys.stderr)
     return 0

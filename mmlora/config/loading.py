@@ -17,6 +17,13 @@ from mmlora.config.schema import Recipe
 from mmlora.errors import MmloraError
 
 
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in a few words on one line: ``expected ',' or ']', but got '<stream end>' at column 4``."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at column {mark.column + 1}" if mark is not None else problem
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     import yaml
 
@@ -24,7 +31,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise MmloraError(f"override {item!r} is not key=value (e.g. placement.language.rank=16)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            raise MmloraError(f"override {item!r}: {raw!r} is not valid YAML ({_yaml_problem(err)}); write values "
+                              "as YAML (16, [q, v], {first: 1}) and quote a string that looks like YAML") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmlora.data.samples import BadSample, CAPTION_PROMPT, Sample, SPEAKERS, check_messages, parts_from_text, resolve_image_path
+from mmlora.data.samples import (CAPTION_PROMPT, SPEAKERS, BadSample, Sample, check_messages, error_reason, parts_from_text,
+                                 resolve_image_path)
 from mmlora.errors import MmloraError
 from mmlora.optional import require
 
@@ -233,7 +234,7 @@ def _hf_image(value: Any, where: str, sid: str) -> Any:
         try:
             return Image.open(io.BytesIO(value["bytes"]))
         except Exception as err:  # noqa: BLE001
-            raise BadSample(where, sid, f"embedded image cannot be decoded ({err})") from None
+            raise BadSample(where, sid, f"embedded image cannot be decoded ({error_reason(err)})") from None
     if value is None:
         raise BadSample(where, sid, "image column is empty")
     return value
@@ -242,15 +243,110 @@ def _hf_image(value: Any, where: str, sid: str) -> Any:
 READERS = {"llava": read_llava, "messages": read_messages, "coco": read_coco, "hf": read_hf}
 
 
-def guess_format(path: Path) -> str:
-    """Format of a data file from its content (for ``mmlora data check PATH``)."""
-    if path.is_dir():
-        return "hf"
-    if path.suffix == ".parquet":
-        return "hf"
-    head = path.read_bytes()[:4096].decode("utf-8", errors="replace")
-    if '"annotations"' in head and '"images"' in head:
-        return "coco"
-    if '"messages"' in head:
+class _CannotTell(Exception):
+    """Why a data file's format cannot be guessed (the message says what the file holds)."""
+
+
+class _NeedMore(Exception):
+    """The prefix read so far ends inside the value that decides."""
+
+
+def _record_format(rec: Any) -> str:
+    """The format of one record: ``conversations`` → llava, ``messages`` → messages."""
+    if not isinstance(rec, dict):
+        raise _CannotTell(f"a list of {type(rec).__name__} values, not records")
+    if "conversations" in rec:
+        return "llava"
+    if "messages" in rec:
         return "messages"
-    return "llava"
+    raise _CannotTell(f"its first record has keys {', '.join(sorted(rec)) or '(none)'} (LLaVA records have "
+                      "conversations, messages records have messages)")
+
+
+def _format_of_text(text: str, jsonl: bool, complete: bool) -> str | None:
+    """The format of a data file whose first characters are ``text`` (all of it when ``complete``);
+    None when the answer needs more of the file."""
+    decoder, n = json.JSONDecoder(), len(text)
+
+    def skip(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def value(i: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, i)
+        except json.JSONDecodeError as err:
+            if not complete:
+                raise _NeedMore from None
+            raise _CannotTell(f"not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+    i = skip(0)
+    if i == n:
+        if complete:
+            raise _CannotTell("the file is empty")
+        return None
+    try:
+        if jsonl:
+            end = text.find("\n", i)
+            if end < 0 and not complete:
+                return None
+            try:
+                return _record_format(json.loads(text[i:end if end >= 0 else n]))
+            except json.JSONDecodeError as err:
+                raise _CannotTell(f"its first line is not JSON ({err.msg} at column {err.colno})") from None
+        if text[i] == "[":
+            i = skip(i + 1)
+            if i < n and text[i] == "]":
+                raise _CannotTell("an empty JSON list")
+            return _record_format(value(i)[0])
+        if text[i] != "{":
+            raise _CannotTell(f"not JSON (it starts with {text[i:i + 10]!r})")
+        keys: list[str] = []
+        i = skip(i + 1)
+        while i < n and text[i] != "}":
+            key, i = value(i)
+            keys.append(str(key))
+            if {"images", "annotations"} <= set(keys):
+                return "coco"
+            i = skip(i)
+            if i < n and text[i] != ":":
+                raise _CannotTell("not JSON (a key without a value)")
+            _, i = value(skip(i + 1))
+            i = skip(i)
+            if i < n and text[i] == ",":
+                i = skip(i + 1)
+        if i == n:
+            if complete:
+                raise _CannotTell("not JSON (the object is not closed)")
+            return None
+        raise _CannotTell(f"a JSON object with keys {', '.join(keys) or '(none)'} (COCO captions have images and "
+                          "annotations; LLaVA and messages files are lists of records)")
+    except _NeedMore:
+        return None
+
+
+def guess_format(path: Path) -> str:
+    """Format of a data file from its content (for ``mmlora data check PATH``): a folder or a parquet
+    file is ``hf``; a JSON object with ``images`` and ``annotations`` is ``coco`` (whatever the key
+    order); records (a JSON list, or JSONL) with ``conversations`` are ``llava``, with ``messages``
+    ``messages``. The file is read in growing prefixes, only as far as the answer needs. When it
+    cannot tell, the :class:`MmloraError` says what the file holds and to give ``--format``."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".parquet":
+        return "hf"
+    if not path.is_file():
+        raise MmloraError(f"no data file at {path}")
+    size, limit = path.stat().st_size, 1 << 16
+    try:
+        with open(path, "rb") as f:
+            while True:
+                f.seek(0)
+                complete = limit >= size
+                text = f.read(limit).decode("utf-8", errors="replace").lstrip("\ufeff")
+                found = _format_of_text(text, path.suffix == ".jsonl", complete)
+                if found is not None:
+                    return found
+                limit *= 16
+    except _CannotTell as why:
+        raise MmloraError(f"{path}: cannot tell the data format: {why}; give --format coco|llava|messages|hf") from None

@@ -12,6 +12,7 @@ wrong; the dataset raises it as an error or skips and reports it, as the recipe 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,31 +100,64 @@ def check_messages(messages: list[dict[str, Any]], n_images: int, where: str, sa
         )
 
 
+#: A Python object repr inside a library's message (PIL names a file object ``<_io.BytesIO object at 0x...>``).
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def image_name(image: Any) -> str:
+    """How a message names ``image``: its path, or in words for an image in memory (an upload, a
+    dataset's embedded bytes), never as a Python repr."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    name = getattr(image, "name" if hasattr(image, "read") else "filename", None)
+    if isinstance(name, (str, Path)) and str(name):
+        return str(name)
+    return "the uploaded image" if hasattr(image, "read") else "the in-memory image"
+
+
+def error_reason(err: Exception) -> str:
+    """An exception as words for a message: its type and text, object reprs removed."""
+    text = " ".join(_OBJECT_REPR.sub("", str(err)).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def load_image(image: Any, where: str, sample_id: str | None, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Open ``image`` (path or PIL image) as RGB, with a clear error for each way it can be bad."""
+    """Open ``image`` (a path, a file object such as an upload, or a PIL image) as RGB, with a clear
+    error for each way it can be bad."""
     from PIL import Image, ImageFile
 
-    if not isinstance(image, (str, Path)):
-        return to_rgb(image)
-    path = Path(image)
-    if not path.is_file():
-        raise BadSample(where, sample_id, f"image file not found: {path}")
-    if path.stat().st_size == 0:
-        raise BadSample(where, sample_id, f"image file is empty (0 bytes): {path}")
+    name = image_name(image)
+    where = _OBJECT_REPR.sub(name, where)
+    if not isinstance(image, (str, Path)) and not hasattr(image, "read"):  # already a PIL image
+        try:
+            return to_rgb(image)
+        except Exception as err:  # noqa: BLE001 - a lazily decoded image fails here
+            raise BadSample(where, sample_id, f"{name} cannot be decoded ({error_reason(err)})") from None
+    if isinstance(image, (str, Path)):
+        source: Any = Path(image)
+        subject = f"image {source}"
+        if not source.is_file():
+            raise BadSample(where, sample_id, f"image file not found: {source}")
+        if source.stat().st_size == 0:
+            raise BadSample(where, sample_id, f"image file is empty (0 bytes): {source}")
+    else:
+        source, subject = image, name
     try:
-        with Image.open(path) as probe:  # reads the header only
+        with Image.open(source) as probe:  # reads the header only
             w, h = probe.size
             if w * h > max_pixels:
-                raise BadSample(where, sample_id, f"image {path} has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+                raise BadSample(where, sample_id, f"{subject} has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
             probe.verify()
+        if not isinstance(source, Path):
+            source.seek(0)
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return to_rgb(img)
     except BadSample:
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
-        raise BadSample(where, sample_id, f"image {path} cannot be decoded ({type(err).__name__}: {err})") from None
+        raise BadSample(where, sample_id, f"{subject} cannot be decoded ({error_reason(err)})") from None
 
 
 def to_rgb(img):

@@ -146,7 +146,7 @@ def evaluate_models(models: dict[str, str], data: CaptionSet, out_dir: str | Pat
         routed = route(len(images))
         captions = generate_answers(model, processor, images, prompt, batch_size, max_new_tokens, num_beams, routed)
         results = dict(zip(data.image_ids, captions))
-        scores = score_all(results, data, extra)
+        scores = score_all(results, data, extra) | {"empty_captions": sum(not c for c in captions)}
         (out / f"results_{name}.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in results.items()], indent=1) + "\n")
         with open(out / f"captions_{name}.jsonl", "w") as f:
             for k, (i, c) in enumerate(results.items()):
@@ -159,6 +159,14 @@ def evaluate_models(models: dict[str, str], data: CaptionSet, out_dir: str | Pat
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(report))
     return report
+
+
+def empty_caption_warnings(report: dict[str, Any]) -> list[str]:
+    """One line per model of ``report`` that produced empty captions (scored as wrong, silently)."""
+    n = report["protocol"]["num_images"]
+    return [f"{name}: {m['scores']['empty_captions']} of {n} captions are empty (its scores count them as wrong); the "
+            "model may not have learned to answer the prompt: try --max-new-tokens or another --prompt"
+            for name, m in report["models"].items() if m["scores"].get("empty_captions")]
 
 
 def markdown_table(report: dict[str, Any]) -> str:

@@ -128,6 +128,17 @@ def _lora_params(module: nn.Module, rank: int, dora: bool) -> int:
     return rank * (n_in + n_out) + (n_out if dora else 0)
 
 
+def _as_yaml(value) -> str:
+    """A recipe value as the recipe writes it, for messages: ``{first: 1}``, ``[q, v]``, ``all``."""
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(exclude_defaults=True)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_as_yaml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_as_yaml(v) for v in value) + "]"
+    return str(value)
+
+
 def _select_layers(where: str, spec: ModalitySpec, n_layers: int) -> list[int] | None:
     if spec.layers == "all":
         return None
@@ -147,7 +158,7 @@ def _check_patterns(where: str, spec: ModalitySpec, names: list[str], mmap: Moda
     for pattern in spec.targets or []:
         if pattern in TARGET_GROUPS_SET:
             continue
-        match = compile_pattern(pattern)
+        match = compile_pattern(pattern, f"{where}.targets")
         leaks = [n for n in names if match(n) and mmap.modality_of(n) not in (modality, None)]
         if leaks:
             other = mmap.modality_of(leaks[0])
@@ -202,14 +213,14 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
             plan.full_params = [n for n in params if any(n.startswith(c + ".") for c in chosen)]
         plan.trainable_params = sum(params[n].numel() for n in plan.full_params)
         if not plan.full_params:
-            raise MmloraError(f"{where}: mode full with targets {targets} and layers {spec.layers} selects no parameter")
+            raise MmloraError(f"{where}: mode full with targets {_as_yaml(targets)} and layers {_as_yaml(spec.layers)} selects no parameter")
         return plan
 
     chosen = [(n, m) for n, m in model.named_modules() if n and selected(n, m)]
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if mmap.modality_of(n) == name and is_linear(m)})
         raise MmloraError(
-            f"{where}: targets {targets} (layers {spec.layers}) match no module of {name}; "
+            f"{where}: targets {_as_yaml(targets)} (layers {_as_yaml(spec.layers)}) match no module of {name}; "
             f"its linear layers are named: {', '.join(leaves[:20]) or 'none'}"
         )
     if spec.mode == "qalora":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
+from mmlora.errors import MmloraError
 
 _ATTENTION_PARENTS = {"self_attn", "attn", "attention", "self_attention", "cross_attn", "cross_attention", "self"}
 _Q = {"q_proj", "query", "q", "wq", "to_q", "q_lin"}
@@ -52,10 +53,16 @@ def matches_group(group: str, name: str) -> bool:
     return group in groups
 
 
-def compile_pattern(pattern: str):
-    """A predicate for a module-name pattern: ``re:REGEX`` (full match) or a glob."""
+def compile_pattern(pattern: str, where: str = "targets"):
+    """A predicate for a module-name pattern: ``re:REGEX`` (full match) or a glob. An invalid regex
+    is an :class:`MmloraError` naming ``where`` (the recipe key), the pattern and the regex error."""
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
+        try:
+            regex = re.compile(pattern[3:])
+        except re.error as err:
+            at = f" at position {err.pos} of {pattern[3:]!r}" if err.pos is not None else ""
+            raise MmloraError(f"{where}: pattern {pattern!r} is not a valid regular expression ({err.msg}{at}); "
+                              "escape literal characters such as . ( [ with a backslash") from None
         return lambda n: regex.fullmatch(n) is not None
     return lambda n: fnmatch.fnmatchcase(n, pattern)
 

@@ -93,6 +93,13 @@ def parse_composition(ref: str) -> Composition | None:
     return comp
 
 
+def check_adapter_names(names: list[str], known: list[str], flag: str = "--adapter") -> None:
+    """Every name in ``names`` is one of ``known`` (or ``__base__``), else a one-line error listing them."""
+    choices = [*known, BASE]
+    unknown = [n for n in dict.fromkeys(names) if n not in choices]
+    if unknown:
+        which = "such adapter" if len(unknown) == 1 else "such adapters"
+        raise MmloraError(f"{flag} {', '.join(unknown)}: the composition has no {which}; give one of {', '.join(choices)}")
 
 
 def adapter_only(weights: Weights) -> dict:
