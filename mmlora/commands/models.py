@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tiny.add_argument("model_type", help="a transformers model type, e.g. llava, qwen2_vl, idefics3")
     tiny.add_argument("--out", type=Path, required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,13 +49,20 @@ def run(args: argparse.Namespace) -> int:
     if args.models_command == "info":
         return _info(args.ref)
     from mmlora.errors import MmloraError
+    from mmlora.models.families import FAMILIES, check_out_dir, save_family
     from mmlora.models.tiny_any import build_tiny, image_text_to_text_types
 
     if args.model_type not in image_text_to_text_types():
         raise MmloraError(f"{args.model_type!r} is not an image-text-to-text model type in this transformers")
-    model = build_tiny(args.model_type, seed=args.seed)
-    model.save_pretrained(args.out)
-    print(f"{args.out}  ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    if args.model_type in FAMILIES:  # model + processor: trains and generates
+        model = save_family(args.model_type, args.out, seed=args.seed, force=args.force)
+        note = "model and processor"
+    else:  # no processor recipe for this family: the architecture only, for planning placements
+        check_out_dir(args.out, args.force)
+        model = build_tiny(args.model_type, seed=args.seed)
+        model.save_pretrained(args.out)
+        note = f"model only, no processor (families with one: {', '.join(FAMILIES)})"
+    print(f"{args.out}  ({sum(p.numel() for p in model.parameters()):,} parameters; {note})")
     return 0
 
 

@@ -34,5 +34,7 @@ def run(args: argparse.Namespace) -> int:
     result = trainer.train()
     if trainer.is_main:
         print(f"trained {result['steps']} steps; final adapters: {result['final']}"
-              + (f"; validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""))
+              + (f"; validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
+              + (f"; {result['skipped']} bad sample(s) skipped, listed in {result['bad_samples']}"
+                 if result.get("skipped") else ""))
     return 0

@@ -2,7 +2,8 @@
 
 * :class:`ConversationDataset` encodes samples on access. Under ``on_bad_sample: error`` the first bad
   sample raises a :class:`~mmlora.data.samples.BadSample` naming file, line/id and problem; under
-  ``skip`` it is dropped, counted and kept for :meth:`ConversationDataset.write_skip_report`.
+  ``skip`` it is dropped, counted and kept for the skip report (:func:`write_skip_report`; the trainer
+  writes it to the run's ``bad_samples.jsonl``).
 * :class:`Collator` pads to the longest sample in the batch (``labels`` with ``-100``) and
   concatenates image tensors in sample order, so batches can mix image and text-only samples.
 * :class:`GroupedBatchSampler` yields batches of one modality (all with images, or all text-only)
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 
 from mmlora.data.processing import IGNORE, ConversationEncoder
 from mmlora.data.samples import BadSample, Sample
+from mmlora.errors import MmloraError
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +73,42 @@ class ConversationDataset(torch.utils.data.Dataset):
         counts = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
         return [c + image_tokens * len(s.images) for c, s in zip(counts, self.samples)]
 
+    def skip_entries(self) -> dict[str, dict[str, Any]]:
+        """The skipped samples so far as plain JSON values, by key (file/line#id): what the report
+        lists, and what processes exchange to agree on one report."""
+        return {key: skip_entry(bad) for key, bad in self.skipped.items()}
+
     def write_skip_report(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for bad in self.skipped.values():
-                f.write(json.dumps({"id": bad.sample_id, "where": bad.where, "problem": bad.problem}) + "\n")
-        return path
+        return write_skip_report(path, self.skip_entries().values())
+
+
+def skip_entry(bad: BadSample) -> dict[str, Any]:
+    """One line of a skip report: where the sample is (file and line or index), its id, the reason."""
+    return {"where": bad.where, "id": bad.sample_id, "problem": bad.problem}
+
+
+def write_skip_report(path: str | Path, entries: Iterable[dict[str, Any]]) -> Path:
+    """``bad_samples.jsonl``: one JSON object per skipped sample (see :func:`skip_entry`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for entry in entries:
+            f.write(json.dumps(entry) + "\n")
+    return path
 
 
 class Collator:
-    """Pads ``input_ids``/``attention_mask``/``labels`` to the batch's longest sample."""
+    """Pads ``input_ids``/``attention_mask``/``labels`` to the batch's longest sample.
+
+    Every other tensor a processor returned reaches the model too. Per-token ones (1-D, as long as the
+    sample's ``input_ids``: ``token_type_ids``, ``mm_token_type_ids``, ...) are padded like the
+    sequence with 0 (text / prefix in every family that has them; padded positions are masked anyway),
+    and 0 for samples that lack them. Per-image ones are concatenated along dim 0 in sample order: Qwen's
+    patch rows (``pixel_values [patches, dim]``, ``image_grid_thw``), stacked images or tiles
+    (``[images, tiles, C, H, W]``, ``image_sizes``, ``pixel_attention_mask``); where samples differ in a
+    later dim (a different number of any-resolution tiles), the smaller ones are zero-padded to the
+    largest, as the processors do inside one call (all-zero tiles are the families' padding).
+    """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right"):
         self.pad_token_id = pad_token_id
@@ -104,9 +131,40 @@ class Collator:
         batch = {"input_ids": pad("input_ids", self.pad_token_id), "attention_mask": pad("attention_mask", 0),
                  "labels": pad("labels", IGNORE)}
         extra = sorted({k for it in items for k in it} - set(batch))
-        for key in extra:  # image tensors (pixel_values, image_grid_thw, ...) in sample order
-            batch[key] = torch.cat([it[key] for it in items if key in it])
+        for key in extra:
+            have = [it for it in items if key in it]
+            if all(self._per_token(it, key) for it in have):
+                for it in items:
+                    if key not in it:
+                        it[key] = torch.zeros_like(it["input_ids"])
+                batch[key] = pad(key, 0)
+            else:  # image tensors (pixel_values, image_grid_thw, ...) in sample order
+                batch[key] = self._concat([it[key] for it in have], key)
         return batch
+
+    @staticmethod
+    def _per_token(item: dict[str, torch.Tensor], key: str) -> bool:
+        v = item[key]
+        return (torch.is_tensor(v) and v.dim() == 1 and len(v) == len(item["input_ids"]) > 1
+                and not key.startswith("pixel"))
+
+    @staticmethod
+    def _concat(tensors: list[torch.Tensor], key: str) -> torch.Tensor:
+        if len({t.dim() for t in tensors}) != 1:
+            raise MmloraError(f"the processor returned {key} with different numbers of dimensions across samples")
+        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            if list(t.shape[1:]) != shape:
+                grown = t.new_zeros((t.shape[0], *shape))
+                grown[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+                t = grown
+            padded.append(t)
+        return torch.cat(padded)
+
+
+class SamplerStateError(MmloraError, ValueError):
+    """A sampler state saved by a run with another seed (a user error, and a ValueError as before)."""
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -156,5 +214,6 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"sampler state is for seed {state['seed']}, this run uses seed {self.seed}")
+            raise SamplerStateError(f"the checkpoint's sampler state is for seed {state['seed']}, this run uses seed "
+                                    f"{self.seed}: resume with train.seed={state['seed']}, or start over with train.resume=never")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

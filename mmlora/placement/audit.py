@@ -5,11 +5,14 @@ Which tensors are live: with PEFT's default (and gaussian) init ``lora_B`` is ze
 receives a zero gradient at step 1 and only ``lora_B`` must be non-zero; PiSSA/OLoRA start both
 non-zero; AdaLoRA starts its singular values ``lora_E`` at zero, so only they must be; DoRA
 magnitudes and ``full`` parameters always receive gradient.
+
+``include`` narrows the audit to the parameters a batch could reach: a text-only batch never runs the
+vision tower or the projector, so the trainer checks those at the first batch with images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from torch import nn
@@ -37,17 +40,19 @@ def _must_be_live(name: str, both_factors_live: bool, adalora: bool) -> bool:
 
 
 def audit_gradients(model: nn.Module, raise_on_error: bool = True, *,
-                    initial_adapters: Collection[str] = ()) -> AuditReport:
+                    initial_adapters: Collection[str] = (), include: Callable[[str], bool] | None = None,
+                    when: str = "the first step") -> AuditReport:
     """Check gradients of all trainable parameters of ``model`` (call after backward, before step).
 
     ``initial_adapters``: the adapters whose init makes both factors live (PiSSA/OLoRA), e.g. what
-    ``save_initial_state`` returned (its keys are the names).
+    ``save_initial_state`` returned (its keys are the names). ``include(name)``: check only the
+    parameters it accepts (default: all). ``when`` names the step in the error ("step 3").
     """
     init_dirs = list(initial_adapters)
     no_grad, zero_grad, checked = [], [], 0
     adalora_modules = {n.split(".lora_E.")[0] for n, _ in model.named_parameters() if ".lora_E." in n}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (include is not None and not include(name)):
             continue
         checked += 1
         if p.grad is None:
@@ -69,7 +74,7 @@ def audit_gradients(model: nn.Module, raise_on_error: bool = True, *,
         if zero_grad:
             parts.append(f"{len(zero_grad)} got an all-zero gradient: {modules(zero_grad)}")
         raise MmloraError(
-            "gradient-flow audit failed at the first step: " + "; ".join(parts) + ". Likely causes: their output "
+            f"gradient-flow audit failed at {when}: " + "; ".join(parts) + ". Likely causes: their output "
             "never reaches the loss (e.g. vision layers after the layer the projector reads, an unused head), the "
             "forward ran under torch.no_grad, or reentrant gradient checkpointing on frozen inputs "
             "(use use_reentrant=False)."

@@ -6,11 +6,19 @@ decay on norms, biases and DoRA magnitudes; cosine/linear/constant schedules wit
 accumulation with the loss normalised by the supervised tokens of the whole global batch (across
 micro-steps and processes, so batch 2 x accumulation 4 is batch 8); logits only at supervised
 positions; clipping; mixed precision; non-reentrant gradient checkpointing; AdaLoRA's rank
-allocation; the gradient-flow audit at the first step; validation loss; atomic checkpoints with an
-exact resume; NaN/inf detection; metrics.jsonl, trackers, a progress bar and a loss curve.
+allocation; the gradient-flow audit (each modality at the first batch that reaches it); validation
+loss; atomic checkpoints with an exact resume, refused when the checkpoint's fingerprint (base model,
+plan, data, processes, global batch, seed) differs from the run's; NaN/inf detection, and warnings for
+a loss stuck at ln(vocabulary) (:data:`STUCK_STEPS` steps within :data:`STUCK_TOLERANCE`) or all-zero
+gradients; under ``data.on_bad_sample: skip`` the skipped samples in ``bad_samples.jsonl`` and a
+``skipped`` count in every metrics row; metrics.jsonl, trackers, a progress bar and a loss curve. A
+failed write of the run folder (full disk, read-only folder, a path under a file) is a one-line error
+naming the last good checkpoint.
 
 Distributed runs are whatever ``accelerate launch`` / ``torchrun`` starts (DDP, FSDP2, DeepSpeed):
-every process draws the same seeded global batch and trains on its own slice of it.
+every process draws the same seeded global batch and trains on its own slice of it; the processes
+agree on each step's work before it starts, so a process whose slice holds no usable sample still
+takes part (with a zero-weight stand-in) instead of leaving the others waiting.
 
 In-training evaluations (``train.caption_eval``) and event callbacks are passed in
 (``mmlora.train.hooks``): the loop imports no evaluation.
@@ -23,13 +31,15 @@ Layer: train. Imports objectives, runs, data, placement, models, config and the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata as md
 import json
 import math
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +50,7 @@ from tqdm.auto import tqdm
 from mmlora import __version__
 from mmlora.config.loading import recipe_to_yaml as recipe_yaml
 from mmlora.config.schema import Recipe
-from mmlora.data.batching import ConversationDataset, GroupedBatchSampler
+from mmlora.data.batching import ConversationDataset, GroupedBatchSampler, skip_entry, write_skip_report
 from mmlora.data.build import mix, read_dataset
 from mmlora.errors import MmloraError
 from mmlora.models.loading import resolve_pretrained
@@ -54,8 +64,17 @@ from mmlora.runs.card import loss_curve, model_card
 from mmlora.runs.layout import Run, Weights
 from mmlora.runs.save import init_from_run, save_placement
 from mmlora.train.hooks import Evaluator, EventHook
-from mmlora.train.optim import build_optimizer, param_groups
+from mmlora.train.optim import base_name, build_optimizer, param_groups
 from mmlora.train.speed import apply_speedups
+
+#: Batch keys that carry images (VLM processors; open_clip batches). A batch without them never runs
+#: the vision tower or the projector, so those are audited at the first batch with images.
+IMAGE_KEYS = ("pixel_values", "image")
+IMAGE_SIDE = ("vision", "projector")
+#: A token loss within STUCK_TOLERANCE (relative) of ln(vocabulary size) for STUCK_STEPS optimizer
+#: steps in a row: the model still predicts uniformly, warned once.
+STUCK_STEPS = 20
+STUCK_TOLERANCE = 0.02
 
 
 class Trainer:
@@ -78,6 +97,17 @@ class Trainer:
         self.run = Run(self.out)
         self.step = 0
         self.step_lrs: dict[str, float] = {}
+        #: Modalities whose gradient flow is still to be audited (see ``_audit``).
+        self._unaudited: set[str] = set()
+        self._param_modality: dict[str, str] = {}
+        #: Training samples skipped as bad so far, by key, the same on every process.
+        self._skipped: dict[str, dict[str, Any]] = {}
+        self._usable: dict[bool | None, int | None] = {}
+        #: ln(vocabulary size) for token losses (the loss of a uniform prediction), else None.
+        self.uniform_loss: float | None = None
+        self.vocab_size: int | None = None
+        self.stuck_steps, self._stuck = STUCK_STEPS, 0
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ setup
 
@@ -108,6 +138,9 @@ class Trainer:
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         self.objective = objective_for(model, resolve_pretrained(r.model.name), r.data, t.dense, self.base_dir)
         self.collate = self.objective.collate
+        if self.objective.unit == "token":
+            self.vocab_size = _vocab_size(model, self.objective.processor)
+            self.uniform_loss = math.log(self.vocab_size) if self.vocab_size and self.vocab_size > 1 else None
         if t.init_from:
             init_from_run(model, Path(t.init_from))
         return model
@@ -123,6 +156,8 @@ class Trainer:
         self.train_set = dataset(data.train)
         self.val_set = dataset(data.val) if data.val else None
         if len(self.train_set) == 0:
+            if self.train_set.skipped:
+                raise self._all_skipped_error()
             raise MmloraError("the training data has no usable sample")
         self.global_batch = t.batch_size * t.grad_accum * self.accelerator.num_processes
         self.sampler = GroupedBatchSampler(self.train_set.lengths(self._image_tokens()), self.train_set.has_image(),
@@ -146,16 +181,23 @@ class Trainer:
     def _setup_optimizer(self, model: nn.Module) -> None:
         groups, self.group_infos = param_groups(model, self.mmap, self.plan, self.recipe.train)
         optimizer, self.scheduler = build_optimizer(groups, self.recipe.train, self.total_steps)
+        if self.accelerator.num_processes > 1 and len(set(self.train_set.has_image())) > 1:
+            # A text-only batch leaves the vision tower and the projector unused: DDP must expect that.
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            handler = self.accelerator.ddp_handler or DistributedDataParallelKwargs()
+            handler.find_unused_parameters = True
+            self.accelerator.ddp_handler = handler
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
     def _setup_run_folder(self) -> None:
         """The run folder: resume from its latest checkpoint, or start it (recipe, run info, metrics)."""
         t = self.recipe.train
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = self._fingerprint()
+        self._on_main("the run folder", self.out, lambda: self.out.mkdir(parents=True, exist_ok=True))
         self._resume()
-        if self.is_main and self.step == 0:
-            self._write_run_info()
+        if self.step == 0:
+            self._on_main("the run info", self.out, self._write_run_info)
         if t.trackers:
             self.accelerator.init_trackers(self.out.name, config={"recipe": json.loads(self.recipe.model_dump_json())})
 
@@ -185,9 +227,99 @@ class Trainer:
         self.run.run_info_file.write_text(json.dumps(info, indent=2) + "\n")
         self.run.metrics_file.write_text("")
 
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint of this run records and a resume must match (``ckpt.fingerprint_changes``)."""
+        plan = self.plan.to_dict()
+        keys = ("mode", "precision", "layers", "modules", "full_params", "group_size")
+        placed = {"kind": plan["kind"], "adapters": plan["adapters"],
+                  "modalities": {n: {k: m[k] for k in keys} for n, m in plan["modalities"].items()}}
+        summary = {n: {"mode": m.mode, "ranks": sorted({tg.rank for tg in m.targets}), "modules": len(m.targets),
+                       "layers": m.layers, "full_params": len(m.full_params)} for n, m in self.plan.modalities.items()}
+        data = self.recipe.data
+        return {
+            "base_model": self.recipe.model.name,
+            "plan": {"sha256": hashlib.sha256(json.dumps(placed, sort_keys=True, default=str).encode()).hexdigest(),
+                     "modalities": summary},
+            "data": {"train": [d.model_dump(mode="json") for d in data.train], "samples": len(self.train_set),
+                     "group_by_length": data.group_by_length},
+            "processes": self.accelerator.num_processes, "global_batch": self.global_batch, "seed": self.recipe.train.seed,
+        }
+
     def _event(self, where: str) -> None:
         if self.on_event is not None:
             self.on_event(where, self.step)
+
+    def _on_main(self, what: str, where: Path, write: Callable[[], Any], cleanup: Path | None = None) -> Any:
+        """``write()`` on the main process; a failed write (``ckpt.writing``) is a one-line error on every
+        process, so that the others do not wait for a main process that stopped. Returns what
+        ``write`` returned (None on the other processes)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                with ckpt.writing(what, where, self.run.checkpoints, cleanup):
+                    result = write()
+            except MmloraError as err:
+                error = err
+        if self.accelerator.num_processes > 1 and self._all_sums(float(error is not None))[0] and error is None:
+            error = MmloraError(f"the main process could not write {what} ({where}); see its message")
+        if error is not None:
+            raise error
+        return result
+
+    # ------------------------------------------------------------------ skipped samples
+
+    def _gather_entries(self, entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The union of every process's skip entries (a collective in a multi-process run)."""
+        if self.accelerator.num_processes == 1:
+            return dict(entries)
+        from accelerate.utils import gather_object
+
+        out: dict[str, dict[str, Any]] = {}
+        for part in gather_object([entries]):
+            out.update(part)
+        return out
+
+    def _new_skips(self) -> dict[str, dict[str, Any]]:
+        return {k: skip_entry(b) for k, b in self.train_set.skipped.items() if k not in self._skipped}
+
+    def _write_skip_report(self) -> Path | None:
+        """``bad_samples.jsonl`` (``data.on_bad_sample: skip``): every sample skipped so far on any
+        process, training and validation, one JSON line each. A collective: every process calls it."""
+        if self.recipe.data.on_bad_sample != "skip":
+            return None
+        self._skipped.update(self._gather_entries(self.train_set.skip_entries()))
+        val = self._gather_entries(self.val_set.skip_entries()) if self.val_set is not None else {}
+        entries = [{"split": "train", **e} for e in self._skipped.values()] + [{"split": "val", **e} for e in val.values()]
+        path = self.run.bad_samples_file
+        self._on_main(path.name, path, lambda: write_skip_report(path, entries))
+        return path
+
+    def _reported_skips(self) -> dict[str, dict[str, Any]]:
+        """The training samples an earlier part of this run reported as skipped (so that a resumed
+        run's count and report go on from there)."""
+        path = self.run.bad_samples_file
+        if self.recipe.data.on_bad_sample != "skip" or not path.is_file():
+            return {}
+        out = {}
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("split", "train") == "train":
+                    out[f"{entry.get('where')}#{entry.get('id')}"] = {k: entry.get(k) for k in ("where", "id", "problem")}
+        return out
+
+    def _all_skipped_error(self) -> MmloraError:
+        self._write_skip_report()
+        return MmloraError(f"every sample of the training data was skipped as bad ({len(self._skipped)}); "
+                           f"see {self.run.bad_samples_file}")
+
+    def _usable_sample(self, has_image: bool | None) -> int | None:
+        """The first training sample (with images, without, or either: None) that encodes; cached."""
+        if has_image not in self._usable:
+            self._usable[has_image] = next(
+                (i for i, s in enumerate(self.train_set.samples)
+                 if (has_image is None or s.has_image == has_image) and self.train_set[i] is not None), None)
+        return self._usable[has_image]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -200,6 +332,12 @@ class Trainer:
             return
         if not ckpt.is_complete(found):
             raise MmloraError(f"train.resume: {found} is not a complete checkpoint")
+        recorded = ckpt.load_fingerprint(found)  # None: a checkpoint from before fingerprints
+        changes = ckpt.fingerprint_changes(recorded, self.fingerprint) if recorded is not None else []
+        if changes:
+            raise MmloraError(f"train.resume: checkpoint {found} was written by a different setup ({'; '.join(changes)}); "
+                              "resume with the recipe it was made with, or start over with train.resume=never "
+                              "or a new train.output_dir")
         state = ckpt.load_trainer_state(found)
         ckpt.load_trainable(found, self.accelerator.unwrap_model(self.model))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -207,27 +345,37 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
-        if self.is_main:  # the metrics after the checkpoint are rewritten by the resumed run
-            rows = [line for line in self.run.metrics_file.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= self.step]
+
+        def keep_metrics() -> None:  # the metrics after the checkpoint are rewritten by the resumed run
+            text = self.run.metrics_file.read_text() if self.run.metrics_file.is_file() else ""
+            rows = [line for line in text.splitlines() if line and json.loads(line)["step"] <= self.step]
             self.run.metrics_file.write_text("".join(row + "\n" for row in rows))
+
+        self._on_main(self.run.metrics_file.name, self.run.metrics_file, keep_metrics)
+        self._skipped.update(self._reported_skips())
         self.accelerator.print(f"resumed from {found} at step {self.step}")
 
     def save_checkpoint(self) -> Path | None:
+        """Checkpoint ``step-NNNNNN`` (and the skip report); the path on the main process, else None."""
         self.accelerator.wait_for_everyone()
-        if not self.is_main:
-            return None
+        self._write_skip_report()
         root = self.run.checkpoints
-        tmp = ckpt.begin(root, self.step)
-        model = self.accelerator.unwrap_model(self.model)
-        save_placement(model, self.plan, tmp, self.recipe.model.name, convert=False)
-        ckpt.save_trainable(tmp, model)
-        self._event("during-save")
-        ckpt.save_trainer_state(tmp, {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                                      "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
-        self.objective.save_processor(tmp)
-        Weights(tmp).write_recipe(self.recipe)
-        return ckpt.commit(root, tmp, self.step, self.recipe.train.keep_last)
+
+        def write() -> Path:
+            tmp = ckpt.begin(root, self.step)
+            model = self.accelerator.unwrap_model(self.model)
+            save_placement(model, self.plan, tmp, self.recipe.model.name, convert=False)
+            ckpt.save_trainable(tmp, model)
+            self._event("during-save")
+            ckpt.save_trainer_state(tmp, {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                                          "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
+            ckpt.save_fingerprint(tmp, self.fingerprint)
+            self.objective.save_processor(tmp)
+            Weights(tmp).write_recipe(self.recipe)
+            return ckpt.commit(root, tmp, self.step, self.recipe.train.keep_last)
+
+        name = ckpt.step_name(self.step)
+        return self._on_main(f"checkpoint {name}", root / name, write, cleanup=ckpt.tmp_folder(root, self.step))
 
     # ------------------------------------------------------------------ the loop
 
@@ -235,45 +383,79 @@ class Trainer:
         while True:
             yield from self.sampler
 
-    def _micro_batches(self, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], bool]:
+    def _micro_batches(self, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int]:
         """This process's slice of a global batch, encoded and cut into ``grad_accum`` micro-batches.
 
-        A process whose slice is empty (a last, short global batch) runs the last sample with weight
-        0 instead, so that every process takes part in each forward and backward as DDP requires.
-        Returns ``(batches, counts)``: ``counts`` is False for such a stand-in.
+        Returns ``(batches, bad)``: the usable micro-batches (none when the slice is empty, a last
+        short global batch, or all of it was skipped as bad) and how many of its samples were skipped.
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_process = math.ceil(len(indices) / world)
         mine = indices[rank * per_process:(rank + 1) * per_process]
-        counts = bool(mine)
-        mine = mine or indices[-1:]
         size = self.recipe.train.batch_size
-        batches = []
+        batches, bad = [], 0
         for k in range(0, len(mine), size):
-            batch = self.collate([self.train_set[i] for i in mine[k:k + size]])
+            items = [self.train_set[i] for i in mine[k:k + size]]
+            bad += sum(item is None for item in items)
+            batch = self.collate(items)
             if batch is not None:
                 batches.append(batch)
-        return batches, counts
+        return batches, bad
+
+    def _stand_in(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A one-sample batch of the global batch's modality for a process with nothing usable: it
+        runs with weight 0, so that every process takes part in each forward and backward as DDP
+        requires (and the same modules run as on the other processes)."""
+        for i in reversed(indices):
+            batch = self.collate([self.train_set[i]])
+            if batch is not None:
+                return batch
+        found = self._usable_sample(self.train_set.samples[indices[0]].has_image if indices else None)
+        if found is None:
+            found = self._usable_sample(None)
+        if found is None:  # the other processes had units, so some sample encodes
+            raise MmloraError(f"step {self.step + 1}: this process found no usable training sample to take part with")
+        return self.collate([self.train_set[found]])
+
+    def _all_sums(self, *values: float) -> list[float]:
+        """Each value summed over the processes (one all-reduce)."""
+        if self.accelerator.num_processes == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
+        return [float(v) for v in self.accelerator.reduce(t, reduction="sum")]
 
     def _all_sum(self, value: float) -> float:
-        if self.accelerator.num_processes == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="sum"))
+        return self._all_sums(value)[0]
 
-    def train_step(self, indices: list[int]) -> tuple[float, int]:
+    def train_step(self, indices: list[int]) -> tuple[float, int] | None:
         """One optimizer step on a global batch; returns (mean loss per unit, units): units are
-        supervised tokens for captioning, samples for contrastive training."""
-        micro, counts = self._micro_batches(indices)
-        local_tokens = sum(self.objective.units(b) for b in micro) if counts else 0
-        total_tokens = self._all_sum(local_tokens)
-        if total_tokens == 0:
+        supervised tokens for captioning, samples for contrastive training. Returns None, taking no
+        step, when every sample of the global batch was skipped as bad (``data.on_bad_sample: skip``).
+
+        The processes first agree on the step's work (its units, and the samples skipped since the
+        last step): a process without a usable micro-batch runs a zero-weight stand-in, and when no
+        process has one, all of them skip the batch (or stop, if no training sample is usable)."""
+        micro, bad = self._micro_batches(indices)
+        new_skips = self._new_skips()
+        total_units, total_bad, n_new = self._all_sums(sum(self.objective.units(b) for b in micro), bad, len(new_skips))
+        if n_new:
+            self._skipped.update(self._gather_entries(new_skips))
+        if total_units == 0:
+            if total_bad == len(indices):
+                if self._usable_sample(None) is None:
+                    raise self._all_skipped_error()
+                self.accelerator.print(f"step {self.step + 1}: every sample of the global batch was skipped as bad; "
+                                       "training on the next one")
+                return None
             raise MmloraError(f"step {self.step + 1}: the global batch has nothing to learn from (no supervised {self.objective.unit})")
         world = self.accelerator.num_processes
-        weight = world / total_tokens if counts else 0.0
+        weights = [world / total_units] * len(micro)
+        if not micro:
+            micro, weights = [self._stand_in(indices)], [0.0]
+        has_images = any(key in b for b in micro for key in IMAGE_KEYS)
         loss_sum = 0.0
         self.model.train()
-        for k, batch in enumerate(micro):
+        for k, (batch, weight) in enumerate(zip(micro, weights)):
             batch = {key: v.to(self.accelerator.device) for key, v in batch.items()}
             sync = k == len(micro) - 1
             ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
@@ -281,15 +463,17 @@ class Trainer:
                 s, _ = self.objective.loss_sum(self.model, batch)
                 # DDP averages gradients over processes: scale so the result is sum / global tokens.
                 self.accelerator.backward(s * weight)
-            loss_sum += float(s.detach()) if counts else 0.0
-        loss = self._all_sum(loss_sum) / total_tokens
+            loss_sum += float(s.detach()) if weight else 0.0
+        loss = self._all_sum(loss_sum) / total_units
         if not math.isfinite(loss):
             last = ckpt.latest(self.run.checkpoints)
             raise MmloraError(f"loss is {loss} at step {self.step + 1}; stopping. Last good checkpoint: {last or 'none'}")
-        if self.step == 0:
-            audit_gradients(self.accelerator.unwrap_model(self.model), initial_adapters=self.initial_adapters)
+        self._watch_loss(loss)
+        norm = None
         if self.recipe.train.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
+        self._watch_gradients(norm)
+        self._audit(has_images)
         self.optimizer.step()
         self.step_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this step used
         if self.plan.adalora is not None:
@@ -297,7 +481,71 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss, int(total_tokens)
+        return loss, int(total_units)
+
+    def _audit(self, has_images: bool) -> None:
+        """The gradient-flow audit, each modality at the first step whose batch reaches it: at step 1
+        everything a batch of its kind reaches; a text-only batch never runs the vision tower or the
+        projector, so those wait for the first batch with images (call after backward)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.step == 0:
+            self._param_modality = {n: self.mmap.modality_of(base_name(n)) or "other"
+                                    for n, p in model.named_parameters() if p.requires_grad}
+            self._unaudited = set(self._param_modality.values())
+        if not self._unaudited:
+            return
+        due = self._unaudited if has_images else self._unaudited - set(IMAGE_SIDE)
+        if not due:
+            return
+        waiting = self._unaudited - due
+
+        def names(modalities: set[str]) -> str:  # vision, projector first, then the rest by name
+            return ", ".join([m for m in IMAGE_SIDE if m in modalities] + sorted(modalities - set(IMAGE_SIDE)))
+
+        when = "the first step" if self.step == 0 else f"step {self.step + 1} (the first batch with images)"
+        audit_gradients(model, initial_adapters=self.initial_adapters, when=when,
+                        include=lambda n: self._param_modality.get(n) in due)
+        self._unaudited = waiting
+        if self.step > 0:
+            self.accelerator.print(f"gradient audit: {names(due)} checked at step {self.step + 1} (the first batch with images)")
+        elif waiting:
+            self.accelerator.print(f"gradient audit: step 1 has no images; {names(waiting)} will be checked at the "
+                                   "first batch with images")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            if self.is_main:
+                warnings.warn(message, stacklevel=3)
+
+    def _watch_loss(self, loss: float) -> None:
+        """Warn once when a token loss stays at ln(V), the loss of a uniform prediction."""
+        if self.uniform_loss is None or "stuck" in self._warned:
+            return
+        near = abs(loss - self.uniform_loss) <= STUCK_TOLERANCE * self.uniform_loss
+        self._stuck = self._stuck + 1 if near else 0
+        if self._stuck >= self.stuck_steps:
+            self._warn_once("stuck", f"loss stuck at ln(V) = {self.uniform_loss:.3f} (V = {self.vocab_size} tokens) for "
+                                     f"{self._stuck} steps: the model predicts uniformly — check the learning rate, the "
+                                     "labels (are answers supervised?), or whether everything is frozen")
+
+    def _watch_gradients(self, norm: torch.Tensor | float | None) -> None:
+        """Warn once when every trainable gradient of a step is exactly zero (or missing). ``norm``:
+        the total norm clipping computed, when it did."""
+        if "zero_grad" in self._warned:
+            return
+        if norm is None:
+            if self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+                return  # sharded gradients: only the clipping's total norm would say
+            grads = [p.grad.detach() for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+            zero = not grads or not bool(torch.stack([g.abs().amax() for g in grads]).amax() > 0)
+        else:
+            zero = float(norm) == 0.0
+        if zero:
+            self._warn_once("zero_grad", f"step {self.step + 1}: every trainable gradient is exactly zero, so nothing "
+                                         "learns. Likely causes: the loss does not depend on the trained parameters (a loss "
+                                         "scaled by 0, outputs detached or computed under torch.no_grad, no supervised "
+                                         "answer token), or adapters whose factors both start at zero")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -345,18 +593,20 @@ class Trainer:
         last_val = None
         while self.step < self.total_steps:
             indices = next(batches)
-            loss, tokens = self.train_step(indices)
+            done = self.train_step(indices)
             done_samples += len(indices)
+            if done is None:  # every sample of the batch was skipped as bad
+                continue
+            loss, tokens = done
             row: dict[str, Any] = {"step": self.step, "epoch": self.sampler.epoch, "loss": loss, f"{self.objective.unit}s": tokens,
-                                   "lr": self.step_lrs}
+                                   "lr": self.step_lrs, "skipped": len(self._skipped)}
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                 last_val = row["val_loss"] = self.evaluate()
             row.update(self.run_evaluators(final=self.step == self.total_steps))
             rate = done_samples / max(time.perf_counter() - start, 1e-9)
             row["samples_per_s"] = rate
-            if self.is_main and (self.step % t.log_every == 0 or "val_loss" in row or self.step == self.total_steps):
-                with open(self.run.metrics_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            if self.step % t.log_every == 0 or "val_loss" in row or self.step == self.total_steps:
+                self._on_main(self.run.metrics_file.name, self.run.metrics_file, lambda row=row: self._append_metrics(row))
             if t.trackers:
                 self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(self.step_lrs.values())):.2e}", samples_s=f"{rate:.1f}")
@@ -369,18 +619,36 @@ class Trainer:
         final = self.save_final()
         if t.trackers:
             self.accelerator.end_training()
-        return {"steps": self.step, "final": final, "val_loss": last_val}
+        report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
+        return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
+                "bad_samples": report}
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.run.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def save_final(self) -> Path | None:
         self.accelerator.wait_for_everyone()
-        if not self.is_main:
-            return None
-        final = self.run.final
-        model = self.accelerator.unwrap_model(self.model)
-        save_placement(model, self.plan, final.folder, self.recipe.model.name, initial_adapters=self.initial_adapters)
-        self.objective.save_processor(final.folder)
-        final.write_recipe(self.recipe)
-        rows = self.run.metrics()
-        loss_curve(rows, self.run.loss_curve_file, self.objective.unit)
-        final.card_file.write_text(model_card(self.recipe, self.plan, rows))
-        return final.folder
+
+        def write() -> Path:
+            final = self.run.final
+            model = self.accelerator.unwrap_model(self.model)
+            save_placement(model, self.plan, final.folder, self.recipe.model.name, initial_adapters=self.initial_adapters)
+            self.objective.save_processor(final.folder)
+            final.write_recipe(self.recipe)
+            rows = self.run.metrics()
+            loss_curve(rows, self.run.loss_curve_file, self.objective.unit)
+            final.card_file.write_text(model_card(self.recipe, self.plan, rows))
+            return final.folder
+
+        return self._on_main("the final adapters", self.run.final.folder, write)
+
+
+def _vocab_size(model: nn.Module, processor: Any) -> int | None:
+    """The language model's vocabulary: its config's ``vocab_size``, else the tokenizer's length."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    size = getattr(get_text() if callable(get_text) else config, "vocab_size", None)
+    if not size and processor is not None:
+        size = len(getattr(processor, "tokenizer", processor))
+    return int(size) if size else None

@@ -27,7 +27,7 @@ class GroupInfo:
     n_params: int
 
 
-def _base_name(name: str) -> str:
+def base_name(name: str) -> str:
     """Parameter name → the base model's module path (strip PEFT's wrapper and adapter parts)."""
     name = name.removeprefix("base_model.model.")
     if ".lora_" in name:
@@ -49,7 +49,7 @@ def param_groups(model: nn.Module, mmap: ModalityMap, plan: PlacementPlan, train
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        modality = mmap.modality_of(_base_name(name)) or "other"
+        modality = mmap.modality_of(base_name(name)) or "other"
         if (".lora_B." in name or ".qalora_B." in name) and train.lora_plus_ratio:
             kind = "lora_B"
         elif _no_decay(name, module_types):

@@ -35,3 +35,80 @@ def test_two_process_ddp_matches_one_process(make_recipe):
     rows = [[json.loads(x) for x in (out / n / "metrics.jsonl").read_text().splitlines()] for n in ("single", "ddp")]
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
     assert rows[0][-1]["val_loss"] == pytest.approx(rows[1][-1]["val_loss"], rel=1e-5)
+
+
+def test_a_process_whose_slice_is_all_bad_samples_takes_part(make_recipe, shapes_small, tmp_path):
+    """With on_bad_sample: skip, process 1's half of every global batch is two broken images: it runs
+    a zero-weight stand-in so that DDP's all-reduce is not left waiting, and the run finishes."""
+    import json
+    import shutil
+
+    folder = tmp_path / "half_bad"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    images = sorted((shapes_small / "world_B" / "images" / "train").glob("*.png"))[:2]
+    prompt = {"from": "human", "value": "<image>\nProvide a one-sentence caption for the provided image."}
+    items = []
+    for i, image in enumerate(images):  # long answers: sorted first in the (length-grouped) batch → process 0
+        shutil.copy(image, folder / f"good{i}.png")
+        items.append({"id": f"good{i}", "image": f"good{i}.png", "conversations": [
+            prompt, {"from": "gpt", "value": "top center holds a large red star; bottom center holds a small blue cross."}]})
+    for i in range(2):  # short answers: last in the batch → process 1
+        items.append({"id": f"bad{i}", "image": "broken.png", "conversations": [prompt, {"from": "gpt", "value": "a star."}]})
+    (folder / "data.json").write_text(json.dumps(items))
+    recipe = make_recipe("ddp_bad", **{"data.train": [{"format": "llava", "path": str(folder / "data.json")}],
+                                       "data.val": [], "data.on_bad_sample": "skip", "train.batch_size": 2,
+                                       "train.max_steps": 2, "train.eval_every": None})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29507",
+           "-m", "mmlora", "train", str(recipe)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ddp_bad"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 2 for r in rows)
+    reported = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in reported) == ["bad0", "bad1"]
+    assert (out / "checkpoints" / "step-000002" / ".complete").is_file()
+
+
+def _seed_with_text_only_first_batch(train: list[dict], global_batch: int) -> int:
+    """A seed whose first global batch is text-only (the batches' modality order depends on the seed
+    and the samples' modalities only, not on their lengths)."""
+    from mmlora.config.schema import DatasetSpec
+    from mmlora.data.batching import GroupedBatchSampler
+    from mmlora.data.build import mix, read_dataset
+
+    for seed in range(200):
+        records = mix([(read_dataset(DatasetSpec.model_validate(d)), 1.0) for d in train], seed)
+        has_image = [r.has_image for r in records]
+        first = GroupedBatchSampler([0] * len(records), has_image, global_batch, seed=seed).batches(0)[0]
+        if not any(has_image[i] for i in first):
+            return seed
+    raise AssertionError("no seed gives a text-only first batch")
+
+
+def test_two_processes_train_on_mixed_image_and_text_only_data(make_recipe, shapes_small, tmp_path):
+    """Text-only batches leave the vision tower and the projector unused: DDP is told to expect it, and
+    the audit judges them at the first batch with images."""
+    import json
+
+    from tests.train.test_mixed_modalities import CAPTIONS
+
+    text_only = tmp_path / "text_only.jsonl"
+    text_only.write_text("".join(json.dumps({"id": f"text{i}", "messages": [
+        {"role": "user", "content": "Describe a picture of shapes."},
+        {"role": "assistant", "content": caption}]}) + "\n" for i, caption in enumerate(CAPTIONS)))
+    train = [{"format": "llava", "path": str(shapes_small / "world_B" / "llava_train.json")},
+             {"format": "messages", "path": str(text_only)}]
+    seed = _seed_with_text_only_first_batch(train, 4)
+    recipe = make_recipe("ddp_mixed", **{"data.train": train, "data.val": [], "train.batch_size": 2, "train.seed": seed,
+                                         "train.max_steps": 9, "train.eval_every": None})  # 9 steps: a whole epoch
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29509",
+           "-m", "mmlora", "train", str(recipe)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gradient audit: vision, projector checked at step" in result.stdout
+    rows = [json.loads(x) for x in (tmp_path / "ddp_mixed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 10))

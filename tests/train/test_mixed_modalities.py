@@ -1,0 +1,89 @@
+"""Data mixing image and text-only samples: batches are grouped by modality, so the first batch may be
+text-only; the gradient audit then judges the vision tower and the projector at the first batch with
+images instead of stopping the run at step 1."""
+
+import json
+
+import pytest
+
+from mmlora.config.loading import load_recipe
+from mmlora.errors import MmloraError
+from mmlora.train.loop import Trainer
+
+CAPTIONS = ["top center holds a large red star.", "bottom left holds a small blue cross.",
+            "a large green circle sits in the middle.", "top right holds a small red square.",
+            "bottom center holds a large blue star.", "a small green cross sits at the top.",
+            "middle left holds a large red circle.", "bottom right holds a small green square."]
+
+
+def _mixed_recipe(make_recipe, shapes_small, tmp_path, name, **changes):
+    text_only = tmp_path / "text_only.jsonl"
+    text_only.write_text("".join(json.dumps({"id": f"text{i}", "messages": [
+        {"role": "user", "content": "Describe a picture of shapes."},
+        {"role": "assistant", "content": caption}]}) + "\n" for i, caption in enumerate(CAPTIONS)))
+    train = [{"format": "llava", "path": str(shapes_small / "world_B" / "llava_train.json")},
+             {"format": "messages", "path": str(text_only)}]
+    return make_recipe(name, **{"data.train": train, "data.val": [], "train.eval_every": None, **changes})
+
+
+def _trainer_whose_first_batch_is_text_only(path, name):
+    """A trainer whose sampler starts with a text-only batch followed by one with images (the
+    sampler's seed is chosen for it: the recipe's seed would do, we just find one)."""
+    trainer = Trainer(load_recipe(path), recipe_name=name)
+    trainer.setup()
+    has_image = trainer.train_set.has_image()
+    assert any(has_image) and not all(has_image)
+    for seed in range(200):
+        trainer.sampler.seed = seed
+        first, second = trainer.sampler.batches(0)[:2]
+        if not any(has_image[i] for i in first) and all(has_image[i] for i in second):
+            break
+    else:
+        pytest.fail("no seed gives a text-only first batch")
+    seen = []
+    real = trainer.objective.loss_sum
+
+    def recording(model, batch):
+        seen.append("pixel_values" in batch)
+        return real(model, batch)
+
+    trainer.objective.loss_sum = recording
+    return trainer, seen
+
+
+def test_text_only_first_batch_audits_vision_at_the_first_image_batch(make_recipe, shapes_small, tmp_path, capsys):
+    trainer, seen = _trainer_whose_first_batch_is_text_only(_mixed_recipe(make_recipe, shapes_small, tmp_path, "mixed"), "mixed")
+    grads_at_step_1 = {}
+    step = trainer.optimizer.step
+
+    def capture(*args, _step=step, **kwargs):
+        if trainer.step == 0:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            grads_at_step_1.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        return _step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    result = trainer.train()
+    assert result["steps"] == 4
+    assert seen[:2] == [False, True]  # batch 1 had no pixel_values, batch 2 had them
+    vision = [n for n in grads_at_step_1 if "vision_tower" in n or "multi_modal_projector" in n]
+    assert vision and all(grads_at_step_1[n] is None for n in vision)  # what the old audit stopped on
+    assert all(grads_at_step_1[n] is not None for n in grads_at_step_1 if "language_model" in n)
+    out = capsys.readouterr().out
+    assert "gradient audit: step 1 has no images; vision, projector will be checked at the first batch with images" in out
+    assert "gradient audit: vision, projector checked at step 2 (the first batch with images)" in out
+    assert (trainer.out / "final" / "manifest.json").is_file()
+
+
+def test_a_vision_adapter_that_never_gets_gradient_still_fails_at_the_image_batch(make_recipe, shapes_small, tmp_path):
+    # Layer 1 of the tiny vision tower is after the one the projector reads: its adapter is never reached.
+    path = _mixed_recipe(make_recipe, shapes_small, tmp_path, "unread", **{"placement.vision.layers": [1]})
+    trainer, seen = _trainer_whose_first_batch_is_text_only(path, "unread")
+    assert any("never read" in w for w in trainer.plan.warnings)
+    with pytest.raises(MmloraError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "gradient-flow audit failed at step 2 (the first batch with images)" in msg
+    assert "encoder.layers.1.self_attn.q_proj" in msg and "no gradient" in msg
+    assert "language_model" not in msg
+    assert trainer.step == 1 and seen == [False, True]
