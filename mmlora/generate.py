@@ -44,7 +44,9 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
         chunk = list(images[k:k + batch_size])
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
-            batch = processor(images=chunk, text=[texts[p] for p in prompts[k:k + batch_size]],
+            # One list of images per prompt: the layout every family's processor reads unambiguously
+            # (Gemma 3 and Idefics3 would take a flat list as all images of the first prompt).
+            batch = processor(images=[[image] for image in chunk], text=[texts[p] for p in prompts[k:k + batch_size]],
                               return_tensors="pt", padding=True)
         finally:
             tokenizer.padding_side = side

@@ -173,7 +173,10 @@ def _qwen_vl(model_type: str) -> Built:
         processor = cls(image_processor=image, tokenizer=tok, video_processor=video, chat_template=tok.chat_template)
     ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
            "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
-    return Built(processor, ids, {"patch_size": patch})
+    vision: dict[str, Any] = {"patch_size": patch}
+    if qwen3:  # DeepStack taps vision layers 8/16/24 by default: past the tiny tower, so its mergers would idle
+        vision["deepstack_visual_indexes"] = [0]  # injected after LM layer 0 it reaches the answers
+    return Built(processor, ids, vision)
 
 
 def _processor_class(model_type: str):
@@ -346,6 +349,12 @@ def build_family(model_type: str, seed: int = 0):
     config.get_text_config().vocab_size = len(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():
+        # Some inits zero a matrix that training fills (Gemma 3's projection): random stands in for trained,
+        # else the image features are all zero and no gradient reaches the vision tower.
+        for param in model.parameters():
+            if param.dim() == 2 and not param.any():
+                param.normal_(std=0.02)
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     return model, processor

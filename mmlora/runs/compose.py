@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import nn
 
 from mmlora.errors import MmloraError
 from mmlora.models.precision import load_for_training

@@ -9,8 +9,8 @@ positions; clipping; mixed precision; non-reentrant gradient checkpointing; AdaL
 allocation; the gradient-flow audit (each modality at the first batch that reaches it); validation
 loss; atomic checkpoints with an exact resume, refused when the checkpoint's fingerprint (base model,
 plan, data, processes, global batch, seed) differs from the run's; NaN/inf detection, and warnings for
-a loss stuck at ln(vocabulary) (:data:`STUCK_STEPS` steps within :data:`STUCK_TOLERANCE`) or all-zero
-gradients; under ``data.on_bad_sample: skip`` the skipped samples in ``bad_samples.jsonl`` and a
+a loss stuck at ln(vocabulary) or all-zero
+gradients (``mmlora.train.watch``); under ``data.on_bad_sample: skip`` the skipped samples in ``bad_samples.jsonl`` and a
 ``skipped`` count in every metrics row; metrics.jsonl, trackers, a progress bar and a loss curve. A
 failed write of the run folder (full disk, read-only folder, a path under a file) is a one-line error
 naming the last good checkpoint.
@@ -38,7 +38,6 @@ import math
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,15 +65,12 @@ from mmlora.runs.save import init_from_run, save_placement
 from mmlora.train.hooks import Evaluator, EventHook
 from mmlora.train.optim import base_name, build_optimizer, param_groups
 from mmlora.train.speed import apply_speedups
+from mmlora.train.watch import SHARDED, TrainingWatch, vocab_size
 
 #: Batch keys that carry images (VLM processors; open_clip batches). A batch without them never runs
 #: the vision tower or the projector, so those are audited at the first batch with images.
 IMAGE_KEYS = ("pixel_values", "image")
 IMAGE_SIDE = ("vision", "projector")
-#: A token loss within STUCK_TOLERANCE (relative) of ln(vocabulary size) for STUCK_STEPS optimizer
-#: steps in a row: the model still predicts uniformly, warned once.
-STUCK_STEPS = 20
-STUCK_TOLERANCE = 0.02
 
 
 class Trainer:
@@ -103,11 +99,6 @@ class Trainer:
         #: Training samples skipped as bad so far, by key, the same on every process.
         self._skipped: dict[str, dict[str, Any]] = {}
         self._usable: dict[bool | None, int | None] = {}
-        #: ln(vocabulary size) for token losses (the loss of a uniform prediction), else None.
-        self.uniform_loss: float | None = None
-        self.vocab_size: int | None = None
-        self.stuck_steps, self._stuck = STUCK_STEPS, 0
-        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ setup
 
@@ -138,9 +129,8 @@ class Trainer:
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         self.objective = objective_for(model, resolve_pretrained(r.model.name), r.data, t.dense, self.base_dir)
         self.collate = self.objective.collate
-        if self.objective.unit == "token":
-            self.vocab_size = _vocab_size(model, self.objective.processor)
-            self.uniform_loss = math.log(self.vocab_size) if self.vocab_size and self.vocab_size > 1 else None
+        vocab = vocab_size(model, self.objective.processor) if self.objective.unit == "token" else None
+        self.watch = TrainingWatch(vocab, self.is_main, self.accelerator.distributed_type.name in SHARDED)
         if t.init_from:
             init_from_run(model, Path(t.init_from))
         return model
@@ -468,11 +458,11 @@ class Trainer:
         if not math.isfinite(loss):
             last = ckpt.latest(self.run.checkpoints)
             raise MmloraError(f"loss is {loss} at step {self.step + 1}; stopping. Last good checkpoint: {last or 'none'}")
-        self._watch_loss(loss)
+        self.watch.loss(loss)
         norm = None
         if self.recipe.train.max_grad_norm:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
-        self._watch_gradients(norm)
+        self.watch.gradients(self.model, self.step + 1, norm)
         self._audit(has_images)
         self.optimizer.step()
         self.step_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this step used
@@ -511,41 +501,6 @@ class Trainer:
         elif waiting:
             self.accelerator.print(f"gradient audit: step 1 has no images; {names(waiting)} will be checked at the "
                                    "first batch with images")
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            if self.is_main:
-                warnings.warn(message, stacklevel=3)
-
-    def _watch_loss(self, loss: float) -> None:
-        """Warn once when a token loss stays at ln(V), the loss of a uniform prediction."""
-        if self.uniform_loss is None or "stuck" in self._warned:
-            return
-        near = abs(loss - self.uniform_loss) <= STUCK_TOLERANCE * self.uniform_loss
-        self._stuck = self._stuck + 1 if near else 0
-        if self._stuck >= self.stuck_steps:
-            self._warn_once("stuck", f"loss stuck at ln(V) = {self.uniform_loss:.3f} (V = {self.vocab_size} tokens) for "
-                                     f"{self._stuck} steps: the model predicts uniformly — check the learning rate, the "
-                                     "labels (are answers supervised?), or whether everything is frozen")
-
-    def _watch_gradients(self, norm: torch.Tensor | float | None) -> None:
-        """Warn once when every trainable gradient of a step is exactly zero (or missing). ``norm``:
-        the total norm clipping computed, when it did."""
-        if "zero_grad" in self._warned:
-            return
-        if norm is None:
-            if self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-                return  # sharded gradients: only the clipping's total norm would say
-            grads = [p.grad.detach() for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-            zero = not grads or not bool(torch.stack([g.abs().amax() for g in grads]).amax() > 0)
-        else:
-            zero = float(norm) == 0.0
-        if zero:
-            self._warn_once("zero_grad", f"step {self.step + 1}: every trainable gradient is exactly zero, so nothing "
-                                         "learns. Likely causes: the loss does not depend on the trained parameters (a loss "
-                                         "scaled by 0, outputs detached or computed under torch.no_grad, no supervised "
-                                         "answer token), or adapters whose factors both start at zero")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -643,12 +598,3 @@ class Trainer:
 
         return self._on_main("the final adapters", self.run.final.folder, write)
 
-
-def _vocab_size(model: nn.Module, processor: Any) -> int | None:
-    """The language model's vocabulary: its config's ``vocab_size``, else the tokenizer's length."""
-    config = getattr(model, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    size = getattr(get_text() if callable(get_text) else config, "vocab_size", None)
-    if not size and processor is not None:
-        size = len(getattr(processor, "tokenizer", processor))
-    return int(size) if size else None

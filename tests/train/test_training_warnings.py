@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from mmlora.config.loading import load_recipe
-from mmlora.train import loop
+from mmlora.train import watch
 from mmlora.train.loop import Trainer
 
 
@@ -27,12 +27,12 @@ def _train(trainer) -> list[str]:
 def test_a_loss_stuck_at_ln_vocab_is_warned_once(make_recipe):
     # A learning rate of 1e-12 keeps the tiny model at its initialisation: uniform predictions.
     trainer = _trainer(make_recipe, "stuck", **{"train.lr": 1.0e-12, "train.max_steps": 8})
-    assert trainer.vocab_size == trainer.accelerator.unwrap_model(trainer.model).config.get_text_config().vocab_size
-    assert trainer.uniform_loss == pytest.approx(math.log(trainer.vocab_size))
-    assert loop.STUCK_STEPS == 20 and trainer.stuck_steps == loop.STUCK_STEPS
-    trainer.stuck_steps = 5  # the default is 20 steps; 5 keeps the test short
+    assert trainer.watch.vocab_size == trainer.accelerator.unwrap_model(trainer.model).config.get_text_config().vocab_size
+    assert trainer.watch.uniform_loss == pytest.approx(math.log(trainer.watch.vocab_size))
+    assert watch.STUCK_STEPS == 20 and trainer.watch.stuck_steps == watch.STUCK_STEPS
+    trainer.watch.stuck_steps = 5  # the default is 20 steps; 5 keeps the test short
     stuck = [m for m in _train(trainer) if "loss stuck at ln(V)" in m]
-    expected = (f"loss stuck at ln(V) = {math.log(trainer.vocab_size):.3f} (V = {trainer.vocab_size} tokens) for 5 "
+    expected = (f"loss stuck at ln(V) = {math.log(trainer.watch.vocab_size):.3f} (V = {trainer.watch.vocab_size} tokens) for 5 "
                 "steps: the model predicts uniformly — check the learning rate, the labels (are answers "
                 "supervised?), or whether everything is frozen")
     assert stuck == [expected]
@@ -40,7 +40,7 @@ def test_a_loss_stuck_at_ln_vocab_is_warned_once(make_recipe):
 
 def test_a_learning_run_is_not_warned(make_recipe):
     trainer = _trainer(make_recipe, "learns", **{"train.lr": 2.0e-2, "train.max_steps": 8})
-    trainer.stuck_steps = 5
+    trainer.watch.stuck_steps = 5
     messages = _train(trainer)
     assert not [m for m in messages if "loss stuck" in m or "exactly zero" in m]
 
