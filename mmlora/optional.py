@@ -36,6 +36,7 @@ PIP_NAMES: dict[str, str] = {
     "matplotlib": "matplotlib",
     "datasets": "datasets",
     "fastapi": "fastapi",
+    "num2words": "num2words",
     "uvicorn": "uvicorn",
 }
 

@@ -177,6 +177,8 @@ CASES = [
     Case("resume-incomplete-checkpoint", lambda t, w, r: _incomplete_checkpoint(t, w, r), "not a complete checkpoint"),
     Case("init-from-not-a-run", lambda t, w, r: ["train", _recipe(t, w, **{"train.init_from": str(t)})], "train.init_from"),
     Case("resume-changed-rank", lambda t, w, r: _resumed_with(t, w, r, **{"placement.language.rank": 8}), "train.resume"),
+    Case("output-under-a-file", lambda t, w, r: ["train", _recipe(t, w, **{"train.output_dir": str(Path(_text(t, "f", "x")) / "run")})],
+         "/f/run"),
     # ---------------------------------------------------------------- serving: start-up
     Case("serve-adapter-without-name", lambda t, w, r: ["serve", "--base", "tiny-llava", "--adapter", str(r)], "NAME=RUN"),
     Case("serve-adapter-twice", lambda t, w, r: ["serve", "--base", "tiny-llava", "--adapter", f"a={r}", "--adapter", f"a={r}"],
@@ -236,6 +238,30 @@ def trained_run(tmp_path_factory, shapes_small) -> Path:
 
 def test_the_corpus_is_large_and_named_once():
     assert len(CASES) + len(REQUESTS) >= 40 and len({c.name for c in CASES}) == len(CASES)
+
+
+def test_a_full_disk_during_a_checkpoint_gets_one_line(tmp_path, shapes_small, monkeypatch, capsys):
+    """The disk fills up while step 2's checkpoint is written (an injected ENOSPC): one line names the
+    file and the last good checkpoint (step 1), which stays complete."""
+    import errno
+
+    import mmlora.runs.checkpoint as ckpt
+
+    real = ckpt.save_trainer_state
+
+    def full_at_step_2(folder, state):
+        if state["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / ckpt.TRAINER_STATE))
+        return real(folder, state)
+
+    monkeypatch.setattr(ckpt, "save_trainer_state", full_at_step_2)
+    recipe = _recipe(tmp_path, shapes_small / "world_B", **{"train.max_steps": 3, "train.save_every": 1, "train.eval_every": None})
+    capsys.readouterr()
+    assert main(["train", recipe]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("mmlora: error:")]
+    assert "Traceback" not in err and "no space left on device" in line.lower() and "step-000001" in line
+    assert ckpt.is_complete(tmp_path / "out" / "checkpoints" / "step-000001")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -17,7 +17,7 @@ from mmlora.optional import PIP_NAMES, require
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = {"quant": "bitsandbytes", "clip": "open_clip", "eval": "pycocoevalcap", "plot": "matplotlib",
-          "data": "datasets", "serve": "fastapi"}
+          "data": "datasets", "serve": "fastapi", "smolvlm": "num2words"}
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -98,5 +98,5 @@ def test_pyproject_extras():
         package = PIP_NAMES[module]
         assert package not in core, f"{package} is a core dependency; it belongs in [{extra}]"
         assert any(dep.startswith(package) for dep in extras[extra]), f"[{extra}] does not install {package}"
-    assert extras["all"] == ["mmlora[quant,clip,eval,serve,plot,data]"]
+    assert extras["all"] == ["mmlora[quant,clip,eval,serve,plot,data,smolvlm]"]
     assert "mmlora[all]" in extras["test"]  # `make setup` installs -e ".[test]": every extra

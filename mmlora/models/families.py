@@ -22,13 +22,13 @@ type without a builder, or one that cannot work here, is refused with a one-line
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmlora.errors import MmloraError
+from mmlora.optional import require
 from mmlora.models.corpus import tokenizer_corpus
 from mmlora.models.tiny_any import WIDTH, tiny_config
 from mmlora.models.tokenizer import LLAVA_CHAT_TEMPLATE, _train_bpe
@@ -206,8 +206,7 @@ def _idefics3(model_type: str) -> Built:
 
 
 def _smolvlm(model_type: str) -> Built:
-    if importlib.util.find_spec("num2words") is None:
-        raise MmloraError("SmolVLM's processor needs the num2words package (pip install num2words)")
+    require("num2words", "smolvlm", "SmolVLM's processor")
     from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
 
     specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>", "<|im_start|>"]

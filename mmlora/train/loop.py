@@ -541,9 +541,24 @@ class Trainer:
         return out
 
     def train(self) -> dict[str, Any]:
+        """Steps until ``total_steps``, then the last checkpoint and ``final/``; returns a summary."""
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        try:  # closed whatever happens, so that an error message starts on a line of its own
+            last_val = self._steps(bar)
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        final = self.save_final()
+        if self.recipe.train.trackers:
+            self.accelerator.end_training()
+        report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
+        return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
+                "bad_samples": report}
+
+    def _steps(self, bar) -> float | None:
+        """The loop: train, log, evaluate and checkpoint each step; returns the last validation loss."""
         t = self.recipe.train
         batches = self._global_batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
         start, done_samples = time.perf_counter(), 0
         last_val = None
         while self.step < self.total_steps:
@@ -569,14 +584,7 @@ class Trainer:
             self._event("after-step")
             if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-        bar.close()
-        self.save_checkpoint()
-        final = self.save_final()
-        if t.trackers:
-            self.accelerator.end_training()
-        report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
-        return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
-                "bad_samples": report}
+        return last_val
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.run.metrics_file, "a") as f:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 import json
 from pathlib import Path
 
@@ -39,15 +39,15 @@ def test_tiny_command_writes_a_loadable_folder_and_refuses_to_overwrite(tmp_path
     assert main(["models", "tiny", "qwen2_vl", "--out", str(out), "--force"]) == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("num2words") is not None, reason="num2words is installed")
-def test_smolvlm_is_refused_in_one_line(tmp_path, capsys):
+def test_smolvlm_without_its_extra_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "num2words", None)  # as if the smolvlm extra were not installed
     assert main(["models", "tiny", "smolvlm", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "mmlora: error: SmolVLM's processor needs the num2words package (pip install num2words)"
+    assert err == "mmlora: error: SmolVLM's processor needs num2words (pip install 'mmlora[smolvlm]')"
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "idefics3", "paligemma", "internvl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "idefics3", "smolvlm", "paligemma", "internvl"])
 def test_shipped_recipe_config_is_what_the_build_writes(model_type):
     model, _ = build_family(model_type)
     shipped = json.loads((ROOT / "recipes" / "families" / "configs" / model_type / "config.json").read_text())

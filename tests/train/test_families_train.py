@@ -19,8 +19,8 @@ from mmlora.data.processing import image_token_ids
 from mmlora.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-#: One row per family, in the issue's order; smolvlm is refused here (its processor needs num2words).
-TRAINED = ["qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3", "llava_next", "llava_onevision", "internvl",
+#: One row per family, in the issue's order (smolvlm's processor needs the smolvlm extra, num2words).
+TRAINED = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "llava_next", "llava_onevision", "internvl",
            "qwen3_vl"]
 
 
