@@ -1,7 +1,9 @@
 """Write the README's model-family matrix from the family checks.
 
 Runs the family tests (tests/train/test_families_train.py: 2 training steps on image batches with
-the gradient audit; tests/models/test_family_generation.py: batched = one-by-one answers) with
+the gradient audit, the trained ``final/`` reloaded in plain transformers + PEFT without mmlora to the
+same logits, and a step with a 4-bit language model and an fp32 vision tower, each layer's class
+checked; tests/models/test_family_generation.py: batched = one-by-one answers) with
 ``MMLORA_FAMILY_RESULTS`` pointing at a JSON file they fill, plans each recipe in recipes/families/,
 and replaces the table between the ``family-matrix`` markers in README.md. A family that cannot be
 built here gets its one-line refusal (``mmlora models tiny TYPE``) in every cell.
@@ -22,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "llava_next", "llava_onevision",
             "internvl", "qwen3_vl"]
 COLUMNS = [("plan", "plan (`mmlora plan`)"), ("train", "trains on images (2 steps, batch 2)"),
-           ("audit", "gradient audit (vision, projector, language)"), ("generate", "batched = one-by-one generation")]
+           ("audit", "gradient audit (vision, projector, language)"),
+           ("reload", "reloads in plain transformers + PEFT (same logits, 1e-5)"),
+           ("qlora", "4-bit language + fp32 vision (1 step, layers checked)"),
+           ("generate", "batched = one-by-one generation")]
 START, END = "<!-- family-matrix:start -->", "<!-- family-matrix:end -->"
 
 

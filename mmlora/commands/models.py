@@ -34,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.models_command == "list":
         width = max(len(n) for n in PRESETS)
-        print(f"{'name':<{width}}  kind   description")
+        kinds = max(len(p.kind) for p in PRESETS.values())
+        print(f"{'name':<{width}}  {'kind':<{kinds}}  description")
         for p in PRESETS.values():
-            print(f"{p.name:<{width}}  {p.kind:<5}  {p.description}")
+            print(f"{p.name:<{width}}  {p.kind:<{kinds}}  {p.description}")
         return 0
     if args.models_command == "build":
         if args.name not in PRESETS:

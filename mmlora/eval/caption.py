@@ -4,8 +4,12 @@ Protocol (recorded in every metrics file): the prompt (default: the common "Prov
 caption for the provided image."), greedy decoding (beam search optional), ``max_new_tokens`` 64, the
 split and number of images. Scores: COCO's PTB tokenization, BLEU-1..4, METEOR, ROUGE-L and CIDEr
 from pycocoevalcap; SPICE when its Stanford models are installed, otherwise reported as
-unavailable (never as zero); the mean caption length in PTB tokens; and for the shapes world, slot
-accuracy — shape, colour and position parsed from each caption against the ground-truth objects.
+unavailable (never as zero); the mean caption length in PTB tokens; the number of empty captions;
+and whatever an extra scorer adds (``extra``: the shapes world's slot accuracy is one, passed in by
+the CLI and the demo from ``mmlora.showcase.slots``). Captions come from the one generation path
+(``mmlora.generate``); models from any reference (``mmlora.runs.reference``).
+
+Layer: eval.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 from mmlora.cache import cached_dir
 from mmlora.errors import MmloraError
 from mmlora.models.clip import build_tiny_clip, save_clip
+from mmlora.models.families import save_family
 from mmlora.models.llava import TinyLlavaSpec, build_tiny_llava, save_llava
 from mmlora.optional import require
 
@@ -26,22 +27,32 @@ _BUILDER_SOURCES = (
     "models/open_clip_configs/mmlora-clip-shapes.json",
     "models/corpus.py",
     "models/tokenizer_corpus.txt.gz",
+    "models/families.py",
+    "models/tiny_any.py",
 )
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
-    kind: str  # "llava" | "clip"
+    kind: str  # "llava" | "clip" | "family" (a transformers VLM family, mmlora.models.families)
     description: str
     llava: TinyLlavaSpec | None = None
     clip_arch: str | None = None
     #: Folder name under ``mmlora/bases/`` for pretrained weights shipped in the repository.
     shipped: str | None = None
+    #: Model type of a ``family`` preset, built by :func:`mmlora.models.families.save_family`.
+    family: str | None = None
     extra: dict = field(default_factory=dict)
 
     def params(self) -> dict:
-        return {"name": self.name, "llava": asdict(self.llava) if self.llava else None, "clip": self.clip_arch}
+        return {"name": self.name, "llava": asdict(self.llava) if self.llava else None, "clip": self.clip_arch,
+                "family": self.family}
+
+
+#: One ``tiny-<type>`` preset per VLM family with a processor recipe (same order as ``families.FAMILIES``).
+_FAMILY_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "llava_next",
+                 "llava_onevision", "internvl")
 
 
 PRESETS: dict[str, Preset] = {
@@ -66,6 +77,8 @@ PRESETS: dict[str, Preset] = {
                shipped="shapes-llava-base"),
         Preset("shapes-clip-base", "clip", "shapes-clip pretrained on world A (shipped; see its README)",
                shipped="shapes-clip-base"),
+        *(Preset(f"tiny-{t}", "family", f"tiny {t} with its own processor (as `mmlora models tiny {t}` writes)",
+                 family=t) for t in _FAMILY_TYPES),
     )
 }
 
@@ -79,6 +92,9 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     preset = PRESETS[name]
     if preset.shipped:
         shutil.copytree(shipped_path(preset), out_dir, dirs_exist_ok=True)
+        return Path(out_dir)
+    if preset.kind == "family":
+        save_family(preset.family, out_dir, seed=seed, force=True)
         return Path(out_dir)
     if preset.kind == "llava":
         model, processor = build_tiny_llava(preset.llava, seed=seed)
