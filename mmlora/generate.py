@@ -15,6 +15,16 @@ from typing import Any
 import torch
 
 from mmlora.data.samples import CAPTION_PROMPT
+from mmlora.errors import MmloraError
+
+
+def pixel_rows_per_image(processor: Any) -> int:
+    """How many rows of ``pixel_values`` the processor gives one image (1 for batch-major vision towers;
+    the number of patches where they are flattened, as Qwen2-VL's are)."""
+    from PIL import Image
+
+    batch = processor(images=[[Image.new("RGB", (32, 32))]], text=[image_prompt(processor, "x")], return_tensors="pt")
+    return int(batch["pixel_values"].shape[0])
 
 
 def image_prompt(processor: Any, prompt: str) -> str:
@@ -51,6 +61,12 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
         finally:
             tokenizer.padding_side = side
         routed = {"adapter_names": list(adapter_names[k:k + batch_size])} if adapter_names else {}
+        if routed and batch["pixel_values"].shape[0] != len(chunk):
+            # PEFT routes row i of every layer's input to adapter i: a vision tower that reads
+            # flattened patches (Qwen2-VL) has no row per image to route.
+            raise MmloraError(f"mixed-adapter batches need one pixel row per image, but this processor gives "
+                              f"{batch['pixel_values'].shape[0]} for {len(chunk)} (patches flattened, as Qwen2-VL "
+                              "does): run one adapter per batch (mmlora serve --mode switch or merged)")
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed)
         out += [s.strip() for s in processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]

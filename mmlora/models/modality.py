@@ -177,6 +177,14 @@ def _discover_vlm(model: nn.Module) -> ModalityMap:
             continue  # a wrapper around the towers, not a module of its own
         if any(True for _ in module.parameters(recurse=True)):
             projector_roots.append(name)
+    # The projector writes image features; a module that embeds another tower's features only (Gemma
+    # 4's audio embedder, used by ``get_audio_features`` and not ``get_image_features``) is that tower's.
+    other_parts: dict[str, list[str]] = {key: [] for key in others}
+    for name in list(projector_roots):
+        owner = _feature_owner(model, name, list(others))
+        if owner is not None:
+            projector_roots.remove(name)
+            other_parts[owner].append(name)
     vision = Modality("vision", vision_roots)
     expected = {"vision": _layer_count(vision_cfg), "language": _layer_count(text_cfg)}
     if not projector_roots:  # the projector lives inside the vision tower (e.g. a patch merger)
@@ -196,11 +204,33 @@ def _discover_vlm(model: nn.Module) -> ModalityMap:
         modalities["projector"] = Modality("projector", projector_roots)
     modalities["language"] = Modality("language", [*language_roots, *heads])
     for key, root in others.items():
-        modalities[key] = Modality(key, [root])
+        modalities[key] = Modality(key, [root, *other_parts[key]])
     for m in modalities.values():
         m.layer_stack, m.n_layers = _layer_stack(model, m, expected.get(m.name))
     vision.read_layers = _read_layers(config, vision.n_layers)
     return ModalityMap("vlm", modalities, heads)
+
+
+def _method_source(owner: nn.Module, method: str) -> str:
+    import inspect
+
+    fn = getattr(type(owner), method, None)
+    try:
+        return inspect.getsource(fn) if fn is not None else ""
+    except (OSError, TypeError):
+        return ""
+
+
+def _feature_owner(model: nn.Module, name: str, towers: list[str]) -> str | None:
+    """The other tower (audio, ...) whose ``get_<tower>_features`` uses module ``name`` when
+    ``get_image_features`` does not; None when it is the image projector (or nothing says)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    used = re.compile(rf"\bself\.{re.escape(attr)}\b")
+    if used.search(_method_source(parent, "get_image_features")):
+        return None
+    users = [t for t in towers if used.search(_method_source(parent, f"get_{t}_features"))]
+    return users[0] if len(users) == 1 else None
 
 
 def _read_layers(config: object, n_layers: int) -> int | None:

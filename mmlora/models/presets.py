@@ -131,4 +131,9 @@ def preset_path(name: str, seed: int = 0) -> Path:
         "seed": seed, "transformers": transformers.__version__, "open_clip": clip_version,
     }
     build: Callable[[Path], None] = lambda tmp: build_preset(name, tmp, seed)  # noqa: E731
-    return cached_dir(f"preset-{name}", params, _BUILDER_SOURCES, build)
+    import torch
+
+    # Building seeds torch's generator; fork it so that a first use (a build) leaves the caller's
+    # random state as a later use (a cache hit) does: a run's first training is then reproducible.
+    with torch.random.fork_rng(devices=[]):
+        return cached_dir(f"preset-{name}", params, _BUILDER_SOURCES, build)

@@ -89,11 +89,25 @@ def _uses_mrope(config: Any) -> bool:
     return bool(spec and spec.origin and "mrope_section" in open(spec.origin, encoding="utf-8").read())
 
 
+def _default_sub_config(spec: Any):
+    if spec.model_type:
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(spec.model_type, **spec.init_kwargs)
+    return spec.config_class(**spec.init_kwargs)
+
+
 def tiny_config(model_type: str, **overrides: Any):
     """The default config of ``model_type``, shrunk to toy size (see module docstring)."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
+    # Where the default config leaves its optional towers out (Gemma 4: no vision, no audio), build
+    # them from their defaults, as real checkpoints ship them; an image-text-to-text model needs one.
+    absent = {key: _default_sub_config(spec) for key, spec in type(config).sub_configs_defaults.items()
+              if getattr(spec, "optional", False) and getattr(config, key, None) is None}
+    if absent and getattr(config, "vision_config", None) is None:
+        config = AutoConfig.for_model(model_type, **{key: sub.to_dict() for key, sub in absent.items()})
     _shrink(config, set())
     text = config.get_text_config()
     rope = getattr(text, "rope_parameters", None)

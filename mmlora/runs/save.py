@@ -30,6 +30,7 @@ from mmlora import __version__
 from mmlora.adapters.qalora import load_qalora, save_qalora
 from mmlora.placement.plan import PlacementPlan
 from mmlora.errors import MmloraError
+from mmlora.runs.legacy import convert_legacy_adapter, needs_conversion
 from mmlora.runs.layout import FINAL, FULL_MODULES, MANIFEST, QALORA_FILE, Weights, find_weights
 
 
@@ -108,9 +109,16 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
     if not adapters:
         return base
     first, *rest = adapters
-    model = PeftModel.from_pretrained(base, folder / first["path"], adapter_name=first["name"])
-    for a in rest:
-        model.load_adapter(folder / a["path"], adapter_name=a["name"])
+    with tempfile.TemporaryDirectory() as tmp:
+        def current(a: dict) -> Path:
+            # Adapters saved under another transformers layout (4.x names) are renamed to this model's;
+            # keys naming no module of it are refused rather than dropped.
+            src = folder / a["path"]
+            return convert_legacy_adapter(src, Path(tmp) / a["name"], base) if needs_conversion(src, base) else src
+
+        model = PeftModel.from_pretrained(base, current(first), adapter_name=first["name"])
+        for a in rest:
+            model.load_adapter(current(a), adapter_name=a["name"])
     if rest:
         model.base_model.set_adapter([a["name"] for a in adapters])
     return model

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlora.errors import MmloraError
-from mmlora.generate import generate_answers
+from mmlora.generate import generate_answers, pixel_rows_per_image
 from mmlora.models.clip import image_settings
 from mmlora.models.dense import dense_features
 from mmlora.models.loading import resolve_pretrained
@@ -88,6 +88,9 @@ class Engine:
         self.kind = "segment" if loaded.is_clip else "caption"
         if self.kind == "caption":
             self.processor = loaded.processor
+            if mode == "mixed" and adapters and (rows := pixel_rows_per_image(self.processor)) != 1:
+                raise MmloraError(f"--mode mixed needs one pixel row per image, but {base}'s processor gives {rows} "
+                                  "(patches flattened, as Qwen2-VL does): use --mode switch or --mode merged")
         else:
             self.tokenizer = loaded.tokenizer
             unfuse_attention(self.base)

@@ -36,3 +36,17 @@ def test_a_family_preset_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert AutoConfig.from_pretrained(path).model_type == "paligemma"
     assert type(AutoProcessor.from_pretrained(path)).__name__ == "PaliGemmaProcessor"
     assert resolve_pretrained("tiny-paligemma") == path  # the second use reads the cache
+
+
+def test_building_a_preset_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    import torch
+
+    from mmlora.models.presets import preset_path
+
+    monkeypatch.setenv("MMLORA_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(123)
+    preset_path("tiny-llava")  # a build: the cache is empty
+    after_build = torch.rand(3)
+    torch.manual_seed(123)
+    preset_path("tiny-llava")  # a cache hit
+    assert torch.equal(after_build, torch.rand(3))

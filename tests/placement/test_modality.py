@@ -94,3 +94,12 @@ def test_no_per_model_module_paths_in_the_package():
         for s in _code_strings(p) if PER_MODEL_PATHS.search(s)
     ]
     assert not offenders, "per-model module paths in code: " + "; ".join(offenders)
+
+
+def test_gemma4_audio_embedder_is_the_audio_towers_not_the_projector():
+    from mmlora.models.tiny_any import build_tiny
+
+    mmap = discover_modalities(build_tiny("gemma4", device="meta"))
+    assert mmap.modalities["vision"].n_layers == 2 and mmap.modalities["language"].n_layers == 2
+    assert mmap.modalities["projector"].roots == ["model.embed_vision"]
+    assert mmap.modalities["audio"].roots == ["model.audio_tower", "model.embed_audio"]
