@@ -1,6 +1,7 @@
 """DDP through Accelerate: 2 CPU processes (gloo, started by torchrun) train to the same adapters as
 1 process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,16 +92,9 @@ def _seed_with_text_only_first_batch(train: list[dict], global_batch: int) -> in
 def test_two_processes_train_on_mixed_image_and_text_only_data(make_recipe, shapes_small, tmp_path):
     """Text-only batches leave the vision tower and the projector unused: DDP is told to expect it, and
     the audit judges them at the first batch with images."""
-    import json
+    from tests.train.test_mixed_modalities import mixed_train_data
 
-    from tests.train.test_mixed_modalities import CAPTIONS
-
-    text_only = tmp_path / "text_only.jsonl"
-    text_only.write_text("".join(json.dumps({"id": f"text{i}", "messages": [
-        {"role": "user", "content": "Describe a picture of shapes."},
-        {"role": "assistant", "content": caption}]}) + "\n" for i, caption in enumerate(CAPTIONS)))
-    train = [{"format": "llava", "path": str(shapes_small / "world_B" / "llava_train.json")},
-             {"format": "messages", "path": str(text_only)}]
+    train = mixed_train_data(shapes_small, tmp_path)
     seed = _seed_with_text_only_first_batch(train, 4)
     recipe = make_recipe("ddp_mixed", **{"data.train": train, "data.val": [], "train.batch_size": 2, "train.seed": seed,
                                          "train.max_steps": 9, "train.eval_every": None})  # 9 steps: a whole epoch

@@ -16,13 +16,18 @@ CAPTIONS = ["top center holds a large red star.", "bottom left holds a small blu
             "middle left holds a large red circle.", "bottom right holds a small green square."]
 
 
-def _mixed_recipe(make_recipe, shapes_small, tmp_path, name, **changes):
+def mixed_train_data(shapes_small, tmp_path) -> list[dict]:
+    """``data.train``: world B's image samples plus text-only conversations (``messages`` JSONL)."""
     text_only = tmp_path / "text_only.jsonl"
     text_only.write_text("".join(json.dumps({"id": f"text{i}", "messages": [
         {"role": "user", "content": "Describe a picture of shapes."},
         {"role": "assistant", "content": caption}]}) + "\n" for i, caption in enumerate(CAPTIONS)))
-    train = [{"format": "llava", "path": str(shapes_small / "world_B" / "llava_train.json")},
-             {"format": "messages", "path": str(text_only)}]
+    return [{"format": "llava", "path": str(shapes_small / "world_B" / "llava_train.json")},
+            {"format": "messages", "path": str(text_only)}]
+
+
+def _mixed_recipe(make_recipe, shapes_small, tmp_path, name, **changes):
+    train = mixed_train_data(shapes_small, tmp_path)
     return make_recipe(name, **{"data.train": train, "data.val": [], "train.eval_every": None, **changes})
 
 
