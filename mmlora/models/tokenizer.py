@@ -43,12 +43,14 @@ LLAVA_CHAT_TEMPLATE = (
 _BYTES = [f"<0x{i:02X}>" for i in range(256)]
 
 
-def _train_bpe(
+def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
     front_specials: list[str],
     lowercase: bool,
 ) -> Tokenizer:
+    """A byte-fallback BPE trained on ``texts`` (metaspace pre-tokenization, as Llama's), with
+    ``front_specials`` as its first ids; shared by the LLaVA presets and the family folders."""
     tok = Tokenizer(models.BPE(unk_token=front_specials[0] if "<unk>" in front_specials else None, byte_fallback=True))
     norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
     tok.normalizer = normalizers.Sequence(norm)
@@ -84,7 +86,7 @@ def build_llava_tokenizer(texts: Iterable[str], vocab_size: int = 640):
 
     # The chat template's role words are part of the tokenizer's language, as in a real model.
     texts = list(texts) + ["USER: ASSISTANT: SYSTEM: A chat between a user and an assistant."] * 200
-    tok = _train_bpe(texts, vocab_size, ["<unk>", "<s>", "</s>"], lowercase=False)
+    tok = train_bpe(texts, vocab_size, ["<unk>", "<s>", "</s>"], lowercase=False)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -109,7 +111,7 @@ def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 512, context_le
     """A lowercasing CLIP tokenizer; ``<end_of_text>`` is pooled by open_clip (``pool_type='eos'``)."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = _train_bpe(texts, vocab_size, ["<pad>", "<unk>", "<start_of_text>", "<end_of_text>"], lowercase=True)
+    tok = train_bpe(texts, vocab_size, ["<pad>", "<unk>", "<start_of_text>", "<end_of_text>"], lowercase=True)
     sot, eot = tok.token_to_id("<start_of_text>"), tok.token_to_id("<end_of_text>")
     tok.post_processor = processors.TemplateProcessing(
         single="<start_of_text> $A <end_of_text>",

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from mmlora.data.image_budget import apply_image_budget
 from mmlora.errors import MmloraError
 from mmlora.models.precision import load_for_training
 from mmlora.runs.layout import FINAL, Weights, require_weights
+from mmlora.runs.legacy import in_layout_of
 
 BASE = "__base__"
 #: PEFT's ``add_weighted_adapter`` combination types.
@@ -137,13 +139,13 @@ def load_adapter_set(runs: list[Path], names: list[str] | None = None):
     if len(precisions) > 1:
         raise MmloraError("these runs trained their base in different precisions; compose runs of one precision")
     base, _ = load_for_training(recipes[0].model, recipes[0].placement, recipes[0].train.quantization)
-    model = None
-    for weights, name in zip(all_weights, names):
-        if model is None:
-            model = PeftModel.from_pretrained(base, adapter_path(weights), adapter_name=name)
-        else:
-            model.load_adapter(adapter_path(weights), adapter_name=name)
+    with in_layout_of(base, *[adapter_path(w) for w in all_weights]) as paths:  # 4.x key names renamed
+        model = PeftModel.from_pretrained(base, paths[0], adapter_name=names[0])
+        for path, name in zip(paths[1:], names[1:]):
+            model.load_adapter(path, adapter_name=name)
     processor = AutoProcessor.from_pretrained(all_weights[0].folder) if all_weights[0].has_processor else None
+    if processor is not None:
+        apply_image_budget(processor, recipes[0].data)
     return model.eval(), processor, recipes[0]
 
 

@@ -11,12 +11,17 @@ by name.
 Usage::
 
     convert_legacy_adapter("old_adapter/", "converted/", model)   # then PeftModel.from_pretrained
+    with in_layout_of(model, "old_adapter/") as (folder,):       # converted only when it must be
+        PeftModel.from_pretrained(model, folder)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -125,3 +130,14 @@ def convert_legacy_adapter(src: str | Path, dst: str | Path, model: nn.Module) -
     (dst / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_file({mapping[k]: v.contiguous() for k, v in state.items()}, str(dst / ADAPTER_WEIGHTS))
     return dst
+
+
+@contextlib.contextmanager
+def in_layout_of(model: nn.Module, *folders: str | Path) -> Iterator[list[Path]]:
+    """Inside: the PEFT adapter ``folders`` with keys that name modules of ``model`` — each folder
+    itself when it already does, else a converted copy in a temporary folder (removed on exit). Keys
+    that name no module of ``model`` either way are refused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = [convert_legacy_adapter(f, Path(tmp) / str(i), model) if needs_conversion(f, model) else Path(f)
+               for i, f in enumerate(folders)]
+        yield out

@@ -2,8 +2,10 @@
 
 A reference is a preset name, a model folder (transformers or open_clip), a cached hub id, a run
 (its root, ``final/`` or a checkpoint: the base in the run's precision with the run's adapters and
-fully trained modules), a merged export (an ordinary transformers folder, or mmlora's INT4 format),
-or a composition of runs (``RUN_A+RUN_B[:METHOD...]``, ``mmlora.runs.compose``).
+fully trained modules), a bare PEFT adapter folder (on the base its ``adapter_config.json`` names; keys
+saved under transformers 4.x module names renamed, ``mmlora.runs.legacy``), a merged export (an
+ordinary transformers folder, or mmlora's INT4 format), or a composition of runs
+(``RUN_A+RUN_B[:METHOD...]``, ``mmlora.runs.compose``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from torch import nn
 
 from mmlora.adapters.int4 import INT4_MANIFEST, load_int4_model
 from mmlora.config.schema import Recipe
+from mmlora.data.image_budget import apply_image_budget
 from mmlora.errors import MmloraError
 from mmlora.models.loading import clip_tokenizer, is_clip_folder, load_clip, resolve_pretrained
 from mmlora.models.modality import ModalityMap, discover_modalities, is_open_clip, unwrap
 from mmlora.models.precision import dequantize, load_for_training
 from mmlora.runs.compose import load_composition, parse_composition
 from mmlora.runs.layout import Weights, find_weights
+from mmlora.runs.legacy import ADAPTER_CONFIG, in_layout_of
 from mmlora.runs.save import load_placement
 
 
@@ -62,8 +66,39 @@ def load_run(weights: Weights, dequantize_base: bool = False) -> Loaded:
         dequantize(base)
     model = load_placement(base, weights.folder).eval()
     processor = AutoProcessor.from_pretrained(weights.folder) if weights.has_processor else None
+    if processor is not None:  # the saved processor carries the budget already; the recipe is the record
+        apply_image_budget(processor, recipe.data)
     tokenizer = clip_tokenizer(recipe.model.name) if is_open_clip(unwrap(model)) else None
     return Loaded(model, processor, tokenizer, recipe)
+
+
+def load_peft_folder(folder: Path) -> Loaded:
+    """A PEFT adapter folder saved by any tool → its base (``base_model_name_or_path``: a preset, a
+    folder or a cached hub id) carrying the adapter, in eval mode. Keys under transformers 4.x module
+    names are renamed to the base's layout; keys naming no module of it are refused by name (PEFT
+    would load them as silently missing and give the base model's outputs)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base_ref = config.get("base_model_name_or_path")
+    if not base_ref:
+        raise MmloraError(f"{folder / ADAPTER_CONFIG}: no base_model_name_or_path; cannot tell which base this "
+                          "adapter adapts (write it into the file, or load the base yourself)")
+    resolved = resolve_pretrained(base_ref)
+    if isinstance(resolved, Path) and is_clip_folder(resolved):
+        raise MmloraError(f"{folder}: a bare PEFT adapter on an open_clip model; train it with mmlora (a run folder) to "
+                          "load it here")
+    try:
+        base = AutoModelForImageTextToText.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        raise MmloraError(f"{folder}: its base {base_ref!r} is not an image-text-to-text model ({err})") from None
+    with in_layout_of(base, folder) as (current,):
+        model = PeftModel.from_pretrained(base, current)
+    has_processor = any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+    return Loaded(model.eval(), AutoProcessor.from_pretrained(folder if has_processor else resolved))
 
 
 def load_reference(ref: str | Path, dequantize_base: bool = False) -> Loaded:
@@ -78,6 +113,8 @@ def load_reference(ref: str | Path, dequantize_base: bool = False) -> Loaded:
     if weights is not None:
         return load_run(weights, dequantize_base)
     path = Path(ref)
+    if (path / ADAPTER_CONFIG).is_file():
+        return load_peft_folder(path)
     if (path / INT4_MANIFEST).is_file():
         from transformers import AutoProcessor
 

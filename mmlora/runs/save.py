@@ -30,7 +30,7 @@ from mmlora import __version__
 from mmlora.adapters.qalora import load_qalora, save_qalora
 from mmlora.placement.plan import PlacementPlan
 from mmlora.errors import MmloraError
-from mmlora.runs.legacy import convert_legacy_adapter, needs_conversion
+from mmlora.runs.legacy import in_layout_of
 from mmlora.runs.layout import FINAL, FULL_MODULES, MANIFEST, QALORA_FILE, Weights, find_weights
 
 
@@ -108,17 +108,13 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
     adapters = manifest["adapters"]
     if not adapters:
         return base
-    first, *rest = adapters
-    with tempfile.TemporaryDirectory() as tmp:
-        def current(a: dict) -> Path:
-            # Adapters saved under another transformers layout (4.x names) are renamed to this model's;
-            # keys naming no module of it are refused rather than dropped.
-            src = folder / a["path"]
-            return convert_legacy_adapter(src, Path(tmp) / a["name"], base) if needs_conversion(src, base) else src
-
-        model = PeftModel.from_pretrained(base, current(first), adapter_name=first["name"])
-        for a in rest:
-            model.load_adapter(current(a), adapter_name=a["name"])
+    # Adapters saved under another transformers layout (4.x names) are renamed to this model's; keys
+    # naming no module of it are refused rather than dropped.
+    with in_layout_of(base, *[folder / a["path"] for a in adapters]) as paths:
+        model = PeftModel.from_pretrained(base, paths[0], adapter_name=adapters[0]["name"])
+        for a, path in zip(adapters[1:], paths[1:]):
+            model.load_adapter(path, adapter_name=a["name"])
+    rest = adapters[1:]
     if rest:
         model.base_model.set_adapter([a["name"] for a in adapters])
     return model

@@ -91,3 +91,54 @@ def test_a_key_naming_no_module_is_refused_by_name(legacy_run, tmp_path):
     save_file(state, str(bad / "adapter_model.safetensors"))
     with pytest.raises(MmloraError, match=r"no_such_tower\.blocks\.0\.qkv\.lora_A\.weight"):
         convert_legacy_adapter(bad, tmp_path / "out", _base())
+
+
+def test_a_bare_4x_peft_folder_loads_as_a_model_reference(legacy_run):
+    """``--model ADAPTER_DIR`` for a PEFT folder saved elsewhere: its base from adapter_config.json, keys
+    renamed, the same logits as the adapter in the current layout."""
+    import json
+
+    from peft import PeftModel
+
+    from mmlora.runs.reference import load_reference
+
+    _, adapter, old = legacy_run
+    config = json.loads((old / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "tiny-llava"
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    reference = _logits(PeftModel.from_pretrained(_base(), adapter).eval())
+    loaded = load_reference(old)
+    assert loaded.processor is not None
+    torch.testing.assert_close(_logits(loaded.model), reference)
+
+
+def test_a_bare_peft_folder_without_a_base_is_refused(legacy_run, tmp_path):
+    import json
+
+    from mmlora.errors import MmloraError
+    from mmlora.runs.reference import load_reference
+
+    _, _, old = legacy_run
+    bare = tmp_path / "bare"
+    shutil.copytree(old, bare)
+    config = json.loads((bare / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MmloraError, match="no base_model_name_or_path"):
+        load_reference(bare)
+
+
+def test_a_composition_of_4x_runs_loads_each_adapter_renamed(legacy_run, tmp_path):
+    from mmlora.runs.compose import load_composition, parse_composition
+    from mmlora.runs.save import load_placement
+
+    run, _, old = legacy_run
+    reference = _logits(load_placement(_base(), run / "final").eval())
+    for name in ("a", "b"):
+        shutil.copytree(run, tmp_path / name)
+        shutil.copy(old / "adapter_model.safetensors", tmp_path / name / "final" / "adapters" / "default" / "adapter_model.safetensors")
+    model, _, _, names = load_composition(parse_composition(f"{tmp_path / 'a'}+{tmp_path / 'b'}"))
+    assert names == ["a", "b"]
+    for name in names:
+        model.set_adapter(name)
+        torch.testing.assert_close(_logits(model), reference)
