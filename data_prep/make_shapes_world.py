@@ -1,4 +1,4 @@
-"""Generate the synthetic shapes worlds A and B (see mmlora/showcase/shapes.py for what they contain).
+"""Generate the synthetic shapes worlds A, B and C (see mmlora/showcase/shapes.py for what they contain).
 
 Run:
     python data_prep/make_shapes_world.py --out data/shapes

@@ -68,5 +68,5 @@ def test_data_shapes(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(tmp_path), "--worlds", "B", "--scale", "0.01", "--image-size", "64"]) == 0
     assert (tmp_path / "world_B" / "llava_train.json").is_file()
     assert not (tmp_path / "world_A").exists()
-    assert main(["data", "shapes", "--out", str(tmp_path), "--worlds", "C"]) == 2
+    assert main(["data", "shapes", "--out", str(tmp_path), "--worlds", "D"]) == 2
     assert "unknown world" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """``mmlora data``: generate the shapes world; check a dataset before training on it.
 
-    mmlora data shapes --out data/shapes                 # worlds A and B, default sizes
+    mmlora data shapes --out data/shapes                 # worlds A, B and C, default sizes
     mmlora data shapes --out /tmp/s --worlds A --scale 0.1 --image-size 96
     mmlora data check data/shapes/world_B/llava_train.json --model tiny-llava
     mmlora data check recipes/tiny/llava-train.yaml      # the recipe's train and val data, its model
@@ -15,9 +15,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    shapes = sub.add_parser("shapes", help="generate the synthetic shapes worlds A and B")
-    shapes.add_argument("--out", type=Path, required=True, help="output folder (world_A/, world_B/ inside)")
-    shapes.add_argument("--worlds", default="A,B", help="comma-separated worlds (default: A,B)")
+    shapes = sub.add_parser("shapes", help="generate the synthetic shapes worlds A, B and C")
+    shapes.add_argument("--out", type=Path, required=True, help="output folder (world_A/, world_B/, world_C/ inside)")
+    shapes.add_argument("--worlds", default="A,B,C", help="comma-separated worlds (default: A,B,C)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--image-size", type=int, default=128, help="pixels per side (default: 128)")
     shapes.add_argument("--scale", type=float, default=1.0, help="multiply every split's size (default: 1)")
@@ -54,6 +54,7 @@ def _check(args: argparse.Namespace) -> int:
     from mmlora.config.schema import DatasetSpec
     from mmlora.data.build import read_dataset
     from mmlora.data.check import check_records, check_segmentation
+    from mmlora.data.image_budget import apply_image_budget
     from mmlora.data.processing import ConversationEncoder
     from mmlora.data.readers import guess_format
     from mmlora.errors import MmloraError
@@ -65,12 +66,12 @@ def _check(args: argparse.Namespace) -> int:
     if spec.is_dir() and (spec / "classes.txt").is_file():
         reports = check_segmentation(spec)
     else:
-        model, max_length = args.model, args.max_length
+        model, max_length, budget = args.model, args.max_length, None
         if spec.suffix in (".yaml", ".yml"):
             recipe = load_recipe(spec)
             if recipe.data is None:
                 raise MmloraError(f"{spec}: the recipe has no data section")
-            model, max_length = recipe.model.name, recipe.data.max_length
+            model, max_length, budget = recipe.model.name, recipe.data.max_length, recipe.data
             sets = [("train", d) for d in recipe.data.train] + [("val", d) for d in recipe.data.val]
         else:
             fmt = args.format or guess_format(spec)
@@ -84,9 +85,11 @@ def _check(args: argparse.Namespace) -> int:
             if (model_path / "open_clip_config.json").is_file():  # CLIP: image-caption pairs
                 from mmlora.objectives.contrastive import Contrastive
 
+                apply_image_budget(None, budget)
                 encoder = Contrastive(model_path).encoder
-            else:
-                encoder = ConversationEncoder(AutoProcessor.from_pretrained(model_path), max_length)
+            else:  # the recipe's image budget, as training applies it: the same image tokens
+                encoder = ConversationEncoder(apply_image_budget(AutoProcessor.from_pretrained(model_path), budget),
+                                              max_length)
             reports += [check_records(f"{name}: {d.path} ({d.format})", read_dataset(d), encoder) for name, d in others]
     for r in reports:
         print(r.format())

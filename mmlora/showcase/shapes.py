@@ -5,13 +5,19 @@ it learns on a world it generates. Every image holds 1-3 solid shapes, each in i
 grid, on a plain or textured grey background. Each image has several captions that name every
 object's size, colour, shape and position, a per-pixel class mask, and the ground-truth objects.
 
-Two worlds, with the shift between them fixed up front:
+Three worlds, with the shifts between them fixed up front:
 
 * **A** (the base): shapes circle, square, triangle, cross; colours red, green, blue, yellow;
   captions in a plain descriptive style ("a large red circle in the top left and ...").
 * **B** (the shift): adds a new shape (star) and a new colour (purple), every image holds at least
   one of them, and captions use a new, position-first style ("top left holds a large red circle; ...").
   A new shape or colour is a visual concept, the new style a language one.
+* **C** (a shift that lives only in pixels): world A's shapes, colours, sizes, layout and caption style,
+  rendered differently — every shape drawn as an outline (a stroke about a quarter of its radius wide,
+  in the object's colour, hollow inside) on a dark grey background (values 20-85, plain or textured, the
+  same families as A's). Captions and masks are made exactly as in A (masks cover the whole shape), so
+  a caption model that reads world-A images well but cannot see outlines on dark ground is limited by
+  its vision tower, not by its language.
 
 Everything is deterministic from a seed: each image draws from its own RNG keyed by
 (seed, world, split, index), and files are written byte-for-byte reproducibly.
@@ -68,6 +74,8 @@ class WorldSpec:
     novel_colours: tuple[str, ...] = ()
     #: Classes named in captions but never mask-supervised in dense fine-tuning (open-vocabulary eval).
     unseen_dense_classes: tuple[str, ...] = ()
+    #: How shapes are drawn: ``filled`` on light grey (A, B) or ``outline`` on dark grey (C).
+    render: str = "filled"
 
 
 WORLDS: dict[str, WorldSpec] = {
@@ -87,11 +95,20 @@ WORLDS: dict[str, WorldSpec] = {
         novel_colours=("purple",),
         unseen_dense_classes=("triangle",),
     ),
+    "C": WorldSpec(
+        name="C",
+        shapes=("circle", "square", "triangle", "cross"),
+        colours=("red", "green", "blue", "yellow"),
+        caption_style="plain",
+        unseen_dense_classes=("triangle",),
+        render="outline",
+    ),
 }
 
 DEFAULT_SPLITS: dict[str, dict[str, int]] = {
     "A": {"train": 2000, "val": 200, "test": 200},
     "B": {"train": 500, "val": 100, "test": 200},
+    "C": {"train": 500, "val": 100, "test": 200},
 }
 
 
@@ -142,26 +159,35 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     return None
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill: int | tuple[int, int, int]) -> None:
-    """Draw one object. Called with identical geometry on the image and the mask, so they agree."""
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill: int | tuple[int, int, int], outline: bool = False) -> None:
+    """Draw one object, filled or (``outline``) as a hollow stroke a quarter of its radius wide. Called
+    with identical geometry on the image and the mask, so they agree (masks are always filled)."""
     cx, cy, r = obj.cx, obj.cy, obj.radius
+    paint = {"outline": fill, "width": max(2, round(r * 0.25))} if outline else {"fill": fill}
     if obj.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **paint)
     elif obj.shape == "square":
         s = r * 0.85
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], **paint)
     else:
         poly = _shape_polygon(obj.shape, cx, cy, r)
         if poly is None:
             raise ValueError(f"unknown shape {obj.shape!r}")
-        draw.polygon(poly, fill=fill)
+        draw.polygon(poly, **paint)
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
-    """A grey background (R=G=B, values 150-235) so no background pixel equals an object colour."""
+def _background(rng: np.random.Generator, size: int, dark: bool = False) -> tuple[np.ndarray, str]:
+    """A grey background (R=G=B) so no background pixel equals an object colour: light (values
+    150-235) for worlds A and B, ``dark`` (20-85, the same plain and textured families shifted down by
+    150 and scaled) for world C."""
+    lo, hi = (20, 85) if dark else (150, 235)
+
+    def level(v):  # the light family's values mapped onto the dark range (unchanged when light)
+        return lo + (v - 150) * (hi - lo) / 85 if dark else v
+
     if rng.random() < 0.5:
-        level = int(rng.integers(190, 236))
-        return np.full((size, size, 3), level, dtype=np.uint8), "plain"
+        plain = int(round(level(int(rng.integers(190, 236)))))
+        return np.full((size, size, 3), plain, dtype=np.uint8), "plain"
     cells = int(rng.integers(4, 10))
     coarse = rng.uniform(160, 230, size=(cells, cells))
     up = np.kron(coarse, np.ones((math.ceil(size / cells),) * 2))[:size, :size]
@@ -169,7 +195,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
         period = int(rng.integers(4, 12))
         up = up + 12 * ((np.arange(size)[None, :] // period) % 2)
     grain = rng.normal(0, 6, size=(size, size))
-    grey = np.clip(up + grain, 150, 235).astype(np.uint8)
+    grey = np.clip(level(up + grain), lo, hi).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2), "textured"
 
 
@@ -251,12 +277,13 @@ def sample_image(spec: WorldSpec, rng: np.random.Generator, image_size: int) -> 
             o = ShapeObject(o.shape, str(rng.choice(spec.novel_colours)), o.size, o.position, o.cx, o.cy, o.radius)
         objects[k] = o
 
-    pixels, background = _background(rng, image_size)
+    outline = spec.render == "outline"
+    pixels, background = _background(rng, image_size, dark=outline)
     image = Image.fromarray(pixels, "RGB")
     mask = Image.new("L", (image_size, image_size), 0)
     img_draw, mask_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
     for o in objects:
-        _draw(img_draw, o, COLOURS[o.colour])
+        _draw(img_draw, o, COLOURS[o.colour], outline=outline)
         _draw(mask_draw, o, CLASSES.index(o.shape))
     return ShapesSample(image, mask, objects, background, captions_for(objects, background, spec.caption_style))
 
@@ -360,7 +387,7 @@ def generate_world(
 
 def generate(
     out_dir: str | Path,
-    worlds: tuple[str, ...] = ("A", "B"),
+    worlds: tuple[str, ...] = ("A", "B", "C"),
     seed: int = 0,
     image_size: int = 128,
     scale: float = 1.0,
@@ -386,8 +413,8 @@ def corpus(worlds: tuple[str, ...] = ("A", "B")) -> list[str]:
 
 
 def cached_worlds(seed: int = 0, image_size: int = 128, scale: float = 1.0) -> Path:
-    """The default worlds A and B, generated once into mmlora's cache; returns the folder holding
-    ``world_A/`` and ``world_B/``."""
+    """The default worlds A, B and C, generated once into mmlora's cache; returns the folder holding
+    ``world_A/``, ``world_B/`` and ``world_C/``."""
 
     params = {"seed": seed, "image_size": image_size, "scale": scale, "version": GENERATOR_VERSION}
     return cached_dir("shapes", params, ["showcase/shapes.py"], lambda tmp: generate(tmp, seed=seed, image_size=image_size, scale=scale) and None)

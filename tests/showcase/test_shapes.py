@@ -36,7 +36,7 @@ def _load_split(root: Path, split: str) -> dict:
     return json.loads((root / "annotations" / f"captions_{split}.json").read_text())
 
 
-@pytest.mark.parametrize("world", ["A", "B"])
+@pytest.mark.parametrize("world", ["A", "B", "C"])
 def test_masks_match_the_shapes_drawn(shapes_small, world):
     root = shapes_small / f"world_{world}"
     coco = _load_split(root, "train")
@@ -55,15 +55,25 @@ def test_masks_match_the_shapes_drawn(shapes_small, world):
         is_object_colour = np.zeros(mask.shape, bool)
         for colour in object_colours:
             is_object_colour |= (image == np.array(colour)).all(axis=2)
-        assert np.array_equal(is_object_colour, mask > 0)
+        if world == "C":
+            # outlines: every stroke pixel is inside its shape's mask, and the shapes are hollow
+            assert not (is_object_colour & (mask == 0)).any()
+            assert ((mask > 0) & ~is_object_colour).sum() > 0.2 * (mask > 0).sum()
+        else:
+            assert np.array_equal(is_object_colour, mask > 0)
         for o in objects:
             cls = CLASSES.index(o["shape"])
             cx, cy = int(round(o["cx"])), int(round(o["cy"]))
             assert mask[cy, cx] == cls, f"{entry['mmlora_id']}: centre of {o} is not labelled {o['shape']}"
-            assert tuple(image[cy, cx]) == COLOURS[o["colour"]]
-        # Background pixels are grey (R=G=B), so they can never be mistaken for an object.
+            if world == "C":
+                assert (is_object_colour & (mask == cls)).any(), f"{entry['mmlora_id']}: {o} has no stroke"
+            else:
+                assert tuple(image[cy, cx]) == COLOURS[o["colour"]]
+        # Background pixels are grey (R=G=B), so they can never be mistaken for an object; light in
+        # A and B, dark in C.
         bg = image[mask == 0]
         assert (bg[:, 0] == bg[:, 1]).all() and (bg[:, 1] == bg[:, 2]).all()
+        assert (bg[:, 0] <= 85).all() if world == "C" else (bg[:, 0] >= 150).all()
 
 
 def test_coco_captions_load_with_pycocotools(shapes_small):
@@ -77,7 +87,7 @@ def test_coco_captions_load_with_pycocotools(shapes_small):
     assert len(anns) == 5 and all(isinstance(a["caption"], str) for a in anns)
 
 
-@pytest.mark.parametrize("world", ["A", "B"])
+@pytest.mark.parametrize("world", ["A", "B", "C"])
 def test_captions_name_every_object(shapes_small, world):
     coco = _load_split(shapes_small / f"world_{world}", "train")
     caps: dict[int, list[str]] = {}
@@ -141,3 +151,26 @@ def test_the_shipped_tokenizer_corpus_is_the_worlds_corpus():
     from mmlora.models.corpus import tokenizer_corpus
 
     assert tokenizer_corpus() == shapes.corpus()
+
+
+def test_world_c_is_world_a_in_other_pixels(shapes_small):
+    """World C's shift lives only in pixels: A's vocabulary and caption templates, A's layout rules."""
+    a = _load_split(shapes_small / "world_A", "train")
+    c = _load_split(shapes_small / "world_C", "train")
+
+    def template(caption: str, objects: list[dict]) -> str:
+        for o in objects:
+            caption = caption.replace(f"a {o['size']} {o['colour']} {o['shape']} in the {o['position']}", "OBJ")
+        return caption.replace("textured", "BG").replace("plain", "BG")
+
+    def templates(coco: dict) -> set[str]:
+        objects = {e["id"]: e["objects"] for e in coco["images"]}
+        return {template(x["caption"], objects[x["image_id"]]) for x in coco["annotations"]}
+
+    assert templates(c) <= templates(a)
+    for entry in c["images"]:
+        assert 1 <= len(entry["objects"]) <= 3
+        for o in entry["objects"]:
+            assert o["shape"] in WORLDS["A"].shapes and o["colour"] in WORLDS["A"].colours
+    meta = json.loads((shapes_small / "world_C" / "world.json").read_text())
+    assert meta["spec"]["render"] == "outline" and meta["spec"]["caption_style"] == "plain"
