@@ -221,12 +221,34 @@ class DatasetSpec(_Strict):
 
 
 class DataSpec(_Strict):
+    """The datasets and how samples become model inputs. ``image_min_pixels``/``image_max_pixels`` and
+    ``image_max_tiles`` set the processor's own image budget (``mmlora.data.image_budget``) for
+    training, evaluation, predict and ``data check`` alike; a family whose processor has no such
+    setting refuses the key."""
+
     train: list[DatasetSpec]
     val: list[DatasetSpec] = []
     max_length: Annotated[int, Field(gt=0)] = 2048
     on_bad_sample: Literal["error", "skip"] = "error"
-    max_image_pixels: Annotated[int, Field(gt=0)] = 89_478_485
+    max_image_pixels: Annotated[int, Field(gt=0)] = Field(
+        default=89_478_485, description="images with more pixels are refused before decoding (decompression bombs)")
+    image_min_pixels: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Qwen2-VL/2.5-VL/3-VL: smaller images are upscaled to at least this many pixels "
+                                  "(the image processor's size.shortest_edge); default: the processor's")
+    image_max_pixels: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Qwen2-VL/2.5-VL/3-VL: larger images are downscaled to at most this many pixels "
+                                  "(size.longest_edge), so fewer image tokens; default: the processor's")
+    image_max_tiles: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="tiling processors: at most this many crops per image besides the global view "
+                                  "(Idefics3/SmolVLM: a square, 1 = no splitting; InternVL: max_patches)")
     group_by_length: bool = True
+
+    @model_validator(mode="after")
+    def _pixel_range(self) -> DataSpec:
+        lo, hi = self.image_min_pixels, self.image_max_pixels
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"image_min_pixels {lo} is over image_max_pixels {hi}; give min <= max")
+        return self
 
 
 class QuantSpec(_Strict):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from mmlora.config.schema import DataSpec
 from mmlora.data.batching import Collator
+from mmlora.data.image_budget import apply_image_budget
 from mmlora.data.processing import IGNORE, ConversationEncoder
 from mmlora.data.samples import MAX_IMAGE_PIXELS
 from mmlora.objectives.chunked_loss import chunked_supervised_loss_sum
@@ -32,10 +34,13 @@ class CaptionLM:
     #: ``train.chunked_loss``: the head and the loss in chunks (``use_chunked_loss``); off until asked for
     chunked, chunk_size = False, None
 
-    def __init__(self, model_path: Path | str, max_length: int, max_image_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(self, model_path: Path | str, max_length: int, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 data: DataSpec | None = None):
+        """``data``: the recipe's data section, whose image budget (``data.image_max_pixels``, ...) the
+        processor takes before it encodes anything, and keeps in the run's saved processor."""
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.processor = apply_image_budget(AutoProcessor.from_pretrained(model_path), data)
         self.encoder = ConversationEncoder(self.processor, max_length, max_image_pixels)
         self.collate = Collator(self.processor.tokenizer.pad_token_id)
 

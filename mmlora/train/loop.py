@@ -51,6 +51,8 @@ from mmlora.config.loading import recipe_to_yaml as recipe_yaml
 from mmlora.config.schema import Recipe
 from mmlora.data.batching import ConversationDataset, GroupedBatchSampler, skip_entry, write_skip_report
 from mmlora.data.build import mix, read_dataset
+from mmlora.data.image_budget import image_budget
+from mmlora.data.processing import image_token_ids
 from mmlora.errors import MmloraError
 from mmlora.models.loading import resolve_pretrained
 from mmlora.models.precision import load_for_training
@@ -192,11 +194,18 @@ class Trainer:
             self.accelerator.init_trackers(self.out.name, config={"recipe": json.loads(self.recipe.model_dump_json())})
 
     def _image_tokens(self) -> int:
+        """Tokens one image takes in the processed text, for the length estimates of grouping: every
+        token the processor puts for images (wrappers such as Gemma 3's ``<start_of_image>`` or
+        Idefics3's ``<fake_token_around_image>`` included), per image of the first sample that has any."""
+        processor = getattr(self.train_set.encoder, "processor", None)  # CLIP's encoders have none
+        if processor is None:
+            return 0
+        ids = torch.tensor(sorted(image_token_ids(processor)), dtype=torch.long)
         for i, s in enumerate(self.train_set.samples):
             if s.images:
                 item = self.train_set[i]
-                if item is not None and self.train_set.encoder.image_token_id is not None:
-                    return int((item["input_ids"] == self.train_set.encoder.image_token_id).sum())
+                if item is not None:
+                    return int(torch.isin(item["input_ids"], ids).sum()) // len(s.images)
         return 0
 
     def _write_run_info(self) -> None:
@@ -226,12 +235,14 @@ class Trainer:
         summary = {n: {"mode": m.mode, "ranks": sorted({tg.rank for tg in m.targets}), "modules": len(m.targets),
                        "layers": m.layers, "full_params": len(m.full_params)} for n, m in self.plan.modalities.items()}
         data = self.recipe.data
+        budget = image_budget(data)
         return {
             "base_model": self.recipe.model.name,
             "plan": {"sha256": hashlib.sha256(json.dumps(placed, sort_keys=True, default=str).encode()).hexdigest(),
                      "modalities": summary},
+            # The image budget only when set: checkpoints written before it existed still resume.
             "data": {"train": [d.model_dump(mode="json") for d in data.train], "samples": len(self.train_set),
-                     "group_by_length": data.group_by_length},
+                     "group_by_length": data.group_by_length, **({"image": budget} if budget else {})},
             "processes": self.accelerator.num_processes, "global_batch": self.global_batch, "seed": self.recipe.train.seed,
         }
 
