@@ -23,6 +23,7 @@ Run: ``make demo`` or ``mmlora demo [--out runs/demo]``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +39,14 @@ from mmlora.eval.overlay import render_overlay
 from mmlora.eval.segmentation import evaluate_segmentation
 from mmlora.runs.layout import find_weights
 from mmlora.showcase.seg_demo import ClipSegmenter
-from mmlora.showcase.shapes import generate
+from mmlora.showcase.shapes import generate, world_differs
 from mmlora.showcase.slots import slot_scores
 from mmlora.train.loop import Trainer
 
 #: The demo's recipes ship inside the package (``recipes/shapes/`` links to them in a checkout).
 RECIPES = Path(__file__).resolve().parent / "recipes"
+#: The worlds the demo reads (and generates when they are missing or differ).
+DEMO_WORLDS = ("A", "B", "C")
 LLAVA_RECIPE = RECIPES / "llava-lora-b.yaml"
 CLIP_RECIPE = RECIPES / "clip-seg-lora-b.yaml"
 #: Training-free dense mode the base CLIP is scored with (the adapted one uses its recipe's mode).
@@ -90,12 +93,31 @@ def _train(recipe_path: Path, data_dir: Path, run_dir: Path, overrides: dict[str
     return run_dir
 
 
-def ensure_worlds(data_dir: Path, scale: float = 1.0) -> Path:
-    """Generate worlds A and B into ``data_dir`` unless they are there."""
-    if not all((data_dir / w / "world.json").is_file() for w in ("world_A", "world_B")):
+def ensure_worlds(data_dir: Path, scale: float = 1.0, own_dir: Path | None = None, log=print) -> Path:
+    """The folder holding the demo's worlds: ``data_dir`` when its worlds are the ones the demo
+    generates (seed, image size, split sizes and generator version, from each ``world.json``), or
+    generated there when it holds none. Worlds made with other settings (e.g. ``--scale 0.2``) are left
+    alone and the demo uses its own in ``own_dir`` (regenerated when they differ), so its numbers never
+    depend on what else was generated."""
+
+    def difference(folder: Path) -> str | None:
+        return next((r for w in DEMO_WORLDS if (r := world_differs(folder / f"world_{w}", w, scale=scale))), None)
+
+    reason = difference(data_dir)
+    if reason is None:
+        return data_dir
+    if not any(data_dir.glob("world_*")):
         data_dir.mkdir(parents=True, exist_ok=True)
-        generate(data_dir, scale=scale)
-    return data_dir
+        generate(data_dir, worlds=DEMO_WORLDS, scale=scale)
+        return data_dir
+    if own_dir is None:
+        raise MmloraError(f"{reason}: the demo needs the worlds it generates; pass an empty --data folder")
+    log(f"      {reason}: the demo uses its own worlds in {own_dir}")
+    if difference(own_dir) is not None:
+        shutil.rmtree(own_dir, ignore_errors=True)
+        own_dir.mkdir(parents=True)
+        generate(own_dir, worlds=DEMO_WORLDS, scale=scale)
+    return own_dir
 
 
 def overlay_figure(image_path: Path, truth, masks: list, classes: list[str], out: Path,
@@ -125,8 +147,8 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
              caption_limit: int | None = None, seg_limit: int | None = None, scale: float = 1.0,
              log=print) -> DemoReport:
     out, data_dir = Path(out_dir), Path(data_dir)
-    log(f"[1/5] data: shapes worlds A and B in {data_dir}")
-    ensure_worlds(data_dir, scale)
+    data_dir = ensure_worlds(data_dir, scale, own_dir=out / "data", log=log)
+    log(f"[1/5] data: shapes worlds {', '.join(DEMO_WORLDS)} in {data_dir}")
     world_b = data_dir / "world_B"
     spec = json.loads((world_b / "world.json").read_text())["spec"]
     unseen = list(spec.get("unseen_dense_classes", []))

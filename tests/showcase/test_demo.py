@@ -6,7 +6,8 @@ import json
 import yaml
 from PIL import Image
 
-from mmlora.showcase.demo import CLIP_RECIPE, LLAVA_RECIPE, format_report, run_demo
+from mmlora.showcase.demo import CLIP_RECIPE, LLAVA_RECIPE, ensure_worlds, format_report, run_demo
+from tests.conftest import SMALL_SCALE
 
 
 def _tiny(recipe, model: str, tmp_path, name: str):
@@ -27,7 +28,7 @@ def test_demo_trains_evaluates_and_reports_before_after(shapes_small, tiny_llava
                   clip_recipe=_tiny(CLIP_RECIPE, "tiny-clip", tmp_path, "clip"),
                   llava_overrides={"max_steps": 2, "batch_size": 4, "eval_every": 2, "save_every": 2},
                   clip_overrides={"max_steps": 2, "batch_size": 4, "eval_every": 2, "save_every": 2},
-                  caption_limit=3, seg_limit=2, log=logs.append)
+                  caption_limit=3, seg_limit=2, scale=SMALL_SCALE, log=logs.append)
     r = run_demo(**kwargs)
     cap = json.loads((tmp_path / "demo" / "eval_caption" / "metrics.json").read_text())
     seg = json.loads((tmp_path / "demo" / "eval_seg" / "metrics.json").read_text())
@@ -44,3 +45,21 @@ def test_demo_trains_evaluates_and_reports_before_after(shapes_small, tiny_llava
     logs.clear()
     run_demo(**kwargs)
     assert sum("reusing" in line for line in logs) == 2
+
+
+def test_the_demo_reads_only_worlds_it_generated(shapes_small, tmp_path):
+    """Worlds generated with other settings are left alone: the demo generates its own beside its runs
+    (once), and an empty folder gets the worlds generated in place."""
+    logs = []
+    assert ensure_worlds(shapes_small, SMALL_SCALE, tmp_path / "own", logs.append) == shapes_small
+    assert not logs and not (tmp_path / "own").exists()
+    other_scale = SMALL_SCALE / 2
+    used = ensure_worlds(shapes_small, other_scale, tmp_path / "own", logs.append)
+    assert used == tmp_path / "own" and (used / "world_C" / "world.json").is_file()
+    assert "splits" in logs[0] and str(tmp_path / "own") in logs[0]
+    stamp = (used / "world_B" / "world.json").stat().st_mtime_ns
+    assert ensure_worlds(shapes_small, other_scale, tmp_path / "own", logs.append) == used
+    assert (used / "world_B" / "world.json").stat().st_mtime_ns == stamp  # reused, not regenerated
+    fresh = tmp_path / "fresh"
+    assert ensure_worlds(fresh, other_scale, tmp_path / "own2", logs.append) == fresh
+    assert not (tmp_path / "own2").exists()
