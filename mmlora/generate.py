@@ -9,7 +9,9 @@ Layer: generation. Imports ``mmlora.data`` and the foundation only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,13 +20,22 @@ from mmlora.data.samples import CAPTION_PROMPT
 from mmlora.errors import MmloraError
 
 
+def pixel_rows(pixel_values: torch.Tensor) -> int:
+    """Rows the vision tower's layers see for ``pixel_values``: every dim before an image's ``(C, H, W)``
+    (samples, images, tiles: LLaVA-NeXT's any-resolution tiles and mllama's tiles are flattened into
+    rows, and mllama's cross-attention reads one row per tile), or the patch rows of a flattened
+    ``[patches, dim]`` (Qwen2-VL)."""
+    shape = pixel_values.shape
+    return math.prod(shape[:-3]) if len(shape) >= 4 else int(shape[0])
+
+
 def pixel_rows_per_image(processor: Any) -> int:
-    """How many rows of ``pixel_values`` the processor gives one image (1 for batch-major vision towers;
-    the number of patches where they are flattened, as Qwen2-VL's are)."""
+    """How many rows one image becomes (:func:`pixel_rows`): 1 for batch-major vision towers reading
+    one untiled image, more where patches are flattened or images cut into tiles."""
     from PIL import Image
 
     batch = processor(images=[[Image.new("RGB", (32, 32))]], text=[image_prompt(processor, "x")], return_tensors="pt")
-    return int(batch["pixel_values"].shape[0])
+    return pixel_rows(batch["pixel_values"])
 
 
 def image_prompt(processor: Any, prompt: str) -> str:
@@ -61,13 +72,38 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
         finally:
             tokenizer.padding_side = side
         routed = {"adapter_names": list(adapter_names[k:k + batch_size])} if adapter_names else {}
-        if routed and batch["pixel_values"].shape[0] != len(chunk):
+        if routed and (rows := pixel_rows(batch["pixel_values"])) != len(chunk):
             # PEFT routes row i of every layer's input to adapter i: a vision tower that reads
-            # flattened patches (Qwen2-VL) has no row per image to route.
-            raise MmloraError(f"mixed-adapter batches need one pixel row per image, but this processor gives "
-                              f"{batch['pixel_values'].shape[0]} for {len(chunk)} (patches flattened, as Qwen2-VL "
-                              "does): run one adapter per batch (mmlora serve --mode switch or merged)")
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                             use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed)
+            # flattened patches (Qwen2-VL) or tiles (LLaVA-NeXT, mllama) has no row per image to route.
+            raise MmloraError(f"mixed-adapter batches need one pixel row per image, but this processor gives {rows} "
+                              f"for {len(chunk)} (patches flattened, as Qwen2-VL does, or images cut into tiles): "
+                              "run one adapter per batch (mmlora serve --mode switch or merged)")
+        guard = _one_row_per_sample(model, len(chunk) * num_beams) if routed else contextlib.nullcontext()
+        with guard:
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                                 use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed)
         out += [s.strip() for s in processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
     return out
+
+
+@contextlib.contextmanager
+def _one_row_per_sample(model: Any, rows: int) -> Iterator[None]:
+    """Refuse, in one line, a mixed-adapter batch that reaches an adapter layer with other than ``rows``
+    input rows: PEFT routes row i to sample i's adapter, so a layer that reads the features of all
+    images as one sequence (Gemma 4's projector) cannot be routed."""
+    def check(name: str):
+        def hook(module: Any, args: tuple) -> None:
+            if args and torch.is_tensor(args[0]) and args[0].shape[0] != rows:
+                raise MmloraError(f"mixed-adapter batches need one row per sample in every adapted layer, but "
+                                  f"{name.removeprefix('base_model.model.')} "
+                                  f"reads {args[0].shape[0]} rows for {rows} samples (the images' features as one "
+                                  "sequence): run one adapter per batch (mmlora serve --mode switch or merged)")
+        return hook
+
+    adapted = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
+    handles = [m.register_forward_pre_hook(check(n)) for n, m in adapted]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "llava_next", "llava_onevision",
-            "internvl", "qwen3_vl"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "llava_next", "llava_onevision",
+            "internvl", "qwen3_vl", "mllama", "gemma4"]
 COLUMNS = [("plan", "plan (`mmlora plan`)"), ("train", "trains on images (2 steps, batch 2)"),
            ("audit", "gradient audit (vision, projector, language)"),
            ("reload", "reloads in plain transformers + PEFT (same logits, 1e-5)"),

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmlora.data.processing import IGNORE, ConversationEncoder
+from mmlora.data.processing import IGNORE, ConversationEncoder, sequence_major
 from mmlora.data.samples import BadSample, Sample
 from mmlora.errors import MmloraError
 
@@ -103,11 +103,14 @@ class Collator:
     Every other tensor a processor returned reaches the model too. Per-token ones (1-D, as long as the
     sample's ``input_ids``: ``token_type_ids``, ``mm_token_type_ids``, ...) are padded like the
     sequence with 0 (text / prefix in every family that has them; padded positions are masked anyway),
-    and 0 for samples that lack them. Per-image ones are concatenated along dim 0 in sample order: Qwen's
-    patch rows (``pixel_values [patches, dim]``, ``image_grid_thw``), stacked images or tiles
-    (``[images, tiles, C, H, W]``, ``image_sizes``, ``pixel_attention_mask``); where samples differ in a
-    later dim (a different number of any-resolution tiles), the smaller ones are zero-padded to the
-    largest, as the processors do inside one call (all-zero tiles are the families' padding).
+    and 0 for samples that lack them; so are per-sample ones with a row per token (``[1, L, ...]``:
+    mllama's ``cross_attention_mask``), zero-padded in their later dims too. Per-image ones are
+    concatenated along dim 0 in sample order: Qwen's patch rows (``pixel_values [patches, dim]``,
+    ``image_grid_thw``), stacked images or tiles (``[images, tiles, C, H, W]``, ``image_sizes``,
+    ``pixel_attention_mask``, mllama's ``aspect_ratio_ids``); where samples differ in a later dim (a
+    different number of tiles or images), the smaller ones are zero-padded to the largest, as the
+    processors do inside one call (all-zero tiles are the families' padding; mllama's aspect ratio id
+    0 is "no image").
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right"):
@@ -138,6 +141,8 @@ class Collator:
                     if key not in it:
                         it[key] = torch.zeros_like(it["input_ids"])
                 batch[key] = pad(key, 0)
+            elif all(sequence_major(key, it[key], len(it["input_ids"])) for it in have):
+                batch[key] = self._pad_rows(items, key, longest)
             else:  # image tensors (pixel_values, image_grid_thw, ...) in sample order
                 batch[key] = self._concat([it[key] for it in have], key)
         return batch
@@ -147,6 +152,20 @@ class Collator:
         v = item[key]
         return (torch.is_tensor(v) and v.dim() == 1 and len(v) == len(item["input_ids"]) > 1
                 and not key.startswith("pixel"))
+
+    def _pad_rows(self, items: list[dict[str, torch.Tensor]], key: str, longest: int) -> torch.Tensor:
+        """``[1, L, ...]`` per-sample rows (one per token) → ``[B, longest, ...]``: zeros where the text is
+        padded (on its side) and in the later dims a sample lacks (fewer images), as the processor pads."""
+        ref = next(it[key] for it in items if key in it)
+        shape = [max(it[key].shape[d] for it in items if key in it) for d in range(2, ref.dim())]
+        out = ref.new_zeros((len(items), longest, *shape))
+        for row, it in enumerate(items):
+            if key not in it:  # a text-only sample: nothing to attend to
+                continue
+            t = it[key][0]
+            start = 0 if self.padding_side == "right" else longest - t.shape[0]
+            out[(row, slice(start, start + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
+        return out
 
     @staticmethod
     def _concat(tensors: list[torch.Tensor], key: str) -> torch.Tensor:

@@ -148,18 +148,23 @@ class ConversationEncoder:
         return labels, blocks
 
     def _expand_labels(self, ids: list[int], labels: list[int], expanded: list[int], sample: Sample) -> list[int]:
-        """Carry labels over to the processor's ids, where each image token became a run of them."""
+        """Carry labels over to the processor's ids, where each image token became a run of them (of one
+        for mllama, whose features enter by cross-attention). Adjacent image tokens (images side by side)
+        become one run, at least one token per image."""
         out, j = [], 0
-        for tok, lab in zip(ids, labels):
+        for i, (tok, lab) in enumerate(zip(ids, labels)):
             if j < len(expanded) and expanded[j] == tok and tok != self.image_token_id:
                 out.append(lab)
                 j += 1
             elif tok == self.image_token_id:
+                if i and ids[i - 1] == tok:
+                    continue  # consumed with the first image token of this run
+                placeholders = next((k for k, t in enumerate(ids[i:]) if t != tok), len(ids) - i)
                 start = j
                 while j < len(expanded) and expanded[j] == self.image_token_id:
                     out.append(IGNORE)
                     j += 1
-                if j == start:
+                if j - start < placeholders:
                     raise BadSample(sample.where, sample.id, "the processor produced no image tokens for an image")
             else:
                 raise MmloraError(f"{sample.where}: the processor tokenized the conversation differently from its tokenizer")
@@ -173,6 +178,7 @@ class ConversationEncoder:
         n = len(ids)
         per_token = [k for k, v in out.items() if k not in ("input_ids", "attention_mask")
                      and torch.is_tensor(v) and v.dim() == 1 and len(v) == n and not k.startswith("pixel")]
+        per_row = [k for k, v in out.items() if sequence_major(k, v, n)]
         if n > self.max_length:
             if blocks is not None:
                 image_end = max((e for _, e in blocks), default=0)
@@ -191,10 +197,19 @@ class ConversationEncoder:
         result = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         for k in per_token:
             result[k] = out[k][: len(ids)]
+        for k in per_row:
+            result[k] = out[k][:, : len(ids)]
         result["input_ids"] = ids
         result["attention_mask"] = torch.ones_like(ids)
         result["labels"] = labels
         return result
+
+
+def sequence_major(key: str, value: Any, length: int) -> bool:
+    """Whether ``value`` is a per-sample tensor with one row per token, ``[1, L, ...]`` (mllama's
+    ``cross_attention_mask [1, L, images, tiles]``): cut and padded along ``L`` like the text."""
+    return (torch.is_tensor(value) and value.dim() >= 3 and value.shape[0] == 1 and value.shape[1] == length > 1
+            and not key.startswith("pixel"))
 
 
 #: Processors whose ``token_type_ids`` mark the suffix (1: causal attention, the answer) against the

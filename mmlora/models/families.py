@@ -31,7 +31,8 @@ from mmlora.errors import MmloraError
 from mmlora.optional import require
 from mmlora.models.corpus import tokenizer_corpus
 from mmlora.models.tiny_any import WIDTH, tiny_config
-from mmlora.models.tokenizer import LLAVA_CHAT_TEMPLATE, _train_bpe
+from mmlora.models.llava import build_llava_processor
+from mmlora.models.tokenizer import LLAVA_CHAT_TEMPLATE, train_bpe
 
 TOKENIZER_VOCAB = 640
 #: Role words of the families' templates, part of the tokenizer's training text as in a real model.
@@ -94,6 +95,14 @@ GEMMA3_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
+# Gemma 4: <|turn>user ... <turn|>; an image is <|image|> (the processor expands it to <|image>...<image|>).
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<|turn>{{ role }}\n" + _content("<|image|>") + "<turn|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
 # LLaVA-OneVision: ChatML, "<image>\n" before the text.
 ONEVISION_TEMPLATE = (
     "{% for message in messages %}"
@@ -108,6 +117,13 @@ INTERNVL_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Llama 3.2 Vision: <|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|>; an image is <|image|>.
+MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n" + _content("<|image|>") + "<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 
 def family_tokenizer(specials: list[str], chat_template: str, bos: str | None = "<s>", eos: str = "</s>",
@@ -121,7 +137,7 @@ def family_tokenizer(specials: list[str], chat_template: str, bos: str | None = 
     front = ["<unk>"] + [t for t in (bos, eos, pad) if t]
     front = list(dict.fromkeys(front))
     texts = tokenizer_corpus() + [_ROLE_TEXT] * 200
-    tok = _train_bpe(texts, TOKENIZER_VOCAB, front, lowercase=False)
+    tok = train_bpe(texts, TOKENIZER_VOCAB, front, lowercase=False)
     if bos and add_bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])
@@ -145,6 +161,10 @@ class Built:
     vision: dict[str, Any] = field(default_factory=dict)
     #: top-level config attribute → value
     config: dict[str, Any] = field(default_factory=dict)
+    #: text config attribute → value
+    text: dict[str, Any] = field(default_factory=dict)
+    #: names (endings) of zero-initialised gate parameters the tiny build opens (see :func:`build_family`)
+    gates: tuple[str, ...] = ()
 
 
 def _qwen_vl(model_type: str) -> Built:
@@ -248,6 +268,40 @@ def _gemma3(model_type: str) -> Built:
     return Built(processor, ids, {"image_size": IDEFICS_IMAGE, "patch_size": IDEFICS_PATCH}, {"mm_tokens_per_image": tokens})
 
 
+#: Gemma 4's soft-token budget per image (the smallest it supports) with 8 px patches pooled 2x2: a
+#: 128 px image becomes 16x16 patches, 64 image tokens; every image is padded to 280 patches.
+GEMMA4_SOFT_TOKENS, GEMMA4_PATCH, GEMMA4_POOL = 70, 8, 2
+
+
+def _gemma4(model_type: str) -> Built:
+    """Gemma 4: images resized to the soft-token budget keeping their aspect ratio (so the number of
+    image tokens varies with the size), one row of padded patches per image; the processor also
+    requires its audio feature extractor and video processor, built at their defaults."""
+    from transformers import (Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor,
+                              Gemma4VideoProcessor)
+
+    named = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+             "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+    tok = family_tokenizer(["<|turn>", "<turn|>"], GEMMA4_TEMPLATE, bos="<bos>", eos="<turn|>", named=named,
+                           add_bos=False)
+    sizes = {"patch_size": GEMMA4_PATCH, "max_soft_tokens": GEMMA4_SOFT_TOKENS, "pooling_kernel_size": GEMMA4_POOL}
+    processor = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=Gemma4ImageProcessor(**sizes),
+                                tokenizer=tok, video_processor=Gemma4VideoProcessor(**sizes),
+                                image_seq_length=GEMMA4_SOFT_TOKENS, chat_template=tok.chat_template)
+    ids = {"image_token_id": "<|image|>", "boi_token_id": "<|image>", "eoi_token_id": "<image|>",
+           "video_token_id": processor.video_token, "audio_token_id": "<|audio|>", "boa_token_id": "<|audio>",
+           "eoa_token_index": "<audio|>"}
+    # Position tables as long as the longest side of a padded image in patches (the default has 10240 rows).
+    side = GEMMA4_SOFT_TOKENS * GEMMA4_POOL
+    vision = {"patch_size": GEMMA4_PATCH, "pooling_kernel_size": GEMMA4_POOL, "position_embedding_size": side}
+    # The per-layer input embeddings are [vocabulary, layers x width]: toy width, the tokenizer's vocabulary.
+    # Gemma 4's last layer is full attention (its config forces it at load): the tiny one's too, so the
+    # saved folder reloads as built.
+    text = {"hidden_size_per_layer_input": WIDTH // 4, "vocab_size_per_layer_input": len(processor.tokenizer),
+            "layer_types": ["sliding_attention", "full_attention"]}
+    return Built(processor, ids, vision, text=text)
+
+
 #: Any-resolution grids at toy size: a 32 px base image plus 32x64 / 64x32 / 64x64 tilings.
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
@@ -300,7 +354,39 @@ def _internvl(model_type: str) -> Built:
                  {"image_seq_length": tokens, "downsample_ratio": 0.5})
 
 
+#: Llama 3.2 Vision's tiles at toy size: 32 px tiles of 8 px patches, up to 2 tiles (1x1, 1x2, 2x1).
+MLLAMA_TILE, MLLAMA_TILES = 32, 2
+
+
+def _mllama(model_type: str) -> Built:
+    """Llama 3.2 Vision: one ``<|image|>`` per image in the text (the features enter through the
+    cross-attention layers, not in place of tokens); images cut into up to two 32 px tiles."""
+    from transformers import MllamaImageProcessor, MllamaProcessor
+
+    specials = ["<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"]
+    tok = family_tokenizer(specials, MLLAMA_TEMPLATE, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                           pad="<|finetune_right_pad_id|>", named={"image_token": "<|image|>"}, add_bos=False)
+    image = MllamaImageProcessor(size={"height": MLLAMA_TILE, "width": MLLAMA_TILE}, max_image_tiles=MLLAMA_TILES)
+    processor = MllamaProcessor(image_processor=image, tokenizer=tok, chat_template=tok.chat_template)
+    taps = [1]  # the tower's output is its last layer + these inner layers (concatenated), as the real one's 5 taps
+    vision = {"image_size": MLLAMA_TILE, "patch_size": SMALL_PATCH, "attention_heads": 4, "max_num_tiles": MLLAMA_TILES,
+              "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]], "intermediate_layers_indices": taps,
+              "vision_output_dim": WIDTH * (1 + len(taps))}
+    return Built(processor, {"image_token_index": "<|image|>"}, vision,
+                 gates=("cross_attn_attn_gate", "cross_attn_mlp_gate"))
+
+
+def _llava(model_type: str) -> Built:
+    """LLaVA-1.5's layout (CLIP tower, 2-layer projector, Llama) with the ``tiny-llava`` preset's
+    processor settings: 32 px images, 8 px patches, CLS dropped (16 image tokens)."""
+    tok = family_tokenizer(["<image>"], LLAVA_CHAT_TEMPLATE)
+    processor = build_llava_processor(tok, SMALL_IMAGE, SMALL_PATCH)
+    return Built(processor, {"image_token_index": "<image>"}, {"image_size": SMALL_IMAGE, "patch_size": SMALL_PATCH},
+                 {"image_seq_length": (SMALL_IMAGE // SMALL_PATCH) ** 2, "vision_feature_select_strategy": "default"})
+
+
 FAMILIES: dict[str, Callable[[str], Built]] = {
+    "llava": _llava,
     "qwen2_vl": _qwen_vl,
     "qwen2_5_vl": _qwen_vl,
     "idefics3": _idefics3,
@@ -311,6 +397,8 @@ FAMILIES: dict[str, Callable[[str], Built]] = {
     "llava_onevision": _llava_onevision,
     "internvl": _internvl,
     "qwen3_vl": _qwen_vl,
+    "gemma4": _gemma4,
+    "mllama": _mllama,
 }
 
 
@@ -344,6 +432,8 @@ def build_family(model_type: str, seed: int = 0):
         setattr(config.vision_config, key, value)
     for key, value in built.config.items():
         setattr(config, key, value)
+    for key, value in built.text.items():
+        setattr(config.get_text_config(), key, value)
     _set_token_ids(config, tokenizer, built.token_ids)
     config.get_text_config().vocab_size = len(tokenizer)
     torch.manual_seed(seed)
@@ -354,6 +444,12 @@ def build_family(model_type: str, seed: int = 0):
         for param in model.parameters():
             if param.dim() == 2 and not param.any():
                 param.normal_(std=0.02)
+        # Likewise tanh gates that start closed: mllama's cross-attention layers add gate.tanh() * (image
+        # attention), so at zero the images change nothing and no gradient reaches the vision tower. A
+        # trained checkpoint has them open; only this random stand-in sets them.
+        for name, param in model.named_parameters():
+            if built.gates and name.endswith(built.gates) and not param.any():
+                param.fill_(0.5)
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     return model, processor

@@ -52,7 +52,7 @@ class Preset:
 
 #: One ``tiny-<type>`` preset per VLM family with a processor recipe (same order as ``families.FAMILIES``).
 _FAMILY_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "llava_next",
-                 "llava_onevision", "internvl")
+                 "llava_onevision", "internvl", "mllama", "gemma4")
 
 
 PRESETS: dict[str, Preset] = {

@@ -66,6 +66,11 @@ def _shrink(cfg: Any, seen: set[int], width: int = WIDTH, heads: int = HEADS) ->
     for key in _LIST_PER_LAYER:
         if isinstance(d.get(key), list) and len(d[key]) > LAYERS:
             setattr(cfg, key, d[key][:LAYERS])
+    # Per-layer overrides (Gemma 4's wider full-attention heads) are keyed by layer index: those past the
+    # new depth go. What is left stays set, if empty: a config saved without it rebuilds the defaults.
+    overrides = d.get("_heterogeneity_spec")
+    if overrides is not None:
+        cfg.per_layer_config = {i: o for i, o in overrides.per_layer_overrides.items() if i < LAYERS}
     for key, value in list(d.items()):
         # Multimodal RoPE splits each head's rotary half into sections: rescale them to the new head_dim.
         if isinstance(value, dict) and isinstance(value.get("mrope_section"), list):

@@ -20,7 +20,7 @@ from torch import nn
 
 from mmlora.config.schema import Init, ModalitySpec, PlacementSpec
 from mmlora.errors import MmloraError
-from mmlora.models.layers import is_adaptable, is_linear
+from mmlora.models.layers import is_adaptable, is_linear, linear_wrappers
 from mmlora.models.modality import ModalityMap, unwrap
 from mmlora.placement.peft_backend import lora_kwargs
 from mmlora.placement.settings import AdaLoraSettings, LoraSettings
@@ -168,7 +168,8 @@ def _check_patterns(where: str, spec: ModalitySpec, names: list[str], mmap: Moda
             )
 
 
-def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: ModalitySpec, where: str) -> ModalityPlan:
+def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: ModalitySpec, where: str,
+                   wrappers: dict[str, str]) -> ModalityPlan:
     modality = mmap.modalities[name]
     params = {n: p for n, p in model.named_parameters() if mmap.modality_of(n) == name}
     plan = ModalityPlan(name, spec.mode, n_layers=modality.n_layers, precision=spec.precision,
@@ -196,12 +197,15 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
     def selected(module_name: str, module: nn.Module) -> bool:
         if mmap.modality_of(module_name) != name or not in_layers(module_name):
             return False
-        rel = relative(module_name)
+        # A linear inside a wrapper (models.layers.linear_wrappers) also goes by the wrapper's name:
+        # ``q_proj.linear`` is in group q, and a pattern naming ``q_proj`` reaches the linear inside.
+        full = [module_name] + ([wrappers[module_name]] if module_name in wrappers else [])
+        rel = [relative(n) for n in full]
         for t in targets or []:
             if t in TARGET_GROUPS_SET:
-                if is_linear(module) and module_name not in mmap.heads and matches_group(t, rel):
+                if is_linear(module) and module_name not in mmap.heads and any(matches_group(t, n) for n in rel):
                     return True
-            elif (not adapter or (is_linear(module) if spec.mode == "qalora" else is_adaptable(module))) and (compile_pattern(t)(rel) or compile_pattern(t)(module_name)):
+            elif (not adapter or (is_linear(module) if spec.mode == "qalora" else is_adaptable(module))) and any(map(compile_pattern(t), rel + full)):
                 return True
         return False
 
@@ -218,7 +222,8 @@ def _plan_modality(model: nn.Module, mmap: ModalityMap, name: str, spec: Modalit
 
     chosen = [(n, m) for n, m in model.named_modules() if n and selected(n, m)]
     if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if mmap.modality_of(n) == name and is_linear(m)})
+        leaves = sorted({wrappers.get(n, n).rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if mmap.modality_of(n) == name and is_linear(m)})
         raise MmloraError(
             f"{where}: targets {_as_yaml(targets)} (layers {_as_yaml(spec.layers)}) match no module of {name}; "
             f"its linear layers are named: {', '.join(leaves[:20]) or 'none'}"
@@ -286,8 +291,9 @@ def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec) -> 
                 f"placement.{n}: this model has no {n} modality (found: {', '.join(mmap.modalities)})"
             )
     plans: dict[str, ModalityPlan] = {}
+    wrappers = linear_wrappers(model)
     for name in mmap.modalities:
-        plans[name] = _plan_modality(model, mmap, name, specs.get(name, ModalitySpec()), f"placement.{name}")
+        plans[name] = _plan_modality(model, mmap, name, specs.get(name, ModalitySpec()), f"placement.{name}", wrappers)
     if not any(p.mode != "frozen" for p in plans.values()):
         raise MmloraError("placement: every modality is frozen, so nothing would train")
     warnings = []

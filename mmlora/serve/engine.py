@@ -90,7 +90,8 @@ class Engine:
             self.processor = loaded.processor
             if mode == "mixed" and adapters and (rows := pixel_rows_per_image(self.processor)) != 1:
                 raise MmloraError(f"--mode mixed needs one pixel row per image, but {base}'s processor gives {rows} "
-                                  "(patches flattened, as Qwen2-VL does): use --mode switch or --mode merged")
+                                  "(patches flattened, as Qwen2-VL does, or images cut into tiles, as LLaVA-NeXT "
+                                  "and mllama do): use --mode switch or --mode merged")
         else:
             self.tokenizer = loaded.tokenizer
             unfuse_attention(self.base)

@@ -47,7 +47,7 @@ def test_smolvlm_without_its_extra_is_refused_in_one_line(tmp_path, capsys, monk
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "idefics3", "smolvlm", "paligemma", "internvl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "idefics3", "smolvlm", "paligemma", "internvl", "mllama", "gemma4"])
 def test_shipped_recipe_config_is_what_the_build_writes(model_type):
     model, _ = build_family(model_type)
     shipped = json.loads((ROOT / "recipes" / "families" / "configs" / model_type / "config.json").read_text())
@@ -81,6 +81,7 @@ def _answers(processor, out) -> list[str]:
     ("idefics3", "<end_of_utterance>", ("<fake_token_around_image>", "<fake_token_around_image>")),
     ("internvl", "<|im_end|>", ("<img>", "</img>")),
     ("gemma3", "<end_of_turn>", ("<start_of_image>", "<end_of_image>")),
+    ("gemma4", "<turn|>", ("<|image>", "<image|>")),
     ("paligemma", "<eos>", None),
 ])
 def test_wrapped_image_runs_are_found_and_labels_are_the_answer(model_type, eot, wrap, tmp_path):
@@ -135,5 +136,69 @@ def test_collator_zero_pads_any_resolution_tiles(tmp_path):
     batch = Collator(processor.tokenizer.pad_token_id)(items)
     assert batch["pixel_values"].shape[:2] == (2, max(tiles)) and batch["image_sizes"].shape == (2, 2)
     assert not batch["pixel_values"][tiles.index(min(tiles)), min(tiles):].any()
+    loss = model(**{k: v for k, v in batch.items() if k != "labels"}, labels=batch["labels"]).loss
+    assert torch.isfinite(loss)
+
+
+def _images_sample(tmp_path, sizes, sid, prompt="Describe."):
+    paths = []
+    for k, size in enumerate(sizes):
+        paths.append(tmp_path / f"{sid}{k}.png")
+        Image.new("RGB", size, (40 * k + 20, 160, 40)).save(paths[-1])
+    content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "a star."}]}]
+    return Sample(sid, "t", messages, paths)
+
+
+def test_mllama_one_image_token_per_image_and_the_cross_attention_mask_follows_the_text(tmp_path):
+    """mllama puts one ``<|image|>`` per image in the text (the features enter through cross-attention):
+    it is unlabelled, never cut, and ``cross_attention_mask [1, L, images, tiles]`` is cut with the text."""
+    model, processor = build_family("mllama")
+    assert model.model.language_model.cross_attention_layers == [1]  # the tiny LM has its cross-attention layer
+    encoder = ConversationEncoder(processor, max_length=512)
+    out = encoder.encode(_sample(tmp_path, (128, 64)))
+    ids, image_id = out["input_ids"], processor.image_token_id
+    assert [a.strip() for a in _answers(processor, out)] == ["a red circle.<|eot_id|>"]
+    assert int((ids == image_id).sum()) == 1 and int(out["labels"][ids == image_id]) == IGNORE
+    assert out["cross_attention_mask"].shape == (1, len(ids), 1, 2) and out["pixel_values"].shape[:3] == (1, 1, 2)
+    at = int((ids == image_id).nonzero()[0])
+    assert not out["cross_attention_mask"][0, :at].any() and out["cross_attention_mask"][0, at:].all()  # 2 tiles
+    with pytest.raises(BadSample, match="image tokens are never cut"):
+        ConversationEncoder(processor, max_length=at).encode(_sample(tmp_path, (128, 64)))
+    cut = ConversationEncoder(processor, max_length=len(ids) - 1).encode(_sample(tmp_path, (128, 64)))
+    assert cut["cross_attention_mask"].shape[1] == len(cut["input_ids"]) == len(ids) - 1
+    assert torch.equal(cut["cross_attention_mask"], out["cross_attention_mask"][:, :-1])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mllama_collation_equals_the_processors_batch(side, tmp_path):
+    """Samples with different text lengths, image counts (2 and 1) and tile counts collate to what the
+    processor gives for the same batch in one call: the cross-attention mask padded along the text on
+    its padding side and along images with zeros, pixel values and aspect ratio ids zero-padded. Two
+    differences, both in padding: the processor lets right-padding positions attend to the last image (its
+    ranges run to the padded length; the collator leaves padding rows zero, and they are masked anyway),
+    and for a padded image it marks the first tile in ``aspect_ratio_mask`` (a leftover of the original
+    code, its comment says; the collator leaves it all zero, as the pixels)."""
+    model, processor = build_family("mllama")
+    encoder = ConversationEncoder(processor, max_length=512)
+    samples = [_images_sample(tmp_path, [(128, 64), (64, 64)], "two", "Describe both of these images, please."),
+               _images_sample(tmp_path, [(64, 64)], "one")]
+    items = [encoder.encode(s) for s in samples]
+    batch = Collator(processor.tokenizer.pad_token_id, padding_side=side)(items)
+    texts = [encoder.render(s.messages) for s in samples]
+    tok = processor.tokenizer
+    old, tok.padding_side = tok.padding_side, side
+    try:
+        want = processor(text=texts, images=[[Image.open(p).convert("RGB") for p in s.images] for s in samples],
+                         add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old
+    assert want["cross_attention_mask"].shape == (2, batch["input_ids"].shape[1], 2, 2)
+    for key in ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids"):
+        assert torch.equal(batch[key], want[key].to(batch[key].dtype)), key
+    text = batch["attention_mask"][:, :, None, None].bool()
+    assert torch.equal(batch["cross_attention_mask"], want["cross_attention_mask"] * text)
+    assert torch.equal(batch["aspect_ratio_mask"][0], want["aspect_ratio_mask"][0])
+    assert torch.equal(batch["aspect_ratio_mask"][1, 0], want["aspect_ratio_mask"][1, 0]) and not batch["aspect_ratio_mask"][1, 1].any()
     loss = model(**{k: v for k, v in batch.items() if k != "labels"}, labels=batch["labels"]).loss
     assert torch.isfinite(loss)

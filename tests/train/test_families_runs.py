@@ -120,7 +120,8 @@ def test_served_caption_equals_generate(model_type, family_runs, shapes_small, t
                "placement.projector.mode=frozen")
         note = " (projector frozen; the recipe's full projector is refused: it changed the base)"
     # Mixed batches route row i to adapter i; a family whose processor flattens an image into many
-    # pixel rows (Qwen) is refused in mixed mode, in one line, and served in switch mode.
+    # pixel rows (Qwen's patches, LLaVA-NeXT's and mllama's tiles) is refused in mixed mode, in one
+    # line, and served in switch mode.
     from mmlora.generate import pixel_rows_per_image
 
     if pixel_rows_per_image(load_reference(base).processor) != 1:
@@ -134,6 +135,20 @@ def test_served_caption_equals_generate(model_type, family_runs, shapes_small, t
     loaded = load_reference(run)
     want = generate_answers(loaded.model, loaded.processor, [image], [prompt], batch_size=1, max_new_tokens=8)
     assert served["caption"] == want[0]
+    if not note:
+        # one mixed batch (the run's adapter and the bare base): each row as served alone, or refused in
+        # one line where an adapted layer reads all images' features as one sequence (Gemma 4's projector)
+        mixed = Engine(base, {"tuned": run}, mode="mixed", max_new_tokens=8)
+        items = [Item("caption", "tuned", image, prompt), Item("caption", "__base__", image, prompt)]
+        try:
+            tuned, bare = mixed.run(items)
+        except MmloraError as err:
+            assert "--mode switch" in str(err) and "\n" not in str(err)
+            note = " (switch/merged modes: mixed refused, an adapted layer reads all images' features as one sequence)"
+        else:
+            base_alone = generate_answers(load_reference(base).model, loaded.processor, [image], [prompt], batch_size=1,
+                                          max_new_tokens=8)
+            assert (tuned["caption"], bare["caption"]) == (want[0], base_alone[0])
     record(model_type, "serve", "✓" + note)
 
 
