@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample, load_image
+from mmlora.data.samples import MAX_IMAGE_PIXELS, BadSample, Sample, error_reason, load_image
 from mmlora.errors import MmloraError
 
 IGNORE = -100
@@ -77,9 +77,15 @@ class ConversationEncoder:
         if self.tokenizer is self.processor:
             out: dict[str, Any] = {"input_ids": torch.tensor(ids)}
         else:
-            kwargs = {"images": images} if images else {}
-            proc = self.processor(text=[text], add_special_tokens=add_special, return_tensors="pt",
-                                  return_text_replacement_offsets=True, **kwargs)
+            # One list of images for the one text: a flat list reads as one image per sample to some
+            # processors (LLaVA-OneVision then tiles each image of a multi-image sample as if alone).
+            kwargs = {"images": [images]} if images else {}
+            try:
+                proc = self.processor(text=[text], add_special_tokens=add_special, return_tensors="pt",
+                                      return_text_replacement_offsets=True, **kwargs)
+            except ValueError as err:  # the processor's own checks (too many images for it, an image too small, ...)
+                raise BadSample(sample.where, sample.id, f"{type(self.processor).__name__} cannot encode it with "
+                                f"{len(images)} image(s): {error_reason(err)}") from None
             offsets = proc.pop("text_replacement_offsets", None)
             proc.pop("labels", None)  # PaliGemma's own (everything after the prefix); ours are the answers only
             expanded = proc["input_ids"][0]
