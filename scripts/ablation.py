@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's max_steps")
     parser.add_argument("--limit", type=int, default=100, help="world-B test images scored per run")
+    parser.add_argument("--scale", type=float, default=1.0, help="size of the worlds read from --data (default 1: the "
+                        "generator's; other worlds there are left alone and the ablation generates its own in OUT/data)")
     args = parser.parse_args(argv)
 
     from mmlora.showcase.demo import ensure_worlds
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     recipe = yaml.safe_load(args.recipe.read_text())
     steps = args.steps or recipe["train"]["max_steps"]
-    ensure_worlds(args.data)
+    args.data = ensure_worlds(args.data, args.scale, own_dir=args.out / "data")
     data = CaptionSet.from_coco(args.data / "world_B" / "annotations" / "captions_test.json", limit=args.limit)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()

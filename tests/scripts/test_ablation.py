@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import SMALL_SCALE
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,7 +52,7 @@ def test_ablation_end_to_end_on_a_tiny_recipe(shapes_small, tiny_llava_dir, tmp_
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "abl"
     args = ["--out", str(out), "--data", str(shapes_small), "--recipe", str(path), "--rows", "language,full",
-            "--seeds", "1", "--steps", "1", "--limit", "2"]
+            "--seeds", "1", "--steps", "1", "--limit", "2", "--scale", str(SMALL_SCALE)]
     assert ab.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["rows"]) == ["language", "full"] and len(results["rows"]["full"]["seeds"]) == 1
