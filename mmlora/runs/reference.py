@@ -82,8 +82,11 @@ def load_peft_folder(folder: Path) -> Loaded:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    base_ref = config.get("base_model_name_or_path")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise MmloraError(f"{folder / ADAPTER_CONFIG}: not a readable PEFT adapter config ({err})") from None
+    base_ref = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not base_ref:
         raise MmloraError(f"{folder / ADAPTER_CONFIG}: no base_model_name_or_path; cannot tell which base this "
                           "adapter adapts (write it into the file, or load the base yourself)")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,31 +78,26 @@ class WorldSpec:
     render: str = "filled"
 
 
+_WORLD_A = WorldSpec(
+    name="A",
+    shapes=("circle", "square", "triangle", "cross"),
+    colours=("red", "green", "blue", "yellow"),
+    caption_style="plain",
+    unseen_dense_classes=("triangle",),
+)
 WORLDS: dict[str, WorldSpec] = {
-    "A": WorldSpec(
-        name="A",
-        shapes=("circle", "square", "triangle", "cross"),
-        colours=("red", "green", "blue", "yellow"),
-        caption_style="plain",
-        unseen_dense_classes=("triangle",),
-    ),
+    "A": _WORLD_A,
     "B": WorldSpec(
         name="B",
-        shapes=("circle", "square", "triangle", "cross", "star"),
-        colours=("red", "green", "blue", "yellow", "purple"),
+        shapes=(*_WORLD_A.shapes, "star"),
+        colours=(*_WORLD_A.colours, "purple"),
         caption_style="position-first",
         novel_shapes=("star",),
         novel_colours=("purple",),
         unseen_dense_classes=("triangle",),
     ),
-    "C": WorldSpec(
-        name="C",
-        shapes=("circle", "square", "triangle", "cross"),
-        colours=("red", "green", "blue", "yellow"),
-        caption_style="plain",
-        unseen_dense_classes=("triangle",),
-        render="outline",
-    ),
+    # world A in other pixels: everything but the rendering is A's
+    "C": replace(_WORLD_A, name="C", render="outline"),
 }
 
 DEFAULT_SPLITS: dict[str, dict[str, int]] = {

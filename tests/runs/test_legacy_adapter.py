@@ -142,3 +142,15 @@ def test_a_composition_of_4x_runs_loads_each_adapter_renamed(legacy_run, tmp_pat
     for name in names:
         model.set_adapter(name)
         torch.testing.assert_close(_logits(model), reference)
+
+
+def test_a_bare_peft_folder_with_a_broken_config_is_refused(legacy_run, tmp_path):
+    from mmlora.errors import MmloraError
+    from mmlora.runs.reference import load_reference
+
+    _, _, old = legacy_run
+    bare = tmp_path / "broken"
+    shutil.copytree(old, bare)
+    (bare / "adapter_config.json").write_text("{not json")
+    with pytest.raises(MmloraError, match="not a readable PEFT adapter config"):
+        load_reference(bare)
