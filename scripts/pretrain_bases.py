@@ -1,17 +1,24 @@
 """Pretrain the shapes-world bases with mmlora's own trainer (placement ``full``) and write them,
 with model cards and measured scores, to ``mmlora/bases/`` (shipped in the repository).
 
-Run (regenerates the shipped files; about 15 minutes on 2 CPU cores):
+Run (regenerates the shipped files; resumable: each stage resumes from its last checkpoint in --work):
     python scripts/pretrain_bases.py
-    python scripts/pretrain_bases.py --out /tmp/bases --clip-steps 20 --stage1-steps 10 --stage2-steps 10   # a quick try
+    python scripts/pretrain_bases.py --out /tmp/bases --pretrain-images 200 --clip-steps 20 --stage1-steps 10 --stage2-steps 10   # a quick try
 
-1. **CLIP** (`shapes-clip` preset, open_clip): contrastive training on world-A image-caption pairs.
+0. **Data**: a world-A ``pretrain`` split (``--pretrain-images``, default 20,000 images; generated into
+   --work, deterministic from the seed, disjoint from every train/val/test image by its RNG key),
+   besides world A's own train split.
+1. **CLIP** (``shapes-clip`` preset, open_clip): contrastive training on the world-A image-caption pairs.
 2. **LLaVA**: the CLIP's image tower converted to a transformers CLIP vision model (at 64 px: 8x8
-   patches), a new 2-layer GELU projector and a new Llama decoder (`shapes-llava` sizes), trained
+   patches), a new 2-layer GELU projector and a new Llama decoder (``shapes-llava`` sizes), trained
    LLaVA-style on world-A captions: stage 1 aligns the projector (and trains the new language model;
-   the tower frozen), stage 2 trains everything.
-3. Scores on world-A and world-B test images (CIDEr, BLEU-4, slot accuracy; CLIP image-to-caption
-   retrieval) go into each folder's ``scores.json`` and ``README.md``.
+   the tower frozen), stage 2 trains everything, the tower at the full learning rate — the captions
+   name every object's shape, colour and position, so they teach the tower to see what the contrastive
+   stage left out.
+3. Scores on the world-A, world-B and world-C test images (CIDEr, BLEU-4, slot accuracy per slot, the
+   share of distinct captions; CLIP image-to-caption retrieval and training-free dense segmentation)
+   go into each folder's ``scores.json`` and ``README.md``, with the same scores on the first
+   ``SUBSET`` test images of world A for the reproduction test.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def _train(recipe: dict, name: str):
     return trainer
 
 
-def pretrain_clip(worlds: Path, work: Path, out: Path, steps: int) -> Path:
+def pretrain_clip(worlds: Path, pretrain: Path, work: Path, out: Path, steps: int, batch: int = 128) -> Path:
     import torch
     from safetensors.torch import load_file
 
@@ -52,9 +59,10 @@ def pretrain_clip(worlds: Path, work: Path, out: Path, steps: int) -> Path:
     recipe = {
         "model": {"name": "shapes-clip"},
         "placement": {"vision": {"mode": "full"}, "text": {"mode": "full"}},
-        "data": {"train": [{"format": "coco", "path": str(a / "captions_train.json")}],
+        "data": {"train": [{"format": "coco", "path": str(a / "captions_train.json")},
+                           {"format": "coco", "path": str(pretrain / "annotations" / "captions_pretrain.json")}],
                  "val": [{"format": "coco", "path": str(a / "captions_val.json"), "captions": "first"}]},
-        "train": {"output_dir": str(work / "clip"), "max_steps": steps, "batch_size": 64, "lr": 5.0e-4,
+        "train": {"output_dir": str(work / "clip"), "max_steps": steps, "batch_size": batch, "lr": 1.0e-3,
                   "weight_decay": 0.05, "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // 4),
                   "save_every": max(1, steps // 4), "resume": "auto"},
     }
@@ -76,7 +84,7 @@ def pretrain_clip(worlds: Path, work: Path, out: Path, steps: int) -> Path:
     return dest
 
 
-def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: int, steps2: int) -> Path:
+def pretrain_llava(worlds: Path, pretrain: Path, clip_dir: Path, work: Path, out: Path, steps1: int, steps2: int) -> Path:
     import torch
     from safetensors.torch import load_file
 
@@ -91,7 +99,7 @@ def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: 
     save_llava(model, processor, init)
     a = worlds / "world_A"
     data = {"train": [{"format": "llava", "path": str(a / "llava_train.json")},
-                      {"format": "coco", "path": str(a / "annotations" / "captions_train.json"), "weight": 0.4}],
+                      {"format": "llava", "path": str(pretrain / "llava_pretrain.json")}],
             "val": [{"format": "llava", "path": str(a / "llava_val.json")}], "max_length": 192}
     common = {"batch_size": 32, "weight_decay": 0.0, "resume": "auto"}
     stage1 = _train({
@@ -104,7 +112,7 @@ def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: 
     stage2 = _train({
         "model": {"name": str(init)},
         # layers 0-2: the projector reads layer -2, so the last layer (and the post-norm) never get gradient
-        "placement": {"vision": {"mode": "full", "layers": {"range": [0, 3]}, "lr_multiplier": 0.2},
+        "placement": {"vision": {"mode": "full", "layers": {"range": [0, 3]}},
                       "projector": {"mode": "full"},
                       "language": {"mode": "full"}},
         "data": data,
@@ -122,6 +130,12 @@ def pretrain_llava(worlds: Path, clip_dir: Path, work: Path, out: Path, steps1: 
     return dest
 
 
+WORLDS = ("A", "B", "C")
+#: The first SUBSET world-A test images are scored again by the reproduction test (tests/models/test_bases.py).
+SUBSET = 40
+DENSE_MODES = ("clearclip", "naclip", "sclip")
+
+
 def clip_retrieval(clip_dir: Path, coco: Path, limit: int = 200) -> float:
     """Image→caption top-1 among the split's first captions (``mmlora.eval.retrieval``)."""
     from mmlora.data.samples import load_image
@@ -135,20 +149,50 @@ def clip_retrieval(clip_dir: Path, coco: Path, limit: int = 200) -> float:
     return retrieval(model.float(), preprocess, tokenizer, images, [data.references[i][0] for i in data.image_ids])
 
 
-def evaluate(worlds: Path, llava_dir: Path, clip_dir: Path, work: Path, limit: int | None) -> dict:
+CAPTION_KEYS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "slot_all", "slot_shape", "slot_colour", "slot_position",
+                "mean_length")
+
+
+def caption_scores(llava_dir: Path, coco: Path, out: Path, split: str, limit: int | None) -> dict:
+    """Captioning scores of the LLaVA base on ``coco`` plus ``distinct``: the share of distinct images
+    (by their ground-truth objects) that got a caption no other image got."""
     from mmlora.eval.caption import CaptionSet, evaluate_models
     from mmlora.showcase.slots import slot_scores
 
+    data = CaptionSet.from_coco(coco, limit=limit)
+    report = evaluate_models({"base": str(llava_dir)}, data, out, split=split, extra=slot_scores)
+    s = report["models"]["base"]["scores"]
+    scores = {k: s[k] for k in CAPTION_KEYS}
+    scores["num_images"] = report["protocol"]["num_images"]
+    scores["distinct"] = distinct_share(json.loads((out / "results_base.json").read_text()), data)
+    return scores
+
+
+def distinct_share(predictions, data) -> float:
+    """Among images with distinct ground truth (objects), the share whose caption is unique to them."""
+    captions = {int(p["image_id"]): p["caption"] for p in predictions}
+    truth = {i: json.dumps(sorted(json.dumps(o, sort_keys=True) for o in data.objects.get(i, []))) for i in captions}
+    by_caption: dict[str, set[str]] = {}
+    for i, caption in captions.items():
+        by_caption.setdefault(caption, set()).add(truth[i])
+    return sum(len(by_caption[captions[i]]) == 1 for i in captions) / max(len(captions), 1)
+
+
+def evaluate(worlds: Path, llava_dir: Path, clip_dir: Path, work: Path, limit: int | None) -> dict:
+    from mmlora.eval.segmentation import evaluate_segmentation
+
     scores: dict = {"llava": {}, "clip": {}}
-    for world in ("A", "B"):
+    for world in WORLDS:
         coco = worlds / f"world_{world}" / "annotations" / "captions_test.json"
-        report = evaluate_models({"base": str(llava_dir)}, CaptionSet.from_coco(coco, limit=limit),
-                                 work / f"eval_{world}", split=f"world {world} test", extra=slot_scores)
-        s = report["models"]["base"]["scores"]
-        scores["llava"][world] = {k: s[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "slot_all", "slot_shape",
-                                                    "slot_colour", "slot_position", "mean_length")}
-        scores["llava"][world]["num_images"] = report["protocol"]["num_images"]
-        scores["clip"][world] = {"retrieval_R@1": clip_retrieval(clip_dir, coco, limit or 200)}
+        scores["llava"][world] = caption_scores(llava_dir, coco, work / f"eval_{world}", f"world {world} test", limit)
+        seg = evaluate_segmentation(str(clip_dir), worlds / f"world_{world}", "test", list(DENSE_MODES),
+                                    work / f"seg_{world}", limit=limit, unseen=["triangle"])
+        scores["clip"][world] = {"retrieval_R@1": clip_retrieval(clip_dir, coco, limit or 200),
+                                 **{f"mIoU_{m}": seg["modes"][m]["mIoU"] for m in DENSE_MODES}}
+    coco = worlds / "world_A" / "annotations" / "captions_test.json"
+    sub = min(SUBSET, limit or SUBSET)
+    scores["llava"]["A_subset"] = caption_scores(llava_dir, coco, work / "eval_A_subset", "world A test subset", sub)
+    scores["clip"]["A_subset"] = {"retrieval_R@1": clip_retrieval(clip_dir, coco, sub)}
     return scores
 
 
@@ -158,9 +202,14 @@ def write_cards(out: Path, scores: dict, args: argparse.Namespace) -> None:
     def row(world: str) -> str:
         s = llava[world]
         return (f"| {world} | {s['CIDEr']:.3f} | {s['BLEU-4']:.3f} | {s['slot_all']:.3f} | {s['slot_shape']:.3f} | "
-                f"{s['slot_colour']:.3f} | {s['slot_position']:.3f} |")
+                f"{s['slot_colour']:.3f} | {s['slot_position']:.3f} | {s['distinct']:.2f} |")
+
+    def clip_row(world: str) -> str:
+        s = clip[world]
+        return f"| {world} | {s['retrieval_R@1']:.3f} | " + " | ".join(f"{s[f'mIoU_{m}']:.3f}" for m in DENSE_MODES) + " |"
 
     regen = "python scripts/pretrain_bases.py"
+    n = llava["A"]["num_images"]
     (out / "shapes-llava-base" / "README.md").write_text(f"""---
 library_name: transformers
 tags: [mmlora, llava, shapes-world]
@@ -173,25 +222,25 @@ synthetic shapes world: the image tower of `shapes-clip-base` converted to a tra
 model at 64 px (8x8 patches, features from layer -2), a new 2-layer GELU projector and a 4-layer,
 256-wide Llama decoder with a byte-fallback BPE tokenizer trained on the shapes vocabulary.
 
-How it was made (`{regen}`): stage 1 trained the projector and the new language model on world-A
-captions with the tower frozen ({args.stage1_steps} steps of 32); stage 2 trained everything
-({args.stage2_steps} steps of 32). mmlora's own trainer, placement `full`.
+How it was made (`{regen}`): world-A captions of {args.pretrain_images} generated pretraining
+images and world A's train split; stage 1 trained the projector and the new language model with the
+tower frozen ({args.stage1_steps} steps of 32); stage 2 trained everything, the tower's first three
+layers at the full learning rate ({args.stage2_steps} steps of 32). mmlora's own trainer, placement `full`.
 
 Captioning scores (greedy, prompt "Provide a one-sentence caption for the provided image.", max 64
-new tokens; test split, {llava['A']['num_images']} images per world; pycocoevalcap):
+new tokens; test split, {n} images per world; pycocoevalcap). Slot accuracy: per ground-truth
+object, its shape / colour named at its position, and its position named at all; distinct: the
+share of test images whose caption no other image (with other objects) got.
 
-| world | CIDEr | BLEU-4 | slot accuracy | shape | colour | position |
-|---|---|---|---|---|---|---|
+| world | CIDEr | BLEU-4 | slot accuracy | shape | colour | position | distinct |
+|---|---|---|---|---|---|---|---|
 {row('A')}
 {row('B')}
+{row('C')}
 
-World B adds a shape (star), a colour (purple) and a new caption style; the base has never seen
-them, which is the shift adaptation recipes start from.
-
-Honest limits: the captions are fluent and in world A's style (high CIDEr/BLEU on A), and positions and
-colours are mostly right, but the shape word is right for only {llava['A']['slot_shape']:.0%} of world-A objects (a
-uniform guess among A's 4 shapes gets 25%): at 8x8 patches of 64 px and with this short CPU
-pretraining budget, small shapes are hard to tell apart. Longer pretraining (`--stage2-steps`) improves it.
+World B adds a shape (star), a colour (purple) and a new caption style; world C draws world A's
+scenes as outlines on dark ground (a shift only in pixels). The base has seen neither: they are the
+shifts adaptation recipes start from.
 """)
     (out / "shapes-clip-base" / "README.md").write_text(f"""---
 library_name: open_clip
@@ -202,11 +251,19 @@ tags: [mmlora, clip, shapes-world]
 
 A tiny open_clip CLIP (ViT 4x128 at 128 px with 8 px patches — a 16x16 grid — and a 4x128 text
 tower; bf16 weights) for mmlora's shapes world, trained contrastively on world-A image-caption pairs
-({args.clip_steps} steps of 64) by mmlora's trainer with placement `full`. Load it with
+({args.pretrain_images} generated pretraining images and world A's train split; {args.clip_steps}
+steps of {args.clip_batch}) by mmlora's trainer with placement `full`. Load it with
 `open_clip.create_model_and_transforms("local-dir:PATH")` or `mmlora.models.clip.load_clip`.
 
-Image-to-caption retrieval (top-1 among the test split's first captions, {llava['A']['num_images']} images):
-world A {clip['A']['retrieval_R@1']:.3f}, world B {clip['B']['retrieval_R@1']:.3f} (chance {1 / llava['A']['num_images']:.3f}).
+Image-to-caption retrieval (top-1 among the test split's first captions, {n} images; chance
+{1 / n:.3f}) and training-free dense segmentation (mIoU over all classes, `shapes` templates,
+`mmlora eval seg`):
+
+| world | R@1 | """ + " | ".join(f"mIoU {m}" for m in DENSE_MODES) + f""" |
+|---|---|""" + "---|" * len(DENSE_MODES) + f"""
+{clip_row('A')}
+{clip_row('B')}
+{clip_row('C')}
 
 The class `triangle` is named in world-A captions, so its text embedding is trained, but it is
 reserved as an unseen class for dense (segmentation) fine-tuning.
@@ -217,24 +274,41 @@ Regenerate: `{regen}`.
         (out / name / "scores.json").write_text(json.dumps(scores["llava" if "llava" in name else "clip"], indent=2) + "\n")
 
 
+def pretrain_world(work: Path, images: int, seed: int = 0) -> Path:
+    """World A's ``pretrain`` split of ``images`` images under ``work`` (generated once)."""
+    from mmlora.showcase.shapes import generate_world
+
+    root = work / "pretrain_world"
+    meta = root / "world_A" / "world.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("splits") != {"pretrain": images}:
+        shutil.rmtree(root, ignore_errors=True)
+        generate_world(root, "A", {"pretrain": images}, seed=seed)
+    return root / "world_A"
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmlora.showcase.shapes import cached_worlds
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "mmlora" / "bases")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bases")
-    p.add_argument("--clip-steps", type=int, default=250)
+    p.add_argument("--pretrain-images", type=int, default=20000)
+    p.add_argument("--clip-steps", type=int, default=600)
+    p.add_argument("--clip-batch", type=int, default=128)
     p.add_argument("--stage1-steps", type=int, default=150)
-    p.add_argument("--stage2-steps", type=int, default=400)
+    p.add_argument("--stage2-steps", type=int, default=2500)
     p.add_argument("--eval-limit", type=int, default=None, help="test images per world (default: all 200)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    start, cpu = time.time(), time.process_time()
     worlds = cached_worlds()
-    clip_dir = pretrain_clip(worlds, args.work, args.out, args.clip_steps)
-    llava_dir = pretrain_llava(worlds, clip_dir, args.work, args.out, args.stage1_steps, args.stage2_steps)
+    pretrain = pretrain_world(args.work, args.pretrain_images)
+    clip_dir = pretrain_clip(worlds, pretrain, args.work, args.out, args.clip_steps, args.clip_batch)
+    llava_dir = pretrain_llava(worlds, pretrain, clip_dir, args.work, args.out, args.stage1_steps, args.stage2_steps)
     scores = evaluate(worlds, llava_dir, clip_dir, args.work, args.eval_limit)
     write_cards(args.out, scores, args)
     print(json.dumps(scores, indent=2))
+    print(f"pretrain_bases: {time.time() - start:.0f}s wall, {time.process_time() - cpu:.0f}s CPU")
     return 0
 
 
