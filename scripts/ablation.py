@@ -1,24 +1,26 @@
-"""The placement ablation on world B: which modality's adapters carry which part of the shift.
+"""The placement ablation on both shifts: which modality's adapters carry which part of each shift.
 
-Adapts ``shapes-llava-base`` (world A) to world B from ``recipes/shapes/llava-lora-b.yaml`` with the
-placement changed per row, each over several seeds (mean ± std), and scores every run on world-B test
-images with the captioning protocol (``mmlora eval caption``):
+Adapts ``shapes-llava-base`` (world A) to world B (``recipes/shapes/llava-lora-b.yaml``: a new shape,
+a new colour and a new caption style — mostly a language-side shift) and to world C
+(``recipes/shapes/llava-lora-c.yaml``: world A drawn as outlines on dark ground — a shift only in
+pixels) with the placement changed per row, each over several seeds (mean ± std), and scores every
+run on its world's test images with the captioning protocol (``mmlora eval caption``):
 
-* **placement**: vision only, projector only, language only, all three (LoRA);
-* **variant**: DoRA on the same modules and ranks as "all" (equal rank; DoRA adds one magnitude
-  per output row, the table lists the trainable parameters);
-* **rank sweep**: "all" at 1/4x, 1x and 4x the recipe's ranks;
-* **reference**: full fine-tuning of all three modalities.
+* **placement** (both shifts): vision only, projector only, language only, all three (LoRA);
+* **reference** (both shifts): full fine-tuning of all three modalities;
+* **variant** (world B): DoRA on the same modules and ranks as "all" (equal rank; DoRA adds one
+  magnitude per output row, the table lists the trainable parameters);
+* **rank sweep** (world B): "all" at 1/4x, 1x and 4x the recipe's ranks.
 
-Columns: CIDEr and BLEU-4 (the caption *style* of world B is a language-side shift), shape and
-colour slot accuracy, and recall of world B's *novel* shape (star) and colour (purple) — visual
-concepts the base never saw. The LoRA-vs-full line reports how much of full fine-tuning's CIDEr gain
-over the base LoRA recovers.
+Columns: CIDEr and BLEU-4, slot accuracy per slot (shape, colour, position), for world B the recall of
+its *novel* shape (star) and colour (purple) — visual concepts the base never saw — and each row's
+share of full fine-tuning's gain over the base (in CIDEr and in slot accuracy).
 
-Writes ``OUT/table.md``, ``OUT/results.json`` and ``OUT/ablation.png`` (a bar chart); runs are kept
-under ``OUT/runs`` and reused, so an interrupted ablation continues where it stopped.
+Writes ``OUT/table.md``, ``OUT/results.json`` and ``OUT/ablation.png`` (bar charts, one row per shift);
+runs are kept under ``OUT/<shift>/runs`` and reused, so an interrupted ablation continues where it
+stopped.
 
-Run:  python scripts/ablation.py --out evals/ablation                 # the README's table (≈1 h on 2 cores)
+Run:  python scripts/ablation.py --out evals/ablation                 # the README's tables (≈2 h on 2 cores)
       python scripts/ablation.py --out /tmp/abl --seeds 1 --steps 20 --limit 20 --rows all,language   # a quick look
 """
 
@@ -32,8 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmlora.showcase.slots import novel_recall  # noqa: F401  (re-exported: the table's novel-concept recall)
+
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "shapes" / "llava-lora-b.yaml"
+#: Shift → the "all" row's recipe.
+RECIPES = {"B": REPO / "recipes" / "shapes" / "llava-lora-b.yaml", "C": REPO / "recipes" / "shapes" / "llava-lora-c.yaml"}
+RECIPE = RECIPES["B"]
 
 #: Row name → placement changes against the recipe (None: that modality frozen).
 ROWS: dict[str, dict[str, Any]] = {
@@ -46,7 +52,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "all-r×4": {"rank_scale": 4.0},
     "full": {"full": True},
 }
-NOVEL = {"shape": "star", "colour": "purple"}
+#: The rows each shift runs: the variant and rank rows only where the shift is language-side.
+SHIFT_ROWS = {"B": tuple(ROWS), "C": ("vision", "projector", "language", "all", "full")}
 
 
 def placement_for(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
@@ -68,22 +75,6 @@ def placement_for(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
                 if layers is not None:
                     spec["layers"] = layers
     return out
-
-
-def novel_recall(captions: dict[int, str], objects: dict[int, list[dict]]) -> dict[str, float | None]:
-    """Of the ground-truth objects with a novel shape (colour), the share a caption names right at
-    their position."""
-    from mmlora.showcase.slots import parse_objects
-
-    hits = {k: [0, 0] for k in NOVEL}
-    for image_id, caption in captions.items():
-        by_pos = {p["position"]: p for p in parse_objects(caption) if p["position"]}
-        for obj in objects.get(image_id, []):
-            for slot, value in NOVEL.items():
-                if obj[slot] == value:
-                    hits[slot][1] += 1
-                    hits[slot][0] += by_pos.get(obj["position"], {}).get(slot) == value
-    return {f"novel_{k}": (h / n if n else None) for k, (h, n) in hits.items()}
 
 
 def train_row(name: str, seed: int, steps: int, recipe: dict[str, Any], data_dir: Path, out: Path) -> Path:
@@ -130,105 +121,149 @@ def trainable_parameters(run: Path) -> int:
 
 
 COLUMNS = [("CIDEr", "CIDEr"), ("BLEU-4", "BLEU-4"), ("slot_shape", "shape acc."), ("slot_colour", "colour acc."),
-           ("novel_shape", "star recall"), ("novel_colour", "purple recall")]
+           ("slot_position", "position acc."), ("novel_shape", "star recall"), ("novel_colour", "purple recall")]
 
 
-def summarise(results: dict[str, Any]) -> str:
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def summarise(results: dict[str, Any], shift: str = "B") -> str:
+    """One shift's table: a row per placement (mean ± std over seeds) and its share of the gain
+    full fine-tuning makes over the base."""
     def cell(values: list[float | None]) -> str:
         vals = [v for v in values if v is not None]
         if not vals:
             return "-"
         return f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
-    lines = ["| row | trainable | " + " | ".join(c for _, c in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
-    base = results["base"]
-    lines.append("| base (no training) | 0 | " + " | ".join(cell([base[k]]) for k, _ in COLUMNS) + " |")
-    for name, row in results["rows"].items():
+    base, rows = results["base"], results["rows"]
+    columns = [(k, c) for k, c in COLUMNS
+               if base.get(k) is not None or any(s.get(k) is not None for r in rows.values() for s in r["seeds"])]
+    full = {k: _mean([s.get(k) for s in rows["full"]["seeds"]]) for k in ("CIDEr", "slot_all")} if "full" in rows else {}
+
+    def share(name: str, key: str) -> str:
+        gain_full = (full.get(key) or 0.0) - (base.get(key) or 0.0)
+        value = _mean([s.get(key) for s in rows[name]["seeds"]])
+        if not full or value is None or gain_full <= 0:
+            return "-"
+        return f"{(value - base[key]) / gain_full:.0%}"
+
+    lines = ["| row | trainable | " + " | ".join(c for _, c in columns) + " | share of full's gain (CIDEr / slots) |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
+    lines.append("| base (no training) | 0 | " + " | ".join(cell([base.get(k)]) for k, _ in columns) + " | 0% / 0% |")
+    for name, row in rows.items():
         params = row["trainable"]
-        lines.append(f"| {name} | {params:,} | " + " | ".join(cell([s[k] for s in row["seeds"]]) for k, _ in COLUMNS) + " |")
-    rows = results["rows"]
+        lines.append(f"| {name} | {params:,} | " + " | ".join(cell([s.get(k) for s in row["seeds"]]) for k, _ in columns)
+                     + f" | {share(name, 'CIDEr')} / {share(name, 'slot_all')} |")
     if "all" in rows and "full" in rows:
-        mean = lambda r: statistics.mean(s["CIDEr"] for s in rows[r]["seeds"])  # noqa: E731
-        gain_full, gain_lora = mean("full") - base["CIDEr"], mean("all") - base["CIDEr"]
+        gain_full, gain_lora = full["CIDEr"] - base["CIDEr"], _mean([s["CIDEr"] for s in rows["all"]["seeds"]]) - base["CIDEr"]
         if gain_full > 0:
             lines.append(f"\nLoRA (all) recovers {gain_lora / gain_full:.0%} of full fine-tuning's CIDEr gain "
                          f"({gain_lora:+.3f} vs {gain_full:+.3f} over the base).")
     p = results["protocol"]
-    lines.append(f"\n{p['steps']} steps of {p['batch_size']} per run, seeds {p['seeds']}, world-B test "
+    lines.append(f"\n{p['steps']} steps of {p['batch_size']} per run, seeds {p['seeds']}, world-{shift} test "
                  f"({p['num_images']} images, greedy, the caption protocol); mean ± std over seeds.")
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: dict[str, Any], path: Path) -> Path:
+def bar_chart(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Bar charts of CIDEr, slot accuracy and (world B) the novel concepts' recall, one row per shift."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = ["base", *results["rows"]]
-    shown = [("CIDEr", "CIDEr"), ("novel_shape", "star recall"), ("novel_colour", "purple recall")]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6))
-    for ax, (key, label) in zip(axes, shown):
-        means, stds = [], []
-        for n in names:
-            vals = [results["base"][key]] if n == "base" else [s[key] for s in results["rows"][n]["seeds"]]
-            vals = [v for v in vals if v is not None] or [0.0]
-            means.append(statistics.mean(vals))
-            stds.append(statistics.pstdev(vals) if len(vals) > 1 else 0.0)
-        x = np.arange(len(names))
-        ax.bar(x, means, yerr=stds, capsize=3, color=["#999999"] + ["#1f77b4"] * (len(names) - 1))
-        ax.set_xticks(x, names, rotation=45, ha="right")
-        ax.set_title(label)
-    fig.suptitle("world-A base adapted to world B: placement ablation")
+    shown = [("CIDEr", "CIDEr"), ("slot_all", "slot accuracy"), ("novel_shape", "star recall"), ("novel_colour", "purple recall")]
+    fig, axes = plt.subplots(len(results), len(shown), figsize=(3.8 * len(shown), 3.4 * len(results)), squeeze=False)
+    for axrow, (shift, res) in zip(axes, results.items()):
+        names = ["base", *res["rows"]]
+        for ax, (key, label) in zip(axrow, shown):
+            means, stds = [], []
+            for n in names:
+                vals = [res["base"].get(key)] if n == "base" else [s.get(key) for s in res["rows"][n]["seeds"]]
+                vals = [v for v in vals if v is not None] or [0.0]
+                means.append(statistics.mean(vals))
+                stds.append(statistics.pstdev(vals) if len(vals) > 1 else 0.0)
+            x = np.arange(len(names))
+            ax.bar(x, means, yerr=stds, capsize=3, color=["#999999"] + ["#1f77b4"] * (len(names) - 1))
+            ax.set_xticks(x, names, rotation=45, ha="right")
+            ax.set_title(f"world {shift}: {label}")
+    fig.suptitle("world-A base adapted to world B (language-side shift) and world C (pixel-side shift)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_shift(shift: str, recipe_path: Path, rows: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
+    from mmlora.eval.caption import CaptionSet
+
+    recipe = yaml.safe_load(recipe_path.read_text())
+    steps = args.steps or recipe["train"]["max_steps"]
+    out = args.out / shift
+    out.mkdir(parents=True, exist_ok=True)
+    data = CaptionSet.from_coco(args.data / f"world_{shift}" / "annotations" / "captions_test.json", limit=args.limit)
+    results: dict[str, Any] = {"protocol": {"recipe": str(recipe_path), "steps": steps,
+                                            "batch_size": recipe["train"]["batch_size"], "seeds": list(range(args.seeds)),
+                                            "num_images": len(data.image_ids)},
+                               "base": score(recipe["model"]["name"], "base", data, out), "rows": {}}
+    if shift != "B":  # only world B has novel concepts
+        results["base"] = {k: v for k, v in results["base"].items() if not k.startswith("novel_")}
+    start = time.time()
+    for name in rows:
+        seeds = []
+        for seed in range(args.seeds):
+            run = train_row(name, seed, steps, recipe, args.data, out)
+            scores = score(str(run), f"{name.replace('/', '_')}-s{seed}", data, out)
+            seeds.append(scores if shift == "B" else {k: v for k, v in scores.items() if not k.startswith("novel_")})
+            print(f"world {shift}, {name} seed {seed}: CIDEr {seeds[-1]['CIDEr']:.3f}, slots {seeds[-1]['slot_all']:.3f} "
+                  f"({(time.time() - start) / 60:.1f} min)", flush=True)
+        results["rows"][name] = {"trainable": trainable_parameters(run), "seeds": seeds}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("evals/ablation"))
     parser.add_argument("--data", type=Path, default=Path("data/shapes"))
-    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the 'all' row's recipe")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--shifts", default="B,C", help="comma-separated, of: B (language-side), C (pixel-side)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="SHIFT=PATH",
+                        help="the 'all' row's recipe for a shift (default: recipes/shapes/llava-lora-b.yaml, -c.yaml)")
+    parser.add_argument("--rows", default=None, help=f"comma-separated, of: {', '.join(ROWS)} (default: each shift's rows)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's max_steps")
-    parser.add_argument("--limit", type=int, default=100, help="world-B test images scored per run")
+    parser.add_argument("--limit", type=int, default=200, help="test images scored per run (default: all 200)")
     parser.add_argument("--scale", type=float, default=1.0, help="size of the worlds read from --data (default 1: the "
                         "generator's; other worlds there are left alone and the ablation generates its own in OUT/data)")
     args = parser.parse_args(argv)
 
     from mmlora.showcase.demo import ensure_worlds
-    from mmlora.eval.caption import CaptionSet
 
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
+    shifts = [s.strip() for s in args.shifts.split(",") if s.strip()]
+    if bad := [s for s in shifts if s not in SHIFT_ROWS]:
+        parser.error(f"unknown shifts {bad}; known: {', '.join(SHIFT_ROWS)}")
+    recipes = dict(RECIPES)
+    for item in args.recipe:
+        shift, sep, path = item.partition("=")
+        if not sep or shift not in SHIFT_ROWS:
+            parser.error(f"--recipe {item!r}: give SHIFT=PATH with SHIFT one of {', '.join(SHIFT_ROWS)}")
+        recipes[shift] = Path(path)
+    wanted = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    if wanted is not None and (unknown := [r for r in wanted if r not in ROWS]):
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
-    recipe = yaml.safe_load(args.recipe.read_text())
-    steps = args.steps or recipe["train"]["max_steps"]
     args.data = ensure_worlds(args.data, args.scale, own_dir=args.out / "data")
-    data = CaptionSet.from_coco(args.data / "world_B" / "annotations" / "captions_test.json", limit=args.limit)
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    results: dict[str, Any] = {"protocol": {"recipe": str(args.recipe), "steps": steps,
-                                            "batch_size": recipe["train"]["batch_size"], "seeds": list(range(args.seeds)),
-                                            "num_images": len(data.image_ids)},
-                               "base": score(recipe["model"]["name"], "base", data, args.out), "rows": {}}
-    for name in rows:
-        seeds = []
-        for seed in range(args.seeds):
-            run = train_row(name, seed, steps, recipe, args.data, args.out)
-            seeds.append(score(str(run), f"{name.replace('/', '_')}-s{seed}", data, args.out))
-            print(f"{name} seed {seed}: CIDEr {seeds[-1]['CIDEr']:.3f} ({(time.time() - start) / 60:.1f} min)", flush=True)
-        results["rows"][name] = {"trainable": trainable_parameters(run), "seeds": seeds}
+    results = {}
+    for shift in shifts:
+        rows = [r for r in SHIFT_ROWS[shift] if wanted is None or r in wanted]
+        results[shift] = run_shift(shift, recipes[shift], rows, args)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = summarise(results)
+    table = "".join(f"### World {shift}\n\n{summarise(res, shift)}\n" for shift, res in results.items())
     (args.out / "table.md").write_text(table)
     bar_chart(results, args.out / "ablation.png")
     print(table)

@@ -70,7 +70,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset("tiny-clip", "clip", "open_clip CLIP for tests: ViT 2x32 at 64 px, text 2x32", clip_arch="mmlora-clip-tiny"),
         Preset(
-            "shapes-clip", "clip", "open_clip CLIP for the shapes world: ViT 4x128 at 128 px (16x16 patches), text 4x128",
+            "shapes-clip", "clip", "open_clip CLIP for the shapes world: ViT 4x128 at 64 px (8x8 patches, the LLaVA tower's grid), text 4x128",
             clip_arch="mmlora-clip-shapes",
         ),
         Preset("shapes-llava-base", "llava", "shapes-llava pretrained on world A (shipped; see its README)",

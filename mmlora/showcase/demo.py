@@ -40,7 +40,7 @@ from mmlora.eval.segmentation import evaluate_segmentation
 from mmlora.runs.layout import find_weights
 from mmlora.showcase.seg_demo import ClipSegmenter
 from mmlora.showcase.shapes import generate, world_differs
-from mmlora.showcase.slots import slot_scores
+from mmlora.showcase.slots import NOVEL, novel_recall, slot_scores
 from mmlora.train.loop import Trainer
 
 #: The demo's recipes ship inside the package (``recipes/shapes/`` links to them in a checkout).
@@ -172,7 +172,10 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
     def row(name: str, mode: str) -> dict[str, float | None]:
         c = cap["models"][name]["scores"]
         s = seg["modes"][f"{name}/{mode}"]
+        written = [json.loads(x) for x in (out / "eval_caption" / f"captions_{name}.jsonl").read_text().splitlines()]
+        novel = novel_recall({x["image_id"]: x["caption"] for x in written}, captions.objects)
         return {"CIDEr": c["CIDEr"], "BLEU-4": c["BLEU-4"], "slot accuracy": c.get("slot_all"),
+                f"{NOVEL['shape']} recall": novel["novel_shape"], f"{NOVEL['colour']} recall": novel["novel_colour"],
                 "mIoU seen": s["mIoU_seen"], "mIoU unseen": s["mIoU_unseen"]}
 
     log("[5/5] overlay picture")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from mmlora.showcase.shapes import COLOURS, POSITIONS
+from mmlora.showcase.shapes import COLOURS, POSITIONS, WORLDS
 
 _SHAPES = ("circle", "square", "triangle", "cross", "star")
 
@@ -64,3 +64,22 @@ def slot_scores(results: dict[int, str], data) -> dict[str, float]:
     """The captioning evaluation's extra scorer: mean slot accuracy over the images of ``data``
     (a ``CaptionSet``) that carry ground-truth objects; nothing for data without them."""
     return mean_slot_accuracy(results, data.objects)
+
+
+#: The concepts world A never shows, by slot: world B's new shape and colour.
+NOVEL = {"shape": WORLDS["B"].novel_shapes[0], "colour": WORLDS["B"].novel_colours[0]}
+
+
+def novel_recall(captions: dict[int, str], objects: dict[int, list[dict]],
+                 novel: dict[str, str] = NOVEL) -> dict[str, float | None]:
+    """Of the ground-truth objects with a novel shape (colour), the share a caption names right at
+    their position; ``None`` where no object has it."""
+    hits = {k: [0, 0] for k in novel}
+    for image_id, caption in captions.items():
+        by_pos = {p["position"]: p for p in parse_objects(caption) if p["position"]}
+        for obj in objects.get(image_id, []):
+            for slot, value in novel.items():
+                if obj[slot] == value:
+                    hits[slot][1] += 1
+                    hits[slot][0] += by_pos.get(obj["position"], {}).get(slot) == value
+    return {f"novel_{k}": (h / n if n else None) for k, (h, n) in hits.items()}

@@ -25,7 +25,7 @@ def test_bases_load_through_from_pretrained_paths():
     assert sum(p.numel() for p in model.parameters()) > 4_000_000
     assert AutoProcessor.from_pretrained(llava_dir).tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
     clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
-    assert clip.visual.grid_size == (16, 16)
+    assert clip.visual.grid_size == (8, 8)  # 64 px, 8 px patches: the LLaVA base's tower grid
     size = sum(p.stat().st_size for name in ("shapes-llava-base", "shapes-clip-base")
                for p in preset_path(name).rglob("*") if p.is_file())
     assert size < 20 * 2**20  # the shipped bases stay under 20 MB together
@@ -65,3 +65,18 @@ def test_clip_retrieval_reproduces(worlds):
                                script.SUBSET)
     assert r1 == pytest.approx(recorded["A_subset"]["retrieval_R@1"], abs=0.01)
     assert r1 > 10 / script.SUBSET  # far above chance
+
+
+def test_the_bases_see():
+    """The shipped bases' recorded scores (reproduced on a subset above) meet what they are for: the
+    LLaVA base names each object's shape, colour and position on world A and tells distinct images
+    apart; the CLIP base retrieves world-A captions; both shifts are hard for them."""
+    llava = json.loads((preset_path("shapes-llava-base") / "scores.json").read_text())
+    clip = json.loads((preset_path("shapes-clip-base") / "scores.json").read_text())
+    assert llava["A"]["num_images"] == 200
+    for slot in ("slot_shape", "slot_colour", "slot_position"):
+        assert llava["A"][slot] >= 0.90, slot
+    assert llava["A"]["distinct"] >= 0.90
+    assert clip["A"]["retrieval_R@1"] >= 0.70
+    assert llava["C"]["slot_all"] < 0.5 * llava["A"]["slot_all"]  # world C's pixels alone defeat the frozen base
+    assert clip["C"]["retrieval_R@1"] < 0.5 * clip["A"]["retrieval_R@1"]

@@ -32,38 +32,46 @@ def test_rows_change_the_placement_as_named():
     assert base["vision"]["rank"] == 8  # the recipe's own dict is left alone
 
 
-def test_novel_recall_counts_novel_objects_named_at_their_position():
-    ab = _script()
-    objects = {1: [{"shape": "star", "colour": "purple", "position": "top left"},
-                   {"shape": "circle", "colour": "purple", "position": "bottom right"}],
-               2: [{"shape": "star", "colour": "red", "position": "center"}]}
-    captions = {1: "a purple star in the top left and a red circle in the bottom right.", 2: "a red square in the center."}
-    assert ab.novel_recall(captions, objects) == {"novel_shape": 0.5, "novel_colour": 0.5}
-
-
 @pytest.mark.slow
 def test_ablation_end_to_end_on_a_tiny_recipe(shapes_small, tiny_llava_dir, tmp_path):
     ab = _script()
-    recipe = yaml.safe_load(ab.RECIPE.read_text())
-    recipe["model"]["name"] = "tiny-llava"
-    recipe["placement"]["vision"]["layers"] = [0]  # the layer the tiny LLaVA's projector reads
-    recipe["train"]["batch_size"] = 4
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    recipes = []
+    for shift in ("B", "C"):
+        recipe = yaml.safe_load(ab.RECIPES[shift].read_text())
+        recipe["model"]["name"] = "tiny-llava"
+        recipe["placement"]["vision"]["layers"] = [0]  # the layer the tiny LLaVA's projector reads
+        recipe["train"]["batch_size"] = 4
+        path = tmp_path / f"tiny-{shift}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        recipes += ["--recipe", f"{shift}={path}"]
     out = tmp_path / "abl"
-    args = ["--out", str(out), "--data", str(shapes_small), "--recipe", str(path), "--rows", "language,full",
+    args = ["--out", str(out), "--data", str(shapes_small), *recipes, "--rows", "language,full,all-dora",
             "--seeds", "1", "--steps", "1", "--limit", "2", "--scale", str(SMALL_SCALE)]
     assert ab.main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["rows"]) == ["language", "full"] and len(results["rows"]["full"]["seeds"]) == 1
-    assert results["rows"]["full"]["trainable"] > results["rows"]["language"]["trainable"] > 0
+    assert list(results) == ["B", "C"]
+    assert list(results["B"]["rows"]) == ["language", "all-dora", "full"]  # in the table's order
+    assert list(results["C"]["rows"]) == ["language", "full"]  # the variant rows are world B's only
+    rows = results["B"]["rows"]
+    assert len(rows["full"]["seeds"]) == 1
+    assert rows["full"]["trainable"] > rows["language"]["trainable"] > 0
+    assert results["C"]["protocol"]["recipe"].endswith("tiny-C.yaml")
+    assert "novel_shape" in rows["language"]["seeds"][0] and "novel_shape" not in results["C"]["rows"]["language"]["seeds"][0]
     table = (out / "table.md").read_text()
-    assert "| base (no training) | 0 |" in table and "| full |" in table
+    assert "### World B" in table and "### World C" in table and "| base (no training) | 0 |" in table
+    assert "star recall" in table.split("### World C")[0] and "star recall" not in table.split("### World C")[1]
     assert (out / "ablation.png").stat().st_size > 1000
     # Finished runs and evaluations are reused.
-    stamp = (out / "runs" / "full-s0" / "final" / "manifest.json").stat().st_mtime
+    stamp = (out / "C" / "runs" / "full-s0" / "final" / "manifest.json").stat().st_mtime
     assert ab.main(args) == 0
-    assert (out / "runs" / "full-s0" / "final" / "manifest.json").stat().st_mtime == stamp
+    assert (out / "C" / "runs" / "full-s0" / "final" / "manifest.json").stat().st_mtime == stamp
+
+
+def test_a_recipe_must_name_its_shift(tmp_path, capsys):
+    ab = _script()
+    with pytest.raises(SystemExit):
+        ab.main(["--out", str(tmp_path), "--recipe", "recipes/shapes/llava-lora-b.yaml"])
+    assert "give SHIFT=PATH" in capsys.readouterr().err
 
 
 def test_summary_gives_mean_and_std_over_seeds_and_the_recovered_gain():
@@ -76,3 +84,12 @@ def test_summary_gives_mean_and_std_over_seeds_and_the_recovered_gain():
     table = ab.summarise(results)
     assert "| all | 1,000 | 1.900 ± 0.100 |" in table
     assert "recovers 90% of full fine-tuning's CIDEr gain (+0.900 vs +1.000" in table
+    # each row's share of full fine-tuning's gain, in CIDEr and slot accuracy
+    for row, slots in (("all", (0.5, 0.6)), ("full", (0.8, 0.8))):
+        for s, v in zip(results["rows"][row]["seeds"], slots):
+            s["slot_all"] = v
+    results["base"]["slot_all"] = 0.4
+    table = ab.summarise(results)
+    assert table.splitlines()[3].endswith("| 90% / 38% |")  # (0.55 - 0.4) / (0.8 - 0.4)
+    assert table.splitlines()[4].endswith("| 100% / 100% |")
+    assert "purple recall" in table and "star recall" not in table  # a column without any value is left out

@@ -39,8 +39,17 @@ def test_demo_trains_evaluates_and_reports_before_after(shapes_small, tiny_llava
     assert r.unseen == ["triangle"]
     assert Image.open(r.outputs["overlay"]).size == (4 * 3 * 128, 3 * 128 + 22)
     text = format_report(r, 60.0)
-    for label in ("CIDEr", "BLEU-4", "slot accuracy", "mIoU seen", "mIoU unseen (triangle)", "overlay"):
+    for label in ("CIDEr", "BLEU-4", "slot accuracy", "star recall", "purple recall", "mIoU seen",
+                  "mIoU unseen (triangle)", "overlay"):
         assert label in text
+    # novel-concept recall is computed from the captions the evaluation wrote, against world B's objects
+    from mmlora.eval.caption import CaptionSet
+    from mmlora.showcase.slots import novel_recall
+
+    written = [json.loads(x) for x in (tmp_path / "demo" / "eval_caption" / "captions_adapted.jsonl").read_text().splitlines()]
+    data = CaptionSet.from_coco(shapes_small / "world_B" / "annotations" / "captions_test.json", limit=3)
+    want = novel_recall({x["image_id"]: x["caption"] for x in written}, data.objects)
+    assert (r.after["star recall"], r.after["purple recall"]) == (want["novel_shape"], want["novel_colour"])
     # A second demo reuses the finished runs.
     logs.clear()
     run_demo(**kwargs)
