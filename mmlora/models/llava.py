@@ -39,6 +39,8 @@ class TinyLlavaSpec:
     lm_intermediate: int = 128
     max_positions: int = 512
     tokenizer_vocab: int = 640
+    #: punctuation kept out of word pieces (``train_bpe``): the shapes worlds' caption styles differ in it
+    split_punctuation: bool = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -101,7 +103,8 @@ def build_tiny_llava(spec: TinyLlavaSpec, seed: int = 0, vision_config=None,
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
-    tokenizer = build_llava_tokenizer(tokenizer_corpus() if texts is None else texts, vocab_size=spec.tokenizer_vocab)
+    tokenizer = build_llava_tokenizer(tokenizer_corpus() if texts is None else texts, vocab_size=spec.tokenizer_vocab,
+                                      split_punctuation=spec.split_punctuation)
     vision = vision_config or CLIPVisionConfig(
         hidden_size=spec.vision_width,
         intermediate_size=spec.vision_width * 4,

@@ -65,7 +65,7 @@ PRESETS: dict[str, Preset] = {
             "LLaVA for the shapes world: CLIP 4x128 at 64 px (64 image tokens), Llama 4x256 (~4.5M params)",
             llava=TinyLlavaSpec(
                 image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-                lm_width=256, lm_layers=4, lm_heads=8, lm_kv_heads=4, lm_intermediate=688,
+                lm_width=256, lm_layers=4, lm_heads=8, lm_kv_heads=4, lm_intermediate=688, split_punctuation=True,
             ),
         ),
         Preset("tiny-clip", "clip", "open_clip CLIP for tests: ViT 2x32 at 64 px, text 2x32", clip_arch="mmlora-clip-tiny"),

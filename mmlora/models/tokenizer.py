@@ -48,13 +48,21 @@ def train_bpe(
     vocab_size: int,
     front_specials: list[str],
     lowercase: bool,
+    split_punctuation: bool = False,
 ) -> Tokenizer:
     """A byte-fallback BPE trained on ``texts`` (metaspace pre-tokenization, as Llama's), with
-    ``front_specials`` as its first ids; shared by the LLaVA presets and the family folders."""
+    ``front_specials`` as its first ids; shared by the LLaVA presets and the family folders.
+
+    ``split_punctuation`` keeps punctuation out of word pieces. A BPE trained on a small caption
+    corpus otherwise merges a word with the punctuation that follows it ("star;", "center."), so a
+    new caption style becomes new words; a real LLM's tokenizer, trained on far more text, keeps
+    "star" one piece whatever follows it."""
     tok = Tokenizer(models.BPE(unk_token=front_specials[0] if "<unk>" in front_specials else None, byte_fallback=True))
     norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
     tok.normalizer = normalizers.Sequence(norm)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Punctuation("isolated"), metaspace])
+                         if split_punctuation else metaspace)
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
     ])
@@ -80,13 +88,13 @@ def train_bpe(
     return Tokenizer.from_str(json.dumps(state))
 
 
-def build_llava_tokenizer(texts: Iterable[str], vocab_size: int = 640):
+def build_llava_tokenizer(texts: Iterable[str], vocab_size: int = 640, split_punctuation: bool = False):
     """A Llama-style tokenizer (see module docstring) with LLaVA's ``<image>`` and ``<pad>`` tokens."""
     from transformers import PreTrainedTokenizerFast
 
     # The chat template's role words are part of the tokenizer's language, as in a real model.
     texts = list(texts) + ["USER: ASSISTANT: SYSTEM: A chat between a user and an assistant."] * 200
-    tok = train_bpe(texts, vocab_size, ["<unk>", "<s>", "</s>"], lowercase=False)
+    tok = train_bpe(texts, vocab_size, ["<unk>", "<s>", "</s>"], lowercase=False, split_punctuation=split_punctuation)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]

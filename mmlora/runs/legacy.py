@@ -35,10 +35,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _module_path(key: str) -> str:
-    """The module an adapter key belongs to: the part before its PEFT parts (``lora_A``, ...)."""
+    """The module an adapter key belongs to: the part before its PEFT parts (``lora_A``, ...; and
+    ``base_layer``, under which PEFT saves the weights of an adapted embedding or output layer)."""
     parts = key.removeprefix(PEFT_PREFIX).split(".")
     for i, part in enumerate(parts):
-        if part.startswith("lora_") or part in ("modules_to_save", "original_module"):
+        if part.startswith("lora_") or part in ("modules_to_save", "original_module", "base_layer"):
             return ".".join(parts[:i])
     return ".".join(parts[:-1])
 

@@ -74,3 +74,18 @@ def test_tokenizer_training_is_deterministic():
     texts = corpus(("A",))[:300]
     a, b = build_llava_tokenizer(texts, 400), build_llava_tokenizer(texts, 400)
     assert a.get_vocab() == b.get_vocab()
+
+
+def test_split_punctuation_keeps_words_whole_whatever_follows_them():
+    from mmlora.models.tokenizer import build_llava_tokenizer
+
+    corpus = ["top left holds a large purple star; bottom center: small blue cross."] * 50 + [
+        "a small yellow star in the top right and a large green cross in the center."] * 50
+    merged = build_llava_tokenizer(corpus, vocab_size=400)
+    split = build_llava_tokenizer(corpus, vocab_size=400, split_punctuation=True)
+    text = "top left holds a large purple star; bottom center: small blue star."
+    assert "▁star;" in merged.tokenize(text)  # the default: a word and its punctuation may merge
+    pieces = split.tokenize(text)
+    assert pieces.count("▁star") == 2 and ";" in pieces and ":" in pieces and "." in pieces
+    ids = split(text)["input_ids"]
+    assert split.decode(ids, skip_special_tokens=True) == text

@@ -154,3 +154,20 @@ def test_a_bare_peft_folder_with_a_broken_config_is_refused(legacy_run, tmp_path
     (bare / "adapter_config.json").write_text("{not json")
     with pytest.raises(MmloraError, match="not a readable PEFT adapter config"):
         load_reference(bare)
+
+
+def test_a_run_with_lora_on_the_output_layer_reloads(tmp_path):
+    """PEFT saves an adapted output layer's weights under ``lm_head.base_layer``; such a run loads, and
+    gives plain PEFT's logits."""
+    from peft import PeftModel
+
+    from mmlora.runs.reference import load_reference
+
+    placement = {"language": {"mode": "lora", "targets": ["all-linear", "lm_head"], "rank": 4}}
+    run = make_run(tmp_path / "run", "tiny-llava", placement, seed=3)
+    folder = next(run.rglob("adapter_config.json")).parent
+    assert any(".lm_head.base_layer." in k for k in load_file(str(folder / "adapter_model.safetensors")))
+    loaded = load_reference(str(run)).model.float().eval()
+    plain = PeftModel.from_pretrained(_base(), folder).eval()
+    assert torch.allclose(_logits(loaded), _logits(plain), atol=1e-5)
+    assert not torch.allclose(_logits(plain), _logits(_base()), atol=1e-3)  # the adapter changes the outputs
