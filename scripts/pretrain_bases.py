@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmlora.showcase.shapes import CLASSES, WORLDS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,8 +49,9 @@ def _train(recipe: dict, name: str):
     return trainer
 
 
-SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross")
-COLOURS = ("none", "red", "green", "blue", "yellow")
+#: The tower's label sets: world A's shapes in the masks' class order (index = mask value), its colours.
+SHAPE_CLASSES = tuple(c for c in CLASSES if c == "background" or c in WORLDS["A"].shapes)
+COLOURS = ("none", *WORLDS["A"].colours)
 
 
 def tower_labels(world: Path, split: str, preprocess, grid: int):
