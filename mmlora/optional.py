@@ -88,6 +88,15 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     # assumption ("the vocabulary was not modified") is right.
     (UserWarning, r"Could not find a config file in .* - will assume that the vocabulary was not modified",
      r"peft\.utils\.save_and_load"),
+    # AdaLoRA modules its budget pruned to rank 0 save as (0, n) / (n, 0) factors; PEFT takes any empty
+    # factor for an ungathered ZeRO-3 shard. Matched only when every tensor it names is 2-D with a zero
+    # rank (ZeRO-3's ungathered shards are 1-D).
+    (UserWarning, r"Adapter '[^']*': \d+ LoRA tensor\(s\) have invalid shape: ([^:]+:\((0, \d+|\d+, 0)\)(, |\. ))+A 1-D",
+     r"peft\.utils\.save_and_load"),
+    # A saved AdaLoRA config's rank_pattern names the lora_E of each module (PEFT's own format, which
+    # its loader then uses to resize the modules); PEFT's generic check expects module names there.
+    (RuntimeWarning, r"The following rank_pattern keys did not match any targeted module and were ignored: "
+                     r"\[('[^']*\.lora_E(\.[^']*)?'(, )?)+\]", r"peft\.tuners\.tuners_utils"),
 )
 
 

@@ -145,6 +145,25 @@ def test_only_the_known_future_warnings_are_silenced():
                                                                  (UserWarning, "`is_gradient_")]
 
 
+def test_adaloras_pruned_modules_are_not_taken_for_ungathered_shards():
+    tail = (" A 1-D or zero-sized lora_A / lora_B tensor indicates that DeepSpeed ZeRO-3 / FSDP shards were not "
+            "gathered before save_pretrained() and are therefore incomplete.")
+    pruned = ("Adapter 'default': 2 LoRA tensor(s) have invalid shape: base_model.model.q.lora_A:(0, 64), "
+              "base_model.model.q.lora_B:(64, 0)." + tail)
+    sharded = "Adapter 'default': 1 LoRA tensor(s) have invalid shape: base_model.model.q.lora_A:(0,)." + tail
+    patterns = "The following rank_pattern keys did not match any targeted module and were ignored: "
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        warnings.warn_explicit(pruned, UserWarning, "save_and_load.py", 1, module="peft.utils.save_and_load")
+        warnings.warn_explicit(sharded, UserWarning, "save_and_load.py", 2, module="peft.utils.save_and_load")
+        warnings.warn_explicit(patterns + "['model.a.q.lora_E', 'model.b.v.lora_E']", RuntimeWarning,
+                               "tuners_utils.py", 3, module="peft.tuners.tuners_utils")
+        warnings.warn_explicit(patterns + "['model.a.q_proj']", RuntimeWarning, "tuners_utils.py", 4,
+                               module="peft.tuners.tuners_utils")
+    assert [str(w.message) for w in seen] == [sharded, patterns + "['model.a.q_proj']"]
+
+
 # ----------------------------------------------------------------------------- predict
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(trainer.plan, f"placement plan for {recipe.model.name}"))
     result = trainer.train()
     if trainer.is_main:
+        if result.get("allocation"):
+            print(result["allocation"])
         print(f"trained {result['steps']} steps; final adapters: {result['final']}"
               + (f"; validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
               + (f"; {result['skipped']} bad sample(s) skipped, listed in {result['bad_samples']}"

@@ -163,6 +163,8 @@ class AdaLoraSpec(_Strict):
     tfinal: Annotated[int, Field(ge=0)] = 0
     delta_t: Annotated[int, Field(gt=0)] = 1
     total_step: Annotated[int, Field(gt=0)] | None = None
+    orth_reg_weight: Annotated[float, Field(ge=0)] = Field(
+        default=0.5, description="weight of the orthogonality regulariser on the singular vectors (PEFT's default)")
 
 
 class PlacementSpec(_Strict):

@@ -48,7 +48,7 @@ def peft_config(lora: LoraSettings, adalora: AdaLoraSettings | None = None, caus
         raise MmloraError("placement.adalora.total_step: AdaLoRA needs the number of training steps")
     return AdaLoraConfig(
         init_r=adalora.init_r, target_r=adalora.target_r, tinit=adalora.tinit, tfinal=adalora.tfinal,
-        deltaT=adalora.delta_t, total_step=adalora.total_step, task_type=task_type,
+        deltaT=adalora.delta_t, total_step=adalora.total_step, orth_reg_weight=adalora.orth_reg_weight, task_type=task_type,
         init_lora_weights=_INIT[lora.init], lora_alpha=lora.alpha, target_modules=list(lora.targets),
         lora_dropout=lora.dropout, use_rslora=lora.rslora, bias="none",
     )

@@ -277,7 +277,7 @@ def _adalora(spec: PlacementSpec) -> AdaLoraSettings | None:
     a = spec.adalora
     if a is None:
         return None
-    return AdaLoraSettings(a.init_r, a.target_r, a.tinit, a.tfinal, a.delta_t, a.total_step)
+    return AdaLoraSettings(a.init_r, a.target_r, a.tinit, a.tfinal, a.delta_t, a.total_step, a.orth_reg_weight)
 
 
 def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec) -> PlacementPlan:

@@ -46,3 +46,4 @@ class AdaLoraSettings:
     delta_t: int
     #: Training steps; ``None`` until the trainer knows them (applying then refuses).
     total_step: int | None = None
+    orth_reg_weight: float = 0.5

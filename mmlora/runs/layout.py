@@ -8,6 +8,8 @@
       metrics.jsonl                one row per logged step
       bad_samples.jsonl            the samples skipped as bad (data.on_bad_sample: skip), one per line
       loss_curve.png
+      rank_allocation.json         AdaLoRA runs: effective rank per module after each allocation step
+      rank_heatmap.png, rank_shares.png   (mmlora.runs.allocation)
       checkpoints/step-NNNNNN/     Weights (+ trainer state and fingerprint.json, see mmlora.runs.checkpoint)
       checkpoints/latest
       final/                       Weights

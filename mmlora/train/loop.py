@@ -64,6 +64,7 @@ from mmlora.runs import checkpoint as ckpt
 from mmlora.runs.card import loss_curve, model_card
 from mmlora.runs.layout import Run, Weights
 from mmlora.runs.save import init_from_run, save_placement
+from mmlora.train.allocation import AllocationTracker
 from mmlora.train.hooks import Evaluator, EventHook
 from mmlora.train.optim import base_name, build_optimizer, param_groups
 from mmlora.train.speed import apply_speedups
@@ -101,6 +102,10 @@ class Trainer:
         #: Training samples skipped as bad so far, by key, the same on every process.
         self._skipped: dict[str, dict[str, Any]] = {}
         self._usable: dict[bool | None, int | None] = {}
+        #: AdaLoRA runs: the budget's tracker, the totals of this step's allocation, the final table.
+        self.allocation: AllocationTracker | None = None
+        self.allocated: dict[str, int] | None = None
+        self.allocation_text: str | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -165,6 +170,7 @@ class Trainer:
         self.plan = plan_placement(model, self.mmap, placement)
         model = apply_placement(model, self.plan)
         self.initial_adapters = save_initial_state(model, self.plan)
+        self.allocation = AllocationTracker(model, self.plan) if self.plan.adalora is not None else None
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.speedups = apply_speedups(model, self.mmap, t, self.objective)
@@ -344,6 +350,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.allocation is not None and "adalora" in state:
+            self.allocation.load_state_dict(self.accelerator.unwrap_model(self.model), state["adalora"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
 
@@ -368,8 +376,12 @@ class Trainer:
             save_placement(model, self.plan, tmp, self.recipe.model.name, convert=False)
             ckpt.save_trainable(tmp, model)
             self._event("during-save")
-            ckpt.save_trainer_state(tmp, {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                                          "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step}
+            if self.allocation is not None:
+                state["adalora"] = self.allocation.state_dict(model)
+                self.allocation.write(self.out)
+            ckpt.save_trainer_state(tmp, state)
             ckpt.save_fingerprint(tmp, self.fingerprint)
             self.objective.save_processor(tmp)
             Weights(tmp).write_recipe(self.recipe)
@@ -463,7 +475,12 @@ class Trainer:
             with ctx, self.accelerator.autocast():
                 s, _ = self.objective.loss_sum(self.model, batch)
                 # DDP averages gradients over processes: scale so the result is sum / global tokens.
-                self.accelerator.backward(s * weight)
+                total = s * weight
+                if sync and self.allocation is not None:  # AdaLoRA's orthogonality term, once per step
+                    reg = self.allocation.regularizer(self.accelerator.unwrap_model(self.model))
+                    if reg is not None:
+                        total = total + reg
+                self.accelerator.backward(total)
             loss_sum += float(s.detach()) if weight else 0.0
         loss = self._all_sum(loss_sum) / total_units
         if not math.isfinite(loss):
@@ -477,8 +494,9 @@ class Trainer:
         self._audit(has_images)
         self.optimizer.step()
         self.step_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this step used
-        if self.plan.adalora is not None:
-            self.accelerator.unwrap_model(self.model).base_model.update_and_allocate(self.step)
+        self.allocated = None
+        if self.allocation is not None:
+            self.allocated = self.allocation.step(self.accelerator.unwrap_model(self.model), self.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -564,7 +582,7 @@ class Trainer:
             self.accelerator.end_training()
         report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
         return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
-                "bad_samples": report}
+                "bad_samples": report, "allocation": self.allocation_text}
 
     def _steps(self, bar) -> float | None:
         """The loop: train, log, evaluate and checkpoint each step; returns the last validation loss."""
@@ -581,12 +599,14 @@ class Trainer:
             loss, tokens = done
             row: dict[str, Any] = {"step": self.step, "epoch": self.sampler.epoch, "loss": loss, f"{self.objective.unit}s": tokens,
                                    "lr": self.step_lrs, "skipped": len(self._skipped)}
+            if self.allocated is not None:  # AdaLoRA allocated: the effective rank per modality and the budget
+                row["adalora_rank"] = self.allocated
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                 last_val = row["val_loss"] = self.evaluate()
             row.update(self.run_evaluators(final=self.step == self.total_steps))
             rate = done_samples / max(time.perf_counter() - start, 1e-9)
             row["samples_per_s"] = rate
-            if self.step % t.log_every == 0 or "val_loss" in row or self.step == self.total_steps:
+            if self.step % t.log_every == 0 or "val_loss" in row or "adalora_rank" in row or self.step == self.total_steps:
                 self._on_main(self.run.metrics_file.name, self.run.metrics_file, lambda row=row: self._append_metrics(row))
             if t.trackers:
                 self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
@@ -612,7 +632,11 @@ class Trainer:
             final.write_recipe(self.recipe)
             rows = self.run.metrics()
             loss_curve(rows, self.run.loss_curve_file, self.objective.unit)
-            final.card_file.write_text(model_card(self.recipe, self.plan, rows))
+            card = model_card(self.recipe, self.plan, rows)
+            if self.allocation is not None:
+                self.allocation_text, section = self.allocation.finish(self.out)
+                card += "\n" + section
+            final.card_file.write_text(card)
             return final.folder
 
         return self._on_main("the final adapters", self.run.final.folder, write)
