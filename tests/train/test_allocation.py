@@ -203,3 +203,24 @@ def test_an_interrupted_adalora_run_resumes_exactly(adalora_run, shapes_small, t
     assert [r.get("adalora_rank") for r in resumed] == [r.get("adalora_rank") for r in expected]
     assert (json.loads((second.out / "rank_allocation.json").read_text())
             == json.loads((reference.out / "rank_allocation.json").read_text()))
+
+
+def test_the_trained_adapter_exports_as_lora_with_the_trained_logits(adalora_run, tiny_llava_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from mmlora.runs.export import export_run
+
+    trainer, _, _ = adalora_run
+    record = json.loads((trainer.out / "rank_allocation.json").read_text())
+    export_run(trainer.out, tmp_path / "lora", as_lora=True)
+    folder = tmp_path / "lora" / "adapters" / "default"
+    plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_llava_dir), folder).eval()
+    ranks = {n.removeprefix("base_model.model."): m.r["default"] for n, m in plain.named_modules()
+             if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
+    assert ranks == {m["name"]: m["ranks"][-1] for m in record["modules"] if m["ranks"][-1] > 0}
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    batch = trainer.collate([trainer.train_set[i] for i in range(2)])
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
