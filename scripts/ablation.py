@@ -20,7 +20,7 @@ Writes ``OUT/table.md``, ``OUT/results.json`` and ``OUT/ablation.png`` (bar char
 runs are kept under ``OUT/<shift>/runs`` and reused, so an interrupted ablation continues where it
 stopped.
 
-Run:  python scripts/ablation.py --out evals/ablation                 # the README's tables (≈2 h on 2 cores)
+Run:  python scripts/ablation.py --out evals/ablation                 # the README's tables (≈75 min on 2 cores)
       python scripts/ablation.py --out /tmp/abl --seeds 1 --steps 20 --limit 20 --rows all,language   # a quick look
 """
 
@@ -181,6 +181,9 @@ def bar_chart(results: dict[str, dict[str, Any]], path: Path) -> Path:
     for axrow, (shift, res) in zip(axes, results.items()):
         names = ["base", *res["rows"]]
         for ax, (key, label) in zip(axrow, shown):
+            if res["base"].get(key) is None and not any(s.get(key) is not None for r in res["rows"].values() for s in r["seeds"]):
+                ax.axis("off")  # e.g. the novel concepts: world B's only
+                continue
             means, stds = [], []
             for n in names:
                 vals = [res["base"].get(key)] if n == "base" else [s.get(key) for s in res["rows"][n]["seeds"]]
