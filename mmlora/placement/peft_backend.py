@@ -46,6 +46,10 @@ def peft_config(lora: LoraSettings, adalora: AdaLoraSettings | None = None, caus
         return LoraConfig(task_type=task_type, **lora_kwargs(lora))
     if adalora.total_step is None:
         raise MmloraError("placement.adalora.total_step: AdaLoRA needs the number of training steps")
+    if adalora.tinit >= adalora.total_step - adalora.tfinal:
+        raise MmloraError(f"placement.adalora: tinit {adalora.tinit} + tfinal {adalora.tfinal} leave no step of the "
+                          f"{adalora.total_step}-step run for allocating the budget; lower tinit/tfinal or train "
+                          "longer (train.max_steps)")
     return AdaLoraConfig(
         init_r=adalora.init_r, target_r=adalora.target_r, tinit=adalora.tinit, tfinal=adalora.tfinal,
         deltaT=adalora.delta_t, total_step=adalora.total_step, orth_reg_weight=adalora.orth_reg_weight, task_type=task_type,

@@ -101,6 +101,9 @@ def test_per_modality_ranks_reach_lora_config_exactly(tiny_llava):
     no_steps = _plan(model, {"language": {"mode": "lora"}, "adalora": {}})
     with pytest.raises(MmloraError, match="placement.adalora.total_step: AdaLoRA needs the number of training steps"):
         peft_config(no_steps.adapters[0].lora, no_steps.adapters[0].adalora)
+    too_short = _plan(model, {"language": {"mode": "lora"}, "adalora": {"tinit": 5, "tfinal": 10, "total_step": 3}})
+    with pytest.raises(MmloraError, match="tinit 5 \\+ tfinal 10 leave no step of the 3-step run for allocating the budget"):
+        peft_config(too_short.adapters[0].lora, too_short.adapters[0].adalora)
 
     # applying needs only the plan, and PEFT puts the planned rank and alpha on each module
     assert list(inspect.signature(apply_placement).parameters) == ["model", "plan"]

@@ -26,6 +26,8 @@ def test_tiny_recipe_trains(recipe, shapes_small, tmp_path):
         f"data.val={json.dumps([local(s) for s in data['data'].get('val', [])])}",
         f"train.output_dir={tmp_path / recipe.stem}", "train.max_steps=3", "train.eval_every=3", "train.save_every=2",
     ]
+    if data["placement"].get("adalora"):  # a schedule that fits 3 steps: hold 1, allocate at step 1, hold 1
+        overrides += ["placement.adalora.tinit=0", "placement.adalora.tfinal=1", "placement.adalora.delta_t=1"]
     trainer, result = run_training(recipe, *overrides)
     rows = read_metrics(trainer.out)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["val_loss"] is not None
