@@ -230,6 +230,30 @@ def run_shift(shift: str, recipe_path: Path, rows: list[str], args: argparse.Nam
     return results
 
 
+def write_report(out: Path, results: dict[str, Any], table: str, draw, picture: str) -> None:
+    """``results.json``, ``table.md`` and the picture ``draw(path)`` makes, in ``out``; the table printed."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(table)
+    draw(out / picture)
+    print(table)
+    print(f"table.md, results.json and {picture} in {out}")
+
+
+def shifts_and_recipes(parser: argparse.ArgumentParser, shifts: str, items: list[str]) -> tuple[list[str], dict[str, Path]]:
+    """``--shifts B,C`` and ``--recipe SHIFT=PATH`` → the shifts to run and each shift's recipe (a parser
+    error names a bad one)."""
+    names = [s.strip() for s in shifts.split(",") if s.strip()]
+    if bad := [s for s in names if s not in RECIPES]:
+        parser.error(f"unknown shifts {bad}; known: {', '.join(RECIPES)}")
+    recipes = dict(RECIPES)
+    for item in items:
+        shift, sep, path = item.partition("=")
+        if not sep or shift not in RECIPES:
+            parser.error(f"--recipe {item!r}: give SHIFT=PATH with SHIFT one of {', '.join(RECIPES)}")
+        recipes[shift] = Path(path)
+    return names, recipes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("evals/ablation"))
@@ -247,15 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmlora.showcase.demo import ensure_worlds
 
-    shifts = [s.strip() for s in args.shifts.split(",") if s.strip()]
-    if bad := [s for s in shifts if s not in SHIFT_ROWS]:
-        parser.error(f"unknown shifts {bad}; known: {', '.join(SHIFT_ROWS)}")
-    recipes = dict(RECIPES)
-    for item in args.recipe:
-        shift, sep, path = item.partition("=")
-        if not sep or shift not in SHIFT_ROWS:
-            parser.error(f"--recipe {item!r}: give SHIFT=PATH with SHIFT one of {', '.join(SHIFT_ROWS)}")
-        recipes[shift] = Path(path)
+    shifts, recipes = shifts_and_recipes(parser, args.shifts, args.recipe)
     wanted = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
     if wanted is not None and (unknown := [r for r in wanted if r not in ROWS]):
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -265,12 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     for shift in shifts:
         rows = [r for r in SHIFT_ROWS[shift] if wanted is None or r in wanted]
         results[shift] = run_shift(shift, recipes[shift], rows, args)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = "".join(f"### World {shift}\n\n{summarise(res, shift)}\n" for shift, res in results.items())
-    (args.out / "table.md").write_text(table)
-    bar_chart(results, args.out / "ablation.png")
-    print(table)
-    print(f"table.md, results.json and ablation.png in {args.out}")
+    write_report(args.out, results, table, lambda path: bar_chart(results, path), "ablation.png")
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import RECIPES, score  # noqa: E402  (the ablation's recipes and its scoring)
+from ablation import RECIPES, score, shifts_and_recipes, write_report  # noqa: E402, F401  (the ablation's recipes and helpers)
 
 #: One budget for both shifts: ranks start at 16 per module and end at 8 per module on average; the
 #: budget is held for 10 steps, pruned every 5 steps on a cubic schedule, and fixed for the last 30.
@@ -178,15 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmlora.eval.caption import CaptionSet
     from mmlora.showcase.demo import ensure_worlds
 
-    shifts = [s.strip() for s in args.shifts.split(",") if s.strip()]
-    if bad := [s for s in shifts if s not in RECIPES]:
-        parser.error(f"unknown shifts {bad}; known: {', '.join(RECIPES)}")
-    recipes = dict(RECIPES)
-    for item in args.recipe:
-        shift, sep, path = item.partition("=")
-        if not sep or shift not in RECIPES:
-            parser.error(f"--recipe {item!r}: give SHIFT=PATH with SHIFT one of {', '.join(RECIPES)}")
-        recipes[shift] = Path(path)
+    shifts, recipes = shifts_and_recipes(parser, args.shifts, args.recipe)
     budget = dict(BUDGET)
     for item in filter(None, args.budget.split(",")):
         key, sep, value = item.partition("=")
@@ -221,12 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "batch_size": recipe["train"]["batch_size"], "seeds": list(range(args.seeds)),
                                        "num_images": len(data.image_ids)},
                           "seeds": seeds, "budgets": budgets}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = "".join(f"### World {shift}\n\n{summarise(shift, res, ablation)}\n" for shift, res in results.items())
-    (args.out / "table.md").write_text(table)
-    chart(results, args.out / "budget.png")
-    print(table)
-    print(f"table.md, results.json and budget.png in {args.out}")
+    write_report(args.out, results, table, lambda path: chart(results, path), "budget.png")
     return 0
 
 

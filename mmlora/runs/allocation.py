@@ -11,6 +11,7 @@ modality's share of the budget over the steps (``allocation_figures``).
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,7 +183,7 @@ def allocation_figures(alloc: RankAllocation, folder: Path) -> list[Path]:
         ax.set_title(f"{name}: {sum(m.ranks[-1] for m in mods)} of {alloc.init_r * len(mods)}", fontsize=9)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                if v == v:  # not NaN
+                if not math.isnan(v):
                     ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=6, color="white" if v < alloc.init_r / 2 else "black")
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="effective rank", shrink=0.8)

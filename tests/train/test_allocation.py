@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.train.conftest import read_metrics, run_training
+from tests.train.conftest import read_metrics
 
 ADALORA = {"placement.projector": {"mode": "lora", "rank": 4},
            "placement.adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "delta_t": 1},
