@@ -55,11 +55,7 @@ class RankAllocation:
         return cls(settings.init_r, settings.target_r, modules=modules)
 
     def record(self, step: int, budget: int, ranks: dict[str, int]) -> None:
-        """The ranks after ``step`` (a repeated step replaces its entry)."""
-        if self.steps and self.steps[-1] == step:
-            self.steps.pop(), self.budgets.pop()
-            for m in self.modules:
-                m.ranks.pop()
+        """Append the ranks after ``step``."""
         self.steps.append(step)
         self.budgets.append(budget)
         for m in self.modules:
@@ -115,42 +111,42 @@ def _layers_text(ranks: list[tuple[int | None, int]]) -> str:
                       sorted(by_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
 
 
+def _final_rows(alloc: RankAllocation) -> list[tuple[str, str, str, str, str, str]]:
+    """Per modality: name, modules, "kept of initial", share of the kept rank, modules pruned to 0,
+    rank per layer — the cells both tables show."""
+    final = alloc.totals()
+    kept = sum(final.values())
+    rows = []
+    for name, total in final.items():
+        mods = [m for m in alloc.modules if m.modality == name]
+        share = f"{100 * total / kept:.1f}%" if kept else "-"
+        rows.append((name, str(len(mods)), f"{total} of {alloc.init_r * len(mods)}", share,
+                     str(sum(m.ranks[-1] == 0 for m in mods)), _layers_text([(m.layer, m.ranks[-1]) for m in mods])))
+    return rows
+
+
 def format_allocation(alloc: RankAllocation, title: str = "") -> str:
     """The final allocation per modality: modules, rank kept of the initial, share of the budget,
     modules pruned to rank 0, and the rank per layer."""
-    final = alloc.totals()
-    start = {n: sum(alloc.init_r for m in alloc.modules if m.modality == n) for n in final}
-    kept = sum(final.values())
     header = ("modality", "modules", "rank kept", "share", "pruned to 0", "rank per layer")
-    rows = []
-    for name in final:
-        mods = [m for m in alloc.modules if m.modality == name]
-        share = f"{100 * final[name] / kept:.1f}%" if kept else "-"
-        rows.append((name, str(len(mods)), f"{final[name]} of {start[name]}", share,
-                     str(sum(m.ranks[-1] == 0 for m in mods)), _layers_text([(m.layer, m.ranks[-1]) for m in mods])))
+    rows = _final_rows(alloc)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [title] if title else []
     out += [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     last = alloc.steps[-1] if alloc.steps else 0
-    out.append(f"total rank {kept} after step {last} (budget {alloc.budgets[-1] if alloc.budgets else '-'}; "
-               f"init_r {alloc.init_r}, target_r {alloc.target_r} per module)")
+    out.append(f"total rank {sum(alloc.totals().values())} after step {last} (budget "
+               f"{alloc.budgets[-1] if alloc.budgets else '-'}; init_r {alloc.init_r}, target_r {alloc.target_r} per module)")
     return "\n".join(out)
 
 
 def card_section(alloc: RankAllocation) -> str:
     """The model card's ``## AdaLoRA rank allocation`` section (a Markdown table)."""
-    final = alloc.totals()
-    kept = sum(final.values())
     lines = ["## AdaLoRA rank allocation", "",
              f"Effective rank (singular values kept) after step {alloc.steps[-1]}, of init_r {alloc.init_r} per module "
              f"(target_r {alloc.target_r}); per module and step in `{ALLOCATION_FILE}`.", "",
              "| modality | modules | rank kept | share of the budget | rank per layer |", "|---|---|---|---|---|"]
-    for name, total in final.items():
-        mods = [m for m in alloc.modules if m.modality == name]
-        share = f"{100 * total / kept:.1f}%" if kept else "-"
-        lines.append(f"| {name} | {len(mods)} | {total} of {alloc.init_r * len(mods)} | {share} | "
-                     f"{_layers_text([(m.layer, m.ranks[-1]) for m in mods])} |")
+    lines += [f"| {name} | {modules} | {kept} | {share} | {layers} |" for name, modules, kept, share, _, layers in _final_rows(alloc)]
     return "\n".join(lines) + "\n"
 
 
