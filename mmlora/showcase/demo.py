@@ -3,17 +3,18 @@
 ``make demo`` (= ``mmlora demo``) runs the whole pipeline on CPU, with nothing downloaded:
 
 1. **data** — the shapes worlds A and B, generated into ``data/shapes`` (reused when present);
-2. **plan + train, captioning** — ``recipes/shapes/llava-lora-b.yaml``: LoRA per modality on
-   ``shapes-llava-base`` over world-B conversations (world B: a new shape, a new colour, a new caption
-   style);
-3. **plan + train, segmentation** — ``recipes/shapes/clip-seg-lora-b.yaml``: dense LoRA on q/v of both
-   towers of ``shapes-clip-base`` over world-B masks, the class ``triangle`` held out as unseen;
+2. **plan + train, captioning** — ``recipes/shapes/llava-lora-b-wide.yaml``: LoRA on every linear
+   layer of the three modalities of ``shapes-llava-base`` over world-B conversations (world B: a new
+   shape, a new colour, a new caption style);
+3. **plan + train, segmentation** — ``recipes/shapes/clip-seg-lora-b.yaml``: dense LoRA on both towers
+   of ``shapes-clip-base`` over world-B masks, the class ``triangle`` held out as unseen;
 4. **caption evaluation** (pycocoevalcap CIDEr, BLEU-4; slot accuracy) and **segmentation evaluation**
    (dataset-level mIoU on seen and unseen classes) of base and adapted models on world-B test images;
 5. **an overlay picture** — a world-B test image, its ground truth, and the base's and the adapted
    CLIP's segmentations — and the before/after table.
 
-A finished run in the output folder is reused (delete ``runs/demo`` to retrain). Each step's
+A finished run in the output folder is reused when it was trained by the same recipe, and retrained
+when the recipe changed (delete ``runs/demo`` to retrain anyway). Each step's
 outputs stay in the output folder: runs (adapters, loss curves, model cards), evaluation folders
 (metrics.json, table.md, per-image captions) and ``overlay.png``.
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mmlora.config.loading import load_recipe
+from mmlora.config.loading import load_recipe, recipe_to_yaml
 from mmlora.data.segmentation import IGNORE_INDEX, SegmentationFolder
 from mmlora.errors import MmloraError
 from mmlora.eval.caption import CaptionSet, evaluate_models
@@ -47,7 +48,7 @@ from mmlora.train.loop import Trainer
 RECIPES = Path(__file__).resolve().parent / "recipes"
 #: The worlds the demo reads (and generates when they are missing or differ).
 DEMO_WORLDS = ("A", "B", "C")
-LLAVA_RECIPE = RECIPES / "llava-lora-b.yaml"
+LLAVA_RECIPE = RECIPES / "llava-lora-b-wide.yaml"
 CLIP_RECIPE = RECIPES / "clip-seg-lora-b.yaml"
 #: Training-free dense mode the base CLIP is scored with (the adapted one uses its recipe's mode).
 BASE_DENSE_MODE = "clearclip"
@@ -81,12 +82,16 @@ def retarget_recipe(recipe, data_dir: Path, output_dir: Path, overrides: dict[st
 
 
 def _train(recipe_path: Path, data_dir: Path, run_dir: Path, overrides: dict[str, Any], log) -> Path:
-    if find_weights(run_dir) is not None:
-        log(f"  reusing {run_dir} (delete it to retrain)")
-        return run_dir
     if not recipe_path.is_file():
         raise MmloraError(f"{recipe_path}: the demo recipe is missing; reinstall mmlora")
     recipe = retarget_recipe(load_recipe(recipe_path), data_dir, run_dir, overrides)
+    if find_weights(run_dir) is not None:
+        saved = run_dir / "recipe.yaml"
+        if saved.is_file() and saved.read_text() == recipe_to_yaml(recipe):
+            log(f"  reusing {run_dir} (delete it to retrain)")
+            return run_dir
+        log(f"  {run_dir} was trained by another recipe: retraining it")
+        shutil.rmtree(run_dir)
     trainer = Trainer(recipe, recipe_name=recipe_path.stem)
     trainer.setup()
     trainer.train()
@@ -154,7 +159,7 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
     unseen = list(spec.get("unseen_dense_classes", []))
 
     log(f"[2/5] captioning: {llava_recipe.name} on world B")
-    llava_run = _train(llava_recipe, data_dir, out / "llava-lora-b", llava_overrides or {}, log)
+    llava_run = _train(llava_recipe, data_dir, out / "llava-lora-b-wide", llava_overrides or {}, log)
     log(f"[3/5] segmentation: {clip_recipe.name} on world-B masks ({', '.join(unseen) or 'no class'} held out)")
     clip_run = _train(clip_recipe, data_dir, out / "clip-seg-lora-b", clip_overrides or {}, log)
 
@@ -193,16 +198,15 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
 
 
 def _demo_overlay(world: Path, clip_base: str, clip_run: Path, dense_mode: str, out: Path) -> Path:
-    """The first world-B test image showing the novel shape (else the first image)."""
+    """The world-B test image (of the first 50) where the novel shape covers most pixels (else the first)."""
     folder = SegmentationFolder(world, "test")
     classes = folder.classes
     novel = classes.index("star") if "star" in classes else None
-    pick = 0
-    for i in range(min(len(folder), 50)):
+    pick, most = 0, 0
+    for i in range(min(len(folder), 50) if novel is not None else 0):
         _, mask = folder.load(i)
-        if novel is not None and (mask == novel).sum() > 150:
-            pick = i
-            break
+        if (area := int((np.asarray(mask) == novel).sum())) > most:
+            pick, most = i, area
     image, truth = folder.load(pick)
     base = ClipSegmenter(classes, clip_base, BASE_DENSE_MODE)(image)
     adapted = ClipSegmenter(classes, str(clip_run), dense_mode)(image)

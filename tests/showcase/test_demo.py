@@ -50,10 +50,16 @@ def test_demo_trains_evaluates_and_reports_before_after(shapes_small, tiny_llava
     data = CaptionSet.from_coco(shapes_small / "world_B" / "annotations" / "captions_test.json", limit=3)
     want = novel_recall({x["image_id"]: x["caption"] for x in written}, data.objects)
     assert (r.after["star recall"], r.after["purple recall"]) == (want["novel_shape"], want["novel_colour"])
-    # A second demo reuses the finished runs.
+    # A second demo reuses the finished runs; a changed recipe retrains its run (and only that one).
     logs.clear()
     run_demo(**kwargs)
     assert sum("reusing" in line for line in logs) == 2
+    logs.clear()
+    run_demo(**(kwargs | {"llava_overrides": {**kwargs["llava_overrides"], "max_steps": 3}}))
+    assert sum("reusing" in line for line in logs) == 1
+    assert sum("trained by another recipe" in line for line in logs) == 1
+    metrics = (tmp_path / "demo" / "llava-lora-b-wide" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[-1])["step"] == 3
 
 
 def test_the_demo_reads_only_worlds_it_generated(shapes_small, tmp_path):
