@@ -291,6 +291,16 @@ class ChunkedLossSpec(_Strict):
         default=None, description="rows per chunk; default: as many as keep a chunk's fp32 logits near 32 MiB")
 
 
+class PackingSpec(_Strict):
+    """Exact sequence packing: each micro-batch's samples laid end to end in rows of at most
+    ``max_tokens`` (first-fit-decreasing), positions restarting and attention confined per sample,
+    so every sample gets the loss and gradients it gets unpacked (``mmlora.data.packing``)."""
+
+    enabled: bool = False
+    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="tokens per packed row (image tokens included); default: data.max_length")
+
+
 class TrainSpec(_Strict):
     """The training loop. Batch sizes are per optimizer step: ``batch_size`` samples per device per
     micro-step, ``grad_accum`` micro-steps, times the number of processes."""
@@ -314,6 +324,7 @@ class TrainSpec(_Strict):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     chunked_loss: ChunkedLossSpec = ChunkedLossSpec()
+    packing: PackingSpec = PackingSpec()
     frozen_no_grad: bool = Field(
         default=True, description="run sub-models with nothing to train (e.g. a frozen vision tower) without autograd")
     lean_dora: bool = Field(

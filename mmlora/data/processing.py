@@ -95,7 +95,7 @@ class ConversationEncoder:
                 # Per-token outputs (mm_token_type_ids, token_type_ids, ...) lose the batch dim like input_ids.
                 per_token = torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == (1, n) and not k.startswith("pixel")
                 out[k] = v[0] if per_token else v
-            if offsets is not None and (offsets[0] or not images):
+            if offsets is not None and (len(offsets[0]) or not images):
                 labels, blocks = self._labels_from_replacements(text, spans, offsets[0], add_special, expanded.tolist(), sample)
             else:  # a processor that does not report its replacements: follow the image token's runs
                 labels = self._expand_labels(ids, labels, expanded.tolist(), sample)

@@ -52,10 +52,13 @@ from mmlora.config.schema import Recipe
 from mmlora.data.batching import ConversationDataset, GroupedBatchSampler, skip_entry, write_skip_report
 from mmlora.data.build import mix, read_dataset
 from mmlora.data.image_budget import image_budget
+from mmlora.data.packing import PackedCollator
 from mmlora.data.processing import image_token_ids
 from mmlora.errors import MmloraError
 from mmlora.models.loading import resolve_pretrained
 from mmlora.models.precision import load_for_training
+from mmlora.models.varlen import enable as enable_varlen
+from mmlora.models.varlen import packing_refusal
 from mmlora.objectives.select import objective_for
 from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing, save_initial_state
 from mmlora.placement.audit import audit_gradients
@@ -136,11 +139,30 @@ class Trainer:
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         self.objective = objective_for(model, resolve_pretrained(r.model.name), r.data, t.dense, self.base_dir)
         self.collate = self.objective.collate
+        if t.packing.enabled:
+            self.collate = self._packed_collator(model)
         vocab = vocab_size(model, self.objective.processor) if self.objective.unit == "token" else None
         self.watch = TrainingWatch(vocab, self.is_main, self.accelerator.distributed_type.name in SHARDED)
         if t.init_from:
             init_from_run(model, Path(t.init_from))
         return model
+
+    def _packed_collator(self, model: nn.Module) -> PackedCollator:
+        """Training micro-batches packed (``train.packing``), the language model on varlen attention;
+        validation stays padded (the varlen attention takes a padded batch's mask as SDPA does)."""
+        p, max_length = self.recipe.train.packing, self.recipe.data.max_length
+        model_type = getattr(model.config, "model_type", "?")
+        if self.objective.unit != "token":
+            raise MmloraError(f"train.packing: {self.objective.unit}-level objectives have no sequences to pack; "
+                              "set train.packing.enabled=false")
+        if (why := packing_refusal(model_type)) is not None:
+            raise MmloraError(f"train.packing: {model_type} cannot pack exactly: {why}; set train.packing.enabled=false")
+        max_tokens = p.max_tokens or max_length
+        if max_tokens < max_length:
+            raise MmloraError(f"train.packing.max_tokens={max_tokens} is below data.max_length={max_length}: a sample "
+                              "could not fit a row (samples are never split); raise max_tokens or lower max_length")
+        enable_varlen(model, self.accelerator.device.type)
+        return PackedCollator(self.objective.collate.pad_token_id, max_tokens)
 
     def _setup_data(self) -> None:
         """Datasets, the seeded global-batch sampler, and the number of steps."""
@@ -545,7 +567,7 @@ class Trainer:
         idx = list(range(rank, len(self.val_set), world))
         total, tokens = 0.0, 0
         for k in range(0, len(idx), size):
-            batch = self.collate([self.val_set[i] for i in idx[k:k + size]])
+            batch = self.objective.collate([self.val_set[i] for i in idx[k:k + size]])
             if batch is None:
                 continue
             batch = {key: v.to(self.accelerator.device) for key, v in batch.items()}

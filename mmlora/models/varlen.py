@@ -1,0 +1,111 @@
+"""Varlen attention for packed rows, registered with transformers' attention interface.
+
+transformers builds a block-diagonal causal mask for a packed row (``position_ids`` restarting per
+sample, no ``attention_mask``) and hands it to SDPA, which then still computes the whole
+``(Σ Lᵢ)²`` score matrix and masks most of it away. FlashAttention-2's varlen kernel takes the
+segments instead — but it needs CUDA and the ``flash-attn`` package. This is the same idea in plain
+torch for every other device: one causal SDPA call per segment, so attention costs ``Σ Lᵢ²``. The
+segments are read from ``position_ids`` exactly as transformers reads them for FlashAttention
+(a segment starts wherever the position does not follow the previous one).
+
+Registered as ``mmlora_varlen`` for attention and for masks; where a real mask arrives (a padded,
+unpacked batch, e.g. validation) or the queries are not the keys (generation with a cache), it
+falls back to transformers' own SDPA path, so the model stays usable for everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "mmlora_varlen"
+
+
+def _segments(position_ids: torch.Tensor, batch: int) -> list[list[int]]:
+    rows = position_ids.reshape(-1, position_ids.shape[-1])
+    if rows.shape[0] != batch:  # one row of positions broadcast over the batch
+        rows = rows[:1].expand(batch, -1)
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    starts[:, 1:] = rows[:, 1:] != rows[:, :-1] + 1
+    out = []
+    for row in starts:
+        idx = row.nonzero().squeeze(1).tolist() + [rows.shape[1]]
+        out.append([b - a for a, b in zip(idx, idx[1:])])
+    return out
+
+
+def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """``query [B, H, L, D]``, ``key``/``value [B, H_kv, L, D]`` → ``[B, L, H, D]``, causal per segment."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    if (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
+            or position_ids.dim() > 2 or kwargs.get("softcap") is not None or kwargs.get("sliding_window")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    p = dropout if module.training else 0.0
+    rows = []
+    for b, lengths in enumerate(_segments(position_ids, query.shape[0])):
+        pieces, start = [], 0
+        for n in lengths:
+            s = slice(start, start + n)
+            pieces.append(F.scaled_dot_product_attention(query[b:b + 1, :, s], key[b:b + 1, :, s], value[b:b + 1, :, s],
+                                                         dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa))
+            start += n
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """No mask for a packed row (the segments are in ``position_ids``); SDPA's mask otherwise."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register() -> str:
+    """Register ``mmlora_varlen`` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_sdpa_attention)
+    AttentionMaskInterface.register(NAME, varlen_mask)
+    return NAME
+
+
+def enable(model, device_type: str = "cpu") -> str:
+    """Give the language model of ``model`` (a transformers model) the attention packed rows need:
+    FlashAttention-2's varlen kernel on CUDA where ``flash-attn`` is installed, ``mmlora_varlen``
+    otherwise (the vision tower keeps its own). Returns the implementation's name."""
+    import importlib.util
+
+    name = "flash_attention_2" if device_type == "cuda" and importlib.util.find_spec("flash_attn") else register()
+    model.set_attn_implementation({"text_config": name} if hasattr(model.config, "text_config") else name)
+    return name
+
+
+#: Families whose packed rows are exact — positions restart per sample and every attention is causal —
+#: each checked against its padded batch (tests/data/test_packing.py).
+PACKS = ("llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl")
+#: Families that cannot pack exactly, and why.
+REFUSED = {
+    "mllama": "its image features enter by cross-attention, under a per-sample mask the model builds itself",
+    "paligemma": "its image and prompt attend to each other bidirectionally, inside the model's own mask builder",
+    "gemma3": "its image tokens attend to each other bidirectionally, inside the model's own mask builder",
+    "gemma4": "its image tokens attend to each other bidirectionally, inside the model's own mask builder",
+    "qwen2_vl": "its 3-D mRoPE positions are computed by the model over the padded batch (per-sample mRoPE is not wired yet)",
+    "qwen2_5_vl": "its 3-D mRoPE positions are computed by the model over the padded batch (per-sample mRoPE is not wired yet)",
+    "qwen3_vl": "its 3-D mRoPE positions are computed by the model over the padded batch (per-sample mRoPE is not wired yet)",
+}
+
+
+def packing_refusal(model_type: str) -> str | None:
+    """Why ``train.packing`` cannot be used with this family, or None when it packs exactly."""
+    if model_type in PACKS:
+        return None
+    return REFUSED.get(model_type, "its packed rows have not been checked against padded batches")

@@ -1,0 +1,90 @@
+"""``train.packing`` in the trainer: a packed run takes the same steps as the unpacked one (the same
+losses, token counts and gradients: the loss stays normalised by the global batch's supervised
+tokens, the chunked head/loss runs on packed rows), resumes mid-epoch exactly, and refuses what it
+cannot pack in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmlora.config.loading import load_recipe
+from mmlora.errors import MmloraError
+from mmlora.models.varlen import packing_refusal
+from mmlora.train.loop import Trainer
+from tests.train.conftest import read_metrics
+
+FIXED = {"train.max_steps": 3, "train.eval_every": None, "train.max_grad_norm": None}
+
+
+class Stop(Exception):
+    pass
+
+
+def _train(make_recipe, name: str, **changes):
+    trainer = Trainer(load_recipe(make_recipe(name, **(FIXED | changes))), recipe_name=name)
+    trainer.setup()
+    grads, rows = [], []
+    step = trainer.optimizer.step
+
+    def capture(*args, _step=step, **kwargs):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        return _step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    trainer.train()
+    return trainer, grads, read_metrics(trainer.out)
+
+
+def test_a_packed_run_takes_the_steps_of_the_padded_run(make_recipe):
+    packed_rows = []
+    _, g_pad, m_pad = _train(make_recipe, "padded", **{"train.batch_size": 6})
+    trainer, g_pack, m_pack = _train(make_recipe, "packed", **{"train.batch_size": 6, "train.packing.enabled": True,
+                                                                 "train.packing.max_tokens": 300})
+    batch = trainer.collate([trainer.train_set[i] for i in range(6)])
+    packed_rows.append(batch["input_ids"].shape[0])
+    assert packed_rows[0] < 6 and "position_ids" in batch  # the rows really are packed
+    assert [r["tokens"] for r in m_pack] == [r["tokens"] for r in m_pad]
+    assert [r["loss"] for r in m_pack] == pytest.approx([r["loss"] for r in m_pad], rel=1e-5)
+    for a, b in zip(g_pack, g_pad):
+        assert a.keys() == b.keys()
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_a_packed_run_resumes_mid_epoch_exactly(make_recipe):
+    changes = {"train.packing.enabled": True, "train.max_steps": 5, "train.save_every": 2, "train.eval_every": None}
+    reference = Trainer(load_recipe(make_recipe("whole", **changes)), recipe_name="whole")
+    reference.setup()
+    reference.train()
+    recipe = make_recipe("resumed", **changes)
+    first = Trainer(load_recipe(recipe), recipe_name="resumed")
+
+    def stop(where, step):
+        if where == "after-step" and step == 3:
+            raise Stop
+
+    first.on_event = stop
+    first.setup()
+    with pytest.raises(Stop):
+        first.train()
+    second = Trainer(load_recipe(recipe), recipe_name="resumed")
+    second.setup()
+    assert second.step == 2 and second.sampler.position > 0  # mid-epoch
+    second.train()
+    assert [r["loss"] for r in read_metrics(second.out)] == [r["loss"] for r in read_metrics(reference.out)]
+
+
+def test_packing_refuses_rows_shorter_than_a_sample(make_recipe):
+    recipe = load_recipe(make_recipe("short", **{"train.packing.enabled": True, "train.packing.max_tokens": 100}))
+    with pytest.raises(MmloraError, match=r"max_tokens=100 is below data.max_length=256: a sample could not fit"):
+        Trainer(recipe, recipe_name="short").setup()
+
+
+@pytest.mark.parametrize("model_type, reason", [("mllama", "cross-attention"), ("paligemma", "bidirectionally"),
+                                                ("qwen2_vl", "mRoPE"), ("some_new_vlm", "not been checked")])
+def test_families_that_cannot_pack_say_why(model_type, reason):
+    assert reason in packing_refusal(model_type)
+    assert packing_refusal("llava") is None
