@@ -3,7 +3,10 @@
 A packed batch gives every sample the loss and gradients it gets alone. Three things make it so:
 
 * **positions restart per sample** — ``position_ids`` count from 0 in every sample (and in the
-  padding run that ends a row), so rotary embeddings see what they see unpacked;
+  padding run that ends a row), so rotary embeddings see what they see unpacked; for families with
+  multi-dimensional rotary positions (Qwen2/2.5/3-VL's mRoPE) the model's own positions of each
+  sample alone (``positions``) follow the restarting text row, ``[1 + k, B, L]``, the layout those
+  models read packed positions in;
 * **attention never crosses samples** — the batch carries no ``attention_mask``; transformers then
   reads the sample boundaries from the restarting ``position_ids`` and builds a block-diagonal causal
   mask (``masking_utils.find_packed_sequence_indices``), and FlashAttention-2 / mmlora's varlen SDPA
@@ -21,7 +24,7 @@ sampler's order and its resumable position stay what they are without packing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -54,9 +57,13 @@ class PackedCollator(Collator):
     sample, no ``attention_mask``. Per-token tensors (``mm_token_type_ids``, ...) are concatenated
     like the text; per-image tensors in the samples' packed order."""
 
-    def __init__(self, pad_token_id: int, max_tokens: int):
+    def __init__(self, pad_token_id: int, max_tokens: int,
+                 positions: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None):
+        """``positions``: a sample → its model positions ``[k, L]`` (mRoPE), for families whose rotary
+        positions are not one count per token."""
         super().__init__(pad_token_id, padding_side="right")
         self.max_tokens = max_tokens
+        self.positions = positions
 
     def __call__(self, items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
         items = [it for it in items if it is not None]
@@ -77,19 +84,23 @@ class PackedCollator(Collator):
                 labels[0] = IGNORE  # nothing predicts a sample's first token: the row's previous token is another sample's
                 parts["input_ids"].append(it["input_ids"])
                 parts["labels"].append(labels)
-                parts["position_ids"].append(torch.arange(n))
+                here = torch.arange(n)
+                if self.positions is not None:
+                    here = torch.cat([here[None], self.positions(it).to(here.dtype)])
+                parts["position_ids"].append(here)
                 for k in per_token:
                     parts[k].append(it[k] if k in it else torch.zeros_like(it["input_ids"]))
             pad = longest - sum(len(t) for t in parts["input_ids"])
             if pad:  # the padding run is a segment of its own: it follows the row's samples causally, so they never see it
                 parts["input_ids"].append(torch.full((pad,), self.pad_token_id, dtype=parts["input_ids"][0].dtype))
                 parts["labels"].append(torch.full((pad,), IGNORE, dtype=parts["labels"][0].dtype))
-                parts["position_ids"].append(torch.arange(pad))
+                rows_of = parts["position_ids"][0].shape[0] if self.positions is not None else None
+                parts["position_ids"].append(torch.arange(pad) if rows_of is None else torch.arange(pad).expand(rows_of, -1))
                 for k in per_token:
                     parts[k].append(torch.zeros(pad, dtype=parts[k][0].dtype))
             for k, pieces in parts.items():
-                out[k].append(torch.cat(pieces))
-        batch = {k: torch.stack(v) for k, v in out.items()}
+                out[k].append(torch.cat(pieces, dim=-1))
+        batch = {k: torch.stack(v, dim=-2) for k, v in out.items()}
         for key in sorted({k for it in ordered for k in it} - set(batch) - {"attention_mask"}):
             have = [it[key] for it in ordered if key in it]
             batch[key] = self._concat(have, key)
@@ -97,8 +108,10 @@ class PackedCollator(Collator):
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
-    """Per row, the lengths of the segments a packed ``position_ids`` ``[B, L]`` describes (a segment
-    starts wherever the position does not follow the previous one)."""
+    """Per row, the lengths of the segments a packed ``position_ids`` ``[B, L]`` (or ``[1 + k, B, L]``,
+    text row first) describes (a segment starts wherever the position does not follow the previous one)."""
+    if position_ids.dim() == 3:
+        position_ids = position_ids[0]
     out = []
     for row in position_ids.tolist():
         starts = [j for j, p in enumerate(row) if j == 0 or p != row[j - 1] + 1]

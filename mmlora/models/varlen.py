@@ -91,17 +91,37 @@ def enable(model, device_type: str = "cpu") -> str:
 
 #: Families whose packed rows are exact — positions restart per sample and every attention is causal —
 #: each checked against its padded batch (tests/data/test_packing.py).
-PACKS = ("llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl")
+PACKS = ("llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", *("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+#: Families with multi-dimensional rotary positions, computed per sample by :func:`sample_positions`.
+MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 #: Families that cannot pack exactly, and why.
 REFUSED = {
     "mllama": "its image features enter by cross-attention, under a per-sample mask the model builds itself",
     "paligemma": "its image and prompt attend to each other bidirectionally, inside the model's own mask builder",
     "gemma3": "its image tokens attend to each other bidirectionally, inside the model's own mask builder",
     "gemma4": "its image tokens attend to each other bidirectionally, inside the model's own mask builder",
-    "qwen2_vl": "its 3-D mRoPE positions are computed by the model over the padded batch (per-sample mRoPE is not wired yet)",
-    "qwen2_5_vl": "its 3-D mRoPE positions are computed by the model over the padded batch (per-sample mRoPE is not wired yet)",
-    "qwen3_vl": "its 3-D mRoPE positions are computed by the model over the padded batch (per-sample mRoPE is not wired yet)",
 }
+
+
+def sample_positions(model):
+    """For an mRoPE family, a function: one encoded sample → the model's own 3-D rotary positions of
+    that sample alone ``[3, L]`` (``get_rope_index``, which reads only the ids, the token types and the
+    image grids); None for families whose positions are one count per token."""
+    if getattr(model.config, "model_type", None) not in MROPE:
+        return None
+    inner = model.model
+
+    @torch.no_grad()
+    def positions(item: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = len(item["input_ids"])
+        grids = {k: item[k] for k in ("image_grid_thw", "video_grid_thw") if k in item}
+        if not grids:  # a text-only sample: every axis counts tokens
+            return torch.arange(n).expand(3, -1)
+        types = item.get("mm_token_type_ids", torch.zeros(n, dtype=torch.long))
+        pos, _ = inner.get_rope_index(item["input_ids"][None], mm_token_type_ids=types[None], **grids)
+        return pos[:, 0]
+
+    return positions
 
 
 def packing_refusal(model_type: str) -> str | None:

@@ -58,7 +58,7 @@ from mmlora.errors import MmloraError
 from mmlora.models.loading import resolve_pretrained
 from mmlora.models.precision import load_for_training
 from mmlora.models.varlen import enable as enable_varlen
-from mmlora.models.varlen import packing_refusal
+from mmlora.models.varlen import packing_refusal, sample_positions
 from mmlora.objectives.select import objective_for
 from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing, save_initial_state
 from mmlora.placement.audit import audit_gradients
@@ -162,7 +162,7 @@ class Trainer:
             raise MmloraError(f"train.packing.max_tokens={max_tokens} is below data.max_length={max_length}: a sample "
                               "could not fit a row (samples are never split); raise max_tokens or lower max_length")
         enable_varlen(model, self.accelerator.device.type)
-        return PackedCollator(self.objective.collate.pad_token_id, max_tokens)
+        return PackedCollator(self.objective.collate.pad_token_id, max_tokens, positions=sample_positions(model))
 
     def _setup_data(self) -> None:
         """Datasets, the seeded global-batch sampler, and the number of steps."""

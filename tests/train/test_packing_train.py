@@ -10,7 +10,7 @@ import torch
 
 from mmlora.config.loading import load_recipe
 from mmlora.errors import MmloraError
-from mmlora.models.varlen import packing_refusal
+from mmlora.models.varlen import PACKS, packing_refusal
 from mmlora.train.loop import Trainer
 from tests.train.conftest import read_metrics
 
@@ -84,7 +84,45 @@ def test_packing_refuses_rows_shorter_than_a_sample(make_recipe):
 
 
 @pytest.mark.parametrize("model_type, reason", [("mllama", "cross-attention"), ("paligemma", "bidirectionally"),
-                                                ("qwen2_vl", "mRoPE"), ("some_new_vlm", "not been checked")])
+                                                ("gemma4", "bidirectionally"), ("some_new_vlm", "not been checked")])
 def test_families_that_cannot_pack_say_why(model_type, reason):
     assert reason in packing_refusal(model_type)
-    assert packing_refusal("llava") is None
+    assert packing_refusal("llava") is None and packing_refusal("qwen2_vl") is None
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    from mmlora.models.families import save_family
+
+    built = {}
+
+    def get(model_type: str):
+        if model_type not in built:
+            built[model_type] = tmp_path_factory.mktemp(model_type) / "model"
+            save_family(model_type, built[model_type])
+        return built[model_type]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", PACKS)
+def test_each_packing_family_trains_the_same_steps_packed(model_type, family_dir, shapes_small, tmp_path):
+    """The family's own recipe (recipes/families/), 2 steps of 4 samples, padded and packed: the same
+    token counts and losses — the per-sample mRoPE positions included for the Qwen-VL families."""
+    from pathlib import Path
+
+    world = shapes_small / "world_B"
+    losses = {}
+    for packed in (False, True):
+        overrides = [f"model.name={family_dir(model_type)}", f"train.output_dir={tmp_path / str(packed)}",
+                     "train.max_steps=2", "train.batch_size=4", "train.eval_every=null", "train.save_every=null",
+                     "train.warmup_steps=0", f"data.train=[{{format: llava, path: {world / 'llava_train.json'}}}]",
+                     "data.val=[]", f"train.packing.enabled={str(packed).lower()}"]
+        recipe = Path(__file__).resolve().parents[2] / "recipes" / "families" / f"{model_type}.yaml"
+        trainer = Trainer(load_recipe(recipe, overrides), recipe_name=model_type)
+        trainer.setup()
+        trainer.train()
+        losses[packed] = read_metrics(trainer.out)
+    assert [r["tokens"] for r in losses[True]] == [r["tokens"] for r in losses[False]]
+    assert [r["loss"] for r in losses[True]] == pytest.approx([r["loss"] for r in losses[False]], rel=1e-5)
