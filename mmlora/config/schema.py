@@ -312,6 +312,9 @@ class TrainSpec(_Strict):
     max_steps: Annotated[int, Field(gt=0)] | None = None
     epochs: Annotated[float, Field(gt=0)] = 1.0
     batch_size: Annotated[int, Field(gt=0)] = 8
+    batch_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="token-budget batches: a micro-batch holds as many samples as fit this many token "
+        "cells per process (padded samples x longest, or the sum when packed); replaces batch_size")
     grad_accum: Annotated[int, Field(gt=0)] = 1
     lr: Annotated[float, Field(gt=0)] = 2.0e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0

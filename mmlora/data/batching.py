@@ -182,6 +182,26 @@ class Collator:
         return torch.cat(padded)
 
 
+def batch_cost(lengths: Sequence[int], packed: bool) -> int:
+    """Token cells a batch of samples this long takes: their sum when packed, else the padded
+    ``samples x longest``."""
+    if not lengths:
+        return 0
+    return sum(lengths) if packed else len(lengths) * max(lengths)
+
+
+def cut_by_tokens(lengths: Sequence[int], budget: int, packed: bool) -> list[list[int]]:
+    """Positions ``0..n-1`` cut in order into runs whose :func:`batch_cost` stays within ``budget``
+    (a sample over the budget alone is a run of its own)."""
+    runs: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if runs and batch_cost([lengths[j] for j in runs[-1]] + [n], packed) <= budget:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 class SamplerStateError(MmloraError, ValueError):
     """A sampler state saved by a run with another seed (a user error, and a ValueError as before)."""
 
@@ -208,13 +228,22 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             idx = [i for i, h in enumerate(self.has_image) if h == modality]
             rng.shuffle(idx)
             if self.group_by_length:
-                chunk = self.batch_size * self.group
+                chunk = self._chunk()
                 idx = [i for c in range(0, len(idx), chunk) for i in sorted(idx[c:c + chunk], key=lambda i: -self.lengths[i])]
-            for b in range(0, len(idx), self.batch_size):
-                batch = idx[b:b + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    out.append(batch)
+            out += self._cut(idx)
         rng.shuffle(out)
+        return out
+
+    def _chunk(self) -> int:
+        """Samples sorted by length together: ``group`` batches' worth."""
+        return self.batch_size * self.group
+
+    def _cut(self, idx: list[int]) -> list[list[int]]:
+        out = []
+        for b in range(0, len(idx), self.batch_size):
+            batch = idx[b:b + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                out.append(batch)
         return out
 
     def __len__(self) -> int:
@@ -236,3 +265,21 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise SamplerStateError(f"the checkpoint's sampler state is for seed {state['seed']}, this run uses seed "
                                     f"{self.seed}: resume with train.seed={state['seed']}, or start over with train.resume=never")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class TokenBudgetBatchSampler(GroupedBatchSampler):
+    """:class:`GroupedBatchSampler` with global batches cut by tokens instead of samples
+    (``train.batch_tokens``): in the same seeded, length-grouped order, a global batch takes samples
+    while its :func:`batch_cost` (estimated lengths, image tokens included) stays within
+    ``budget`` — short samples make big batches, long ones small. The state and resume are the
+    parent's."""
+
+    def __init__(self, lengths: Sequence[int], has_image: Sequence[bool], budget: int, packed: bool, seed: int = 0,
+                 group: int = 8, group_by_length: bool = True):
+        mean = max(1, sum(lengths) // max(1, len(lengths)))
+        super().__init__(lengths, has_image, max(1, budget // mean), seed=seed, group=group,
+                         group_by_length=group_by_length)
+        self.budget, self.packed = budget, packed
+
+    def _cut(self, idx: list[int]) -> list[list[int]]:
+        return [[idx[j] for j in run] for run in cut_by_tokens([self.lengths[i] for i in idx], self.budget, self.packed)]

@@ -49,7 +49,14 @@ from tqdm.auto import tqdm
 from mmlora import __version__
 from mmlora.config.loading import recipe_to_yaml as recipe_yaml
 from mmlora.config.schema import Recipe
-from mmlora.data.batching import ConversationDataset, GroupedBatchSampler, skip_entry, write_skip_report
+from mmlora.data.batching import (
+    ConversationDataset,
+    GroupedBatchSampler,
+    TokenBudgetBatchSampler,
+    cut_by_tokens,
+    skip_entry,
+    write_skip_report,
+)
 from mmlora.data.build import mix, read_dataset
 from mmlora.data.image_budget import image_budget
 from mmlora.data.packing import PackedCollator
@@ -179,8 +186,15 @@ class Trainer:
                 raise self._all_skipped_error()
             raise MmloraError("the training data has no usable sample")
         self.global_batch = t.batch_size * t.grad_accum * self.accelerator.num_processes
-        self.sampler = GroupedBatchSampler(self.train_set.lengths(self._image_tokens()), self.train_set.has_image(),
-                                           self.global_batch, seed=t.seed, group_by_length=data.group_by_length)
+        lengths = self.train_set.lengths(self._image_tokens())
+        if t.batch_tokens:
+            budget = t.batch_tokens * t.grad_accum * self.accelerator.num_processes
+            self.global_batch = f"{budget} token cells"  # what run_info and the resume fingerprint record
+            self.sampler = TokenBudgetBatchSampler(lengths, self.train_set.has_image(), budget, t.packing.enabled,
+                                                   seed=t.seed, group_by_length=data.group_by_length)
+        else:
+            self.sampler = GroupedBatchSampler(lengths, self.train_set.has_image(), self.global_batch, seed=t.seed,
+                                               group_by_length=data.group_by_length)
         steps_per_epoch = len(self.sampler.batches(0))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
@@ -427,14 +441,16 @@ class Trainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_process = math.ceil(len(indices) / world)
         mine = indices[rank * per_process:(rank + 1) * per_process]
-        size = self.recipe.train.batch_size
-        batches, bad = [], 0
-        for k in range(0, len(mine), size):
-            items = [self.train_set[i] for i in mine[k:k + size]]
-            bad += sum(item is None for item in items)
-            batch = self.collate(items)
-            if batch is not None:
-                batches.append(batch)
+        t = self.recipe.train
+        if t.batch_tokens:  # cut by the encoded lengths: micro-batches of at most batch_tokens token cells
+            encoded = [item for item in (self.train_set[i] for i in mine) if item is not None]
+            bad = len(mine) - len(encoded)
+            runs = cut_by_tokens([len(it["input_ids"]) for it in encoded], t.batch_tokens, t.packing.enabled)
+            groups = [[encoded[j] for j in run] for run in runs]
+        else:
+            groups = [[self.train_set[i] for i in mine[k:k + t.batch_size]] for k in range(0, len(mine), t.batch_size)]
+            bad = sum(item is None for g in groups for item in g)
+        batches = [b for b in (self.collate(items) for items in groups) if b is not None]
         return batches, bad
 
     def _stand_in(self, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -132,3 +132,34 @@ def test_naive_packing_is_not_exact(family, model_type, tmp_path, monkeypatch):
     mine, ref, _, _ = _packed_and_padded(family, model_type, tmp_path)
     assert any(abs(mine[sid] - value) > 1e-3 for sid, value in ref.items())
     assert (varlen.packing_refusal(model_type) is None) == (model_type in varlen.MROPE)
+
+
+def test_token_budget_cuts_by_padded_cells_or_by_tokens():
+    from mmlora.data.batching import batch_cost, cut_by_tokens
+
+    lengths = [50, 40, 40, 10, 10, 10, 10, 200]
+    assert batch_cost([50, 40], packed=False) == 100 and batch_cost([50, 40], packed=True) == 90
+    # padded: 50+40 pads to 100, +40 to 150 > 120; packed: 50+40 = 90, +40 = 130 > 120
+    assert cut_by_tokens(lengths, 120, packed=False) == [[0, 1], [2, 3, 4], [5, 6], [7]]
+    assert cut_by_tokens(lengths, 120, packed=True) == [[0, 1], [2, 3, 4, 5, 6], [7]]
+
+
+def test_token_budget_batches_are_seeded_resumable_and_within_budget():
+    from mmlora.data.batching import TokenBudgetBatchSampler, batch_cost
+
+    lengths = [(7 * i) % 90 + 5 for i in range(200)]
+    has_image = [i % 7 != 0 for i in range(200)]  # text-only samples too: batches of one modality each
+    a = TokenBudgetBatchSampler(lengths, has_image, 400, packed=True, seed=3)
+    batches = a.batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert all(batch_cost([lengths[i] for i in b], True) <= 400 or len(b) == 1 for b in batches)
+    assert all(len({has_image[i] for i in b}) == 1 for b in batches)
+    assert max(len(b) for b in batches) > 2 * min(len(b) for b in batches)  # short samples, big batches
+    assert TokenBudgetBatchSampler(lengths, has_image, 400, packed=True, seed=3).batches(0) == batches
+    assert TokenBudgetBatchSampler(lengths, has_image, 400, packed=True, seed=4).batches(0) != batches
+    it = iter(a)
+    first = [next(it) for _ in range(3)]
+    state = a.state_dict()
+    b = TokenBudgetBatchSampler(lengths, has_image, 400, packed=True, seed=3)
+    b.load_state_dict(state)
+    assert first + list(b) == batches

@@ -126,3 +126,40 @@ def test_each_packing_family_trains_the_same_steps_packed(model_type, family_dir
         losses[packed] = read_metrics(trainer.out)
     assert [r["tokens"] for r in losses[True]] == [r["tokens"] for r in losses[False]]
     assert [r["loss"] for r in losses[True]] == pytest.approx([r["loss"] for r in losses[False]], rel=1e-5)
+
+
+def test_token_budget_batches_train_and_resume(make_recipe):
+    """``train.batch_tokens`` with packing: micro-batches within the budget, global batches of varying
+    sizes, the same losses after an interrupted run resumes."""
+    changes = {"train.batch_tokens": 150, "train.packing.enabled": True, "train.packing.max_tokens": 300,
+               "train.grad_accum": 2, "train.max_steps": 4, "train.save_every": 2, "train.eval_every": None}
+    reference = Trainer(load_recipe(make_recipe("budget", **changes)), recipe_name="budget")
+    reference.setup()
+    sizes = [len(b) for e in range(4) for b in reference.sampler.batches(e)]
+    seen = []
+    real = reference.collate
+
+    def recording(items):
+        batch = real(items)
+        seen.append((len(items), sum(len(it["input_ids"]) for it in items if it is not None)))
+        return batch
+
+    reference.collate = recording
+    reference.train()
+    assert all(tokens <= 150 or n == 1 for n, tokens in seen) and len(seen) > 4  # micro-batches, cut by tokens
+    assert sum(n for n, _ in seen) == sum(sizes[:4]) and len(set(sizes)) > 1
+    recipe = make_recipe("budget-resumed", **changes)
+    first = Trainer(load_recipe(recipe), recipe_name="budget-resumed")
+
+    def stop(where, step):
+        if where == "after-step" and step == 3:
+            raise Stop
+
+    first.on_event = stop
+    first.setup()
+    with pytest.raises(Stop):
+        first.train()
+    second = Trainer(load_recipe(recipe), recipe_name="budget-resumed")
+    second.setup()
+    second.train()
+    assert [r["loss"] for r in read_metrics(second.out)] == [r["loss"] for r in read_metrics(reference.out)]
