@@ -2,6 +2,14 @@
 
 Run: python scripts/bench_train.py --preset vocab-heavy [--repeats 3] [--out DIR]
      python scripts/bench_train.py --preset tiny --out /tmp/bench      # seconds: checks the report
+     python scripts/bench_train.py --preset llava7b-shape --data mixture --out bench/mixture   # packing
+
+``--data mixture`` (``train_bench/mixture.py``: short VQA, captions, long chats, text-only) compares
+HF Trainer + PEFT with its best settings for mixed lengths (``group_by_length``, SDPA, the same
+checkpointing, batch ``batch_size``) against mmlora with exact packing and token-budget batches of
+the same mean size (``batch_tokens`` = batch size x mean sample length), one pass each, alternating;
+it reports samples/s and tokens/s over the pass, padding share and peak memory per arm, and the
+token-length histogram of the data.
 
 Both arms train the same randomly initialised LLaVA-shaped model (``scripts/train_bench/shapes.py``)
 on the same shapes-world captions, with identical answer-only labels and identical global batches,
@@ -28,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_bench.report import summarize, to_markdown  # noqa: E402
+from train_bench.mixture import prepare_mixture  # noqa: E402
+from train_bench.report import mixture_markdown, summarize, summarize_mixture, to_markdown  # noqa: E402
 from train_bench.shapes import SHAPES, build_model_folder, model_params  # noqa: E402
 
 # Imported once by the fork server, so that each run starts without paying for them.
@@ -88,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-steps", type=int, default=4, help="steps of the profiled pass (the first is warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (bf16 dense) for MFU")
     p.add_argument("--out", type=Path, default=None, help="write report.md and report.json here")
+    p.add_argument("--data", choices=["captions", "mixture"], default="captions",
+                   help="captions: world-A captions (every arm and variant); mixture: mixed lengths, HF group_by_length "
+                        "against mmlora packing (LoRA)")
+    p.add_argument("--samples", type=int, default=96, help="--data mixture: samples in the pass")
     args = p.parse_args(argv)
 
     shape = SHAPES[args.preset]
@@ -103,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_train: preset {shape.name} ({shape.about}); building the model", flush=True)
         model_dir = build_model_folder(shape, work / "model", dtype="bfloat16" if precision == "bf16" and cuda else "float32")
         data_json, image_root = prepare_data(shape.steps * shape.batch_size, work)
+        if args.data == "mixture":
+            return run_mixture(args, shape, model_dir, image_root, work, precision, threads, started)
         profile_json, _ = prepare_data(min(args.profile_steps, shape.steps) * shape.batch_size, work, "profile.json")
         base_job = {"model_dir": str(model_dir), "data_json": str(data_json), "image_root": str(image_root),
                     "rank": shape.rank, "batch_size": shape.batch_size, "precision": precision, "threads": threads}
@@ -132,6 +147,47 @@ def main(argv: list[str] | None = None) -> int:
                            wall_s=time.perf_counter() - started, params=model_params(model_dir),
                            peak_tflops=args.peak_tflops)
     md = to_markdown(report)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.md").write_text(md)
+        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out / 'report.md'} and {args.out / 'report.json'}")
+    return 0
+
+
+def run_mixture(args, shape, model_dir: Path, image_root: Path, work: Path, precision: str, threads: int,
+                started: float) -> int:
+    """The packing comparison on the mixture data (LoRA; see the module docstring)."""
+    from transformers import AutoProcessor
+
+    from mmlora.data.batching import ConversationDataset
+    from mmlora.data.processing import ConversationEncoder
+    from mmlora.data.readers import read_llava
+
+    max_length = 2048
+    data_json = prepare_mixture(args.samples, image_root, work)
+    ds = ConversationDataset(read_llava(data_json, image_root), ConversationEncoder(AutoProcessor.from_pretrained(model_dir), max_length))
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    kinds = [s.id.rsplit("_", 1)[1] for s in ds.samples]
+    budget = shape.batch_size * round(sum(lengths) / len(lengths))
+    base_job = {"model_dir": str(model_dir), "data_json": str(data_json), "image_root": str(image_root), "rank": shape.rank,
+                "batch_size": shape.batch_size, "precision": precision, "threads": threads, "variant": "lora",
+                "max_length": max_length}
+    jobs = {"reference": base_job | {"arm": "reference", "group_by_length": True},
+            "mmlora": base_job | {"arm": "mmlora", "train_overrides": {"batch_tokens": budget,
+                                                                     "packing": {"enabled": True, "max_tokens": max_length}}}}
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    os.environ["TQDM_DISABLE"] = "1"
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.repeats):
+        for arm in (("reference", "mmlora") if r % 2 == 0 else ("mmlora", "reference")):
+            runs.setdefault(arm, []).append(run(ctx, jobs[arm], work, f"{arm}-mixture-{r}"))
+    report = summarize_mixture(shape, runs, lengths, kinds, budget, precision=precision, threads=threads,
+                               wall_s=time.perf_counter() - started)
+    md = mixture_markdown(report)
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

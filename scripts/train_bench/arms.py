@@ -45,6 +45,7 @@ class Job:
     threads: int = 1  # 0: torch's default
     max_length: int = 2048
     train_overrides: dict[str, Any] = field(default_factory=dict)  # mmlora's train section
+    group_by_length: bool = False  # reference: HF's own length-grouped sampler instead of mmlora's order
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Result:
     losses: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    cells: list[int] = field(default_factory=list)  # token cells of each batch, padding included
     peak_bytes: int = 0
     baseline_bytes: int = 0
     breakdown: dict[str, float] = field(default_factory=dict)
@@ -137,6 +139,9 @@ def run_reference(job: Job, result: Result) -> None:
         remove_unused_columns=False, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, seed=0,
     )
+    train_set = _Ordered(ds, order)
+    if job.group_by_length:  # HF's own best setting for mixed lengths: its LengthGroupedSampler
+        args.train_sampling_strategy, train_set = "group_by_length", ds
     meter = MemoryMeter(dev)
     n_steps = math.ceil(len(order) / job.batch_size)
     sizes = [min(job.batch_size, len(order) - k) for k in range(0, len(order), job.batch_size)]
@@ -144,7 +149,8 @@ def run_reference(job: Job, result: Result) -> None:
 
     def counted_collate(items):
         batch = collate(items)
-        batches_tokens.append(int(batch["attention_mask"].sum()))
+        batches_tokens.append(sum(len(it["input_ids"]) for it in items if it is not None))
+        result.cells.append(int(batch["input_ids"].numel()))
         return batch
 
     data_fn = counted_collate
@@ -172,7 +178,7 @@ def run_reference(job: Job, result: Result) -> None:
         breakdown = Breakdown(model, dev)
         ds.encoder.encode = breakdown.timed("data", ds.encoder.encode)
         data_fn = breakdown.timed("data", counted_collate, batch=True)
-    trainer = Trainer(model=model, args=args, train_dataset=_Ordered(ds, order), data_collator=data_fn,
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=data_fn,
                       callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)
     if breakdown is not None:
@@ -244,7 +250,8 @@ def run_mmlora(job: Job, result: Result) -> None:
 
     def counted_collate(items):
         batch = collate(items)
-        batches_tokens.append(int(batch["attention_mask"].sum()))
+        batches_tokens.append(sum(len(it["input_ids"]) for it in items if it is not None))
+        result.cells.append(int(batch["input_ids"].numel()))
         return batch
 
     trainer.collate = counted_collate

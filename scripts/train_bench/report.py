@@ -151,3 +151,46 @@ def to_markdown(report: dict) -> str:
         for arm, b in report["breakdown_ms"].items():
             lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(f"{b[c]:.0f}" for c in comps) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: list[int], kinds: list[str],
+                      budget: int, precision: str, threads: int, wall_s: float) -> dict:
+    """The packing comparison: per arm, medians over runs of the pass's throughput (batches differ
+    between the arms, so per-step medians would compare unlike steps), its padding share and peak
+    memory; the ratios mmlora / reference."""
+    from train_bench.mixture import histogram
+
+    arms = {}
+    for arm, rs in runs.items():
+        metrics = [run_metrics(r) | {"padding_share": 1 - sum(r["tokens"]) / sum(r["cells"]), "steps": len(r["step_ends"])}
+                   for r in rs]
+        arms[arm] = {"median": _median(metrics), "runs": metrics, "trainable": rs[0]["trainable"]}
+    a, b = arms["reference"]["median"], arms["mmlora"]["median"]
+    ratios = {"samples_per_s": b["samples_per_s"] / a["samples_per_s"], "tokens_per_s": b["tokens_per_s"] / a["tokens_per_s"],
+              "samples_per_cpu_s": b["samples_per_cpu_s"] / a["samples_per_cpu_s"],
+              "peak_memory": b["peak_mib"] / a["peak_mib"] if a["peak_mib"] > 0 else float("nan")}
+    return {"preset": shape.name, "about": shape.about, "data": "mixture", "samples": len(lengths), "batch_size": shape.batch_size,
+            "batch_tokens": budget, "precision": precision, "date": date.today().isoformat(), "machine": machine(threads),
+            "load_average": os.getloadavg(), "wall_s": wall_s, "arms": arms, "ratios": ratios,
+            "histogram": histogram(lengths, kinds)}
+
+
+def mixture_markdown(report: dict) -> str:
+    names = {"reference": "HF Trainer + PEFT, group_by_length", "mmlora": "mmlora, packing + batch_tokens"}
+    lines = [f"### {report['preset']} on the mixture: packing against group_by_length", "",
+             f"{report['date']}, {report['machine']}, {report['precision']}; {report['samples']} samples, one pass; "
+             f"reference batch {report['batch_size']}, mmlora batch_tokens {report['batch_tokens']} (the same mean batch), "
+             f"gradient checkpointing, LoRA; {len(report['arms']['reference']['runs'])} runs per arm, alternating; "
+             f"medians over runs of the pass (steps after each run's first); load average at the end "
+             f"{', '.join(f'{x:.1f}' for x in report['load_average'])}; benchmark wall time {report['wall_s']:.0f} s.", "",
+             "| arm | steps | samples/s | tokens/s | samples per CPU-second | padding share | peak memory above baseline (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, name in names.items():
+        m = report["arms"][arm]["median"]
+        lines.append(f"| {name} | {m['steps']:.0f} | {m['samples_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
+                     f"{m['samples_per_cpu_s']:.2f} | {m['padding_share']:.1%} | {m['peak_mib']:.0f} |")
+    r = report["ratios"]
+    lines += ["", "| ratio mmlora / reference | samples/s | tokens/s | samples per CPU-second | peak memory |", "|---|---|---|---|---|",
+              f"| packing | **{r['samples_per_s']:.2f}x** | {r['tokens_per_s']:.2f}x | {r['samples_per_cpu_s']:.2f}x | "
+              f"**{r['peak_memory']:.2f}x** |", "", "Token lengths of the data (samples per bin):", "", report["histogram"]]
+    return "\n".join(lines) + "\n"

@@ -55,3 +55,25 @@ def test_gpu_check_dry_run_json(dry_run):
         assert arm["mfu"] > 0 and arm["samples_per_s"] > 0 and arm["peak_memory_mib"] > 0
     assert set(summary["ratios_mmlora_over_reference"]) == {"lora", "qlora", "qdora"}
     assert summary["params"]["language_layers"] > 0
+    packing = summary["packing"]  # the packing arm: mixed lengths, group_by_length against packing
+    assert packing["arms"]["mmlora"]["padding_share"] < packing["arms"]["reference"]["padding_share"]
+    assert packing["ratios_mmlora_over_reference"]["samples_per_s"] > 0 and packing["attention"] == "mmlora_varlen"
+    md = (dry_run / "packing" / "report.md").read_text()
+    assert "| tokens | vqa | caption | chat | text | all |" in md and "padding share" in md
+
+
+def test_the_mixture_has_its_stated_shares_and_lengths():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_bench.mixture import SHARES, build, histogram
+
+    scenes = [{"id": i, "file_name": f"images/train/{i}.png",
+               "objects": [{"shape": "circle", "colour": "red", "position": "center", "size": "small"}]} for i in range(5)]
+    records = build(scenes, {i: "a small red circle in the center." for i in range(5)}, 200, seed=1)
+    kinds = [r["id"].rsplit("_", 1)[1] for r in records]
+    assert {k: kinds.count(k) / 200 for k in SHARES} == SHARES
+    assert all(("image" in r) == (k != "text") for r, k in zip(records, kinds))
+    turns = {k: [len(r["conversations"]) // 2 for r, kk in zip(records, kinds) if kk == k] for k in SHARES}
+    assert set(turns["vqa"]) == {1} and min(turns["chat"]) >= 8 and max(turns["chat"]) <= 40
+    assert build(scenes, {i: "x." for i in range(5)}, 50, seed=1) == build(scenes, {i: "x." for i in range(5)}, 50, seed=1)
+    table = histogram([10, 70, 300, 3000], ["vqa", "caption", "chat", "text"])
+    assert "| ≤64 | 1 | 0 | 0 | 0 | 1 |" in table and "| >2048 | 0 | 0 | 0 | 1 | 1 |" in table
