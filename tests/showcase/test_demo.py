@@ -6,7 +6,7 @@ import json
 import yaml
 from PIL import Image
 
-from mmlora.showcase.demo import CLIP_RECIPE, LLAVA_RECIPE, ensure_worlds, format_report, run_demo
+from mmlora.showcase.demo import CLIP_RECIPE, LLAVA_RECIPE, _train, ensure_worlds, format_report, run_demo
 from tests.conftest import SMALL_SCALE
 
 
@@ -55,9 +55,10 @@ def test_demo_trains_evaluates_and_reports_before_after(shapes_small, tiny_llava
     run_demo(**kwargs)
     assert sum("reusing" in line for line in logs) == 2
     logs.clear()
-    run_demo(**(kwargs | {"llava_overrides": {**kwargs["llava_overrides"], "max_steps": 3}}))
-    assert sum("reusing" in line for line in logs) == 1
-    assert sum("trained by another recipe" in line for line in logs) == 1
+    data_dir = ensure_worlds(shapes_small, SMALL_SCALE)
+    _train(kwargs["llava_recipe"], data_dir, tmp_path / "demo" / "llava-lora-b-wide",
+           {**kwargs["llava_overrides"], "max_steps": 3}, logs.append)
+    assert sum("trained by another recipe" in line for line in logs) == 1 and not any("reusing" in line for line in logs)
     metrics = (tmp_path / "demo" / "llava-lora-b-wide" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 3
 
