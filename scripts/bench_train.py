@@ -146,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         report = summarize(shape, runs, profiles, precision=precision, threads=threads,
                            wall_s=time.perf_counter() - started, params=model_params(model_dir),
                            peak_tflops=args.peak_tflops)
-    md = to_markdown(report)
+    return write_report(report, to_markdown(report), args.out)
+
+
+def write_report(report: dict, md: str, out: Path | None) -> int:
+    """Print the markdown; with ``--out``, write it and the JSON there."""
     print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(md)
-        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out / 'report.md'} and {args.out / 'report.json'}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(md)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0
 
 
@@ -187,14 +191,7 @@ def run_mixture(args, shape, model_dir: Path, image_root: Path, work: Path, prec
             runs.setdefault(arm, []).append(run(ctx, jobs[arm], work, f"{arm}-mixture-{r}"))
     report = summarize_mixture(shape, runs, lengths, kinds, budget, precision=precision, threads=threads,
                                wall_s=time.perf_counter() - started)
-    md = mixture_markdown(report)
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(md)
-        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out / 'report.md'} and {args.out / 'report.json'}")
-    return 0
+    return write_report(report, mixture_markdown(report), args.out)
 
 
 if __name__ == "__main__":

@@ -177,12 +177,12 @@ def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: l
 
 def mixture_markdown(report: dict) -> str:
     names = {"reference": "HF Trainer + PEFT, group_by_length", "mmlora": "mmlora, packing + batch_tokens"}
-    lines = [f"### {report['preset']} on the mixture: packing against group_by_length", "",
-             f"{report['date']}, {report['machine']}, {report['precision']}; {report['samples']} samples, one pass; "
-             f"reference batch {report['batch_size']}, mmlora batch_tokens {report['batch_tokens']} (the same mean batch), "
-             f"gradient checkpointing, LoRA; {len(report['arms']['reference']['runs'])} runs per arm, alternating; "
-             f"medians over runs of the pass (steps after each run's first); load average at the end "
-             f"{', '.join(f'{x:.1f}' for x in report['load_average'])}; benchmark wall time {report['wall_s']:.0f} s.", "",
+    protocol = (f"{report['date']}, {report['machine']}, {report['precision']}; {report['samples']} samples, one pass; "
+                f"reference batch {report['batch_size']}, mmlora batch_tokens {report['batch_tokens']} (the same mean batch), "
+                f"gradient checkpointing, LoRA; {len(report['arms']['reference']['runs'])} runs per arm, alternating; "
+                f"medians over runs of the pass (steps after each run's first); load average at the end "
+                f"{', '.join(f'{x:.1f}' for x in report['load_average'])}; benchmark wall time {report['wall_s']:.0f} s.")
+    lines = [f"### {report['preset']} on the mixture: packing against group_by_length", "", protocol, "",
              "| arm | steps | samples/s | tokens/s | samples per CPU-second | padding share | peak memory above baseline (MiB) |",
              "|---|---|---|---|---|---|---|"]
     for arm, name in names.items():
@@ -190,7 +190,8 @@ def mixture_markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['steps']:.0f} | {m['samples_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
                      f"{m['samples_per_cpu_s']:.2f} | {m['padding_share']:.1%} | {m['peak_mib']:.0f} |")
     r = report["ratios"]
+    ratio_row = (f"| packing | **{r['samples_per_s']:.2f}x** | {r['tokens_per_s']:.2f}x | {r['samples_per_cpu_s']:.2f}x | "
+                 f"**{r['peak_memory']:.2f}x** |")
     lines += ["", "| ratio mmlora / reference | samples/s | tokens/s | samples per CPU-second | peak memory |", "|---|---|---|---|---|",
-              f"| packing | **{r['samples_per_s']:.2f}x** | {r['tokens_per_s']:.2f}x | {r['samples_per_cpu_s']:.2f}x | "
-              f"**{r['peak_memory']:.2f}x** |", "", "Token lengths of the data (samples per bin):", "", report["histogram"]]
+              ratio_row, "", "Token lengths of the data (samples per bin):", "", report["histogram"]]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,6 @@ from mmlora.models import varlen
 from mmlora.models.families import save_family
 
 
-
 def test_first_fit_decreasing_by_hand():
     # longest first: 7 opens row 0, 5 opens row 1 (7+5 > 10), 3 joins row 0, 2 row 1, 2 row 1, 1 row 1 ... room: 0 then 10-5-2-2-1=0
     assert first_fit_decreasing([3, 7, 2, 5, 2, 1], 10) == [[1, 0], [3, 2, 4, 5]]
@@ -120,7 +119,7 @@ def test_packed_batch_equals_padded_batch(family, model_type, tmp_path):
     assert total == pytest.approx(ref_total, rel=1e-5)
     assert set(grads) == set(ref_grads) and any("vision" in n or "visual" in n for n in grads)
     for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "gemma3"])

@@ -63,3 +63,45 @@ def read_metrics(run_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+class Stop(Exception):
+    """Raised by :func:`interrupt_then_resume`'s event hook to cut a run short."""
+
+
+def interrupt_then_resume(recipe_path: Path, stop_after: int):
+    """Train ``recipe_path`` until step ``stop_after`` ends (then stop, as a crash would), start a new
+    trainer on the same recipe (it resumes from the latest checkpoint) and return it set up, not yet
+    trained on."""
+    import pytest
+
+    from mmlora.config.loading import load_recipe
+    from mmlora.train.loop import Trainer
+
+    first = Trainer(load_recipe(recipe_path), recipe_name=recipe_path.stem)
+
+    def stop(where, step):
+        if where == "after-step" and step == stop_after:
+            raise Stop
+
+    first.on_event = stop
+    first.setup()
+    with pytest.raises(Stop):
+        first.train()
+    second = Trainer(load_recipe(recipe_path), recipe_name=recipe_path.stem)
+    second.setup()
+    return second
+
+
+def capture_gradients(trainer) -> list[dict]:
+    """The trainable parameters' gradients at every optimizer step of ``trainer`` (appended as it trains)."""
+    grads: list[dict] = []
+    step = trainer.optimizer.step
+
+    def capture(*args, _step=step, **kwargs):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        return _step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    return grads

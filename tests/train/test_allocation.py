@@ -9,15 +9,11 @@ import json
 import pytest
 import torch
 
-from tests.train.conftest import read_metrics
+from tests.train.conftest import interrupt_then_resume, read_metrics
 
 ADALORA = {"placement.projector": {"mode": "lora", "rank": 4},
            "placement.adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "delta_t": 1},
            "train.max_steps": 8, "train.eval_every": 100}
-
-
-class Stop(Exception):
-    pass
 
 
 def _masks(model) -> dict[str, tuple[int, int]]:
@@ -179,23 +175,8 @@ def test_a_step_has_pefts_loss_and_regulariser_gradients(shapes_small, tmp_path)
 
 @pytest.mark.slow
 def test_an_interrupted_adalora_run_resumes_exactly(adalora_run, shapes_small, tmp_path):
-    from mmlora.config.loading import load_recipe
-    from mmlora.train.loop import Trainer
-
     reference, _, _ = adalora_run
-    recipe = _recipe(shapes_small, tmp_path, "resumed", **{"train.save_every": 4})
-    first = Trainer(load_recipe(recipe), recipe_name="resumed")
-
-    def stop(where, step):
-        if where == "after-step" and step == 6:
-            raise Stop
-
-    first.on_event = stop
-    first.setup()
-    with pytest.raises(Stop):
-        first.train()
-    second = Trainer(load_recipe(recipe), recipe_name="resumed")
-    second.setup()
+    second = interrupt_then_resume(_recipe(shapes_small, tmp_path, "resumed", **{"train.save_every": 4}), stop_after=6)
     assert second.step == 4
     second.train()
     expected, resumed = read_metrics(reference.out), read_metrics(second.out)

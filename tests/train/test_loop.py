@@ -5,7 +5,7 @@ import torch
 
 from mmlora.config.loading import load_recipe
 from mmlora.train.loop import Trainer
-from tests.train.conftest import read_metrics, run_training
+from tests.train.conftest import capture_gradients, read_metrics, run_training
 
 
 def _trainable(trainer) -> dict[str, torch.Tensor]:
@@ -61,15 +61,7 @@ def test_accumulation_equals_one_big_batch(make_recipe):
                                     "train.eval_every": None, "train.max_grad_norm": None})
         trainer = Trainer(load_recipe(path), recipe_name=name)
         trainer.setup()
-        grads = []
-        step = trainer.optimizer.step
-
-        def capture(*args, _step=step, **kwargs):
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-            return _step(*args, **kwargs)
-
-        trainer.optimizer.step = capture
+        grads = capture_gradients(trainer)
         trainer.train()
         results.append((grads, read_metrics(trainer.out)))
     (ga, rows_a), (gb, rows_b) = results

@@ -12,27 +12,15 @@ from mmlora.config.loading import load_recipe
 from mmlora.errors import MmloraError
 from mmlora.models.varlen import PACKS, packing_refusal
 from mmlora.train.loop import Trainer
-from tests.train.conftest import read_metrics
+from tests.train.conftest import capture_gradients, interrupt_then_resume, read_metrics
 
 FIXED = {"train.max_steps": 3, "train.eval_every": None, "train.max_grad_norm": None}
-
-
-class Stop(Exception):
-    pass
 
 
 def _train(make_recipe, name: str, **changes):
     trainer = Trainer(load_recipe(make_recipe(name, **(FIXED | changes))), recipe_name=name)
     trainer.setup()
-    grads, rows = [], []
-    step = trainer.optimizer.step
-
-    def capture(*args, _step=step, **kwargs):
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        return _step(*args, **kwargs)
-
-    trainer.optimizer.step = capture
+    grads = capture_gradients(trainer)
     trainer.train()
     return trainer, grads, read_metrics(trainer.out)
 
@@ -59,19 +47,7 @@ def test_a_packed_run_resumes_mid_epoch_exactly(make_recipe):
     reference = Trainer(load_recipe(make_recipe("whole", **changes)), recipe_name="whole")
     reference.setup()
     reference.train()
-    recipe = make_recipe("resumed", **changes)
-    first = Trainer(load_recipe(recipe), recipe_name="resumed")
-
-    def stop(where, step):
-        if where == "after-step" and step == 3:
-            raise Stop
-
-    first.on_event = stop
-    first.setup()
-    with pytest.raises(Stop):
-        first.train()
-    second = Trainer(load_recipe(recipe), recipe_name="resumed")
-    second.setup()
+    second = interrupt_then_resume(make_recipe("resumed", **changes), stop_after=3)
     assert second.step == 2 and second.sampler.position > 0  # mid-epoch
     second.train()
     assert [r["loss"] for r in read_metrics(second.out)] == [r["loss"] for r in read_metrics(reference.out)]
@@ -148,18 +124,6 @@ def test_token_budget_batches_train_and_resume(make_recipe):
     reference.train()
     assert all(tokens <= 150 or n == 1 for n, tokens in seen) and len(seen) > 4  # micro-batches, cut by tokens
     assert sum(n for n, _ in seen) == sum(sizes[:4]) and len(set(sizes)) > 1
-    recipe = make_recipe("budget-resumed", **changes)
-    first = Trainer(load_recipe(recipe), recipe_name="budget-resumed")
-
-    def stop(where, step):
-        if where == "after-step" and step == 3:
-            raise Stop
-
-    first.on_event = stop
-    first.setup()
-    with pytest.raises(Stop):
-        first.train()
-    second = Trainer(load_recipe(recipe), recipe_name="budget-resumed")
-    second.setup()
+    second = interrupt_then_resume(make_recipe("budget-resumed", **changes), stop_after=3)
     second.train()
     assert [r["loss"] for r in read_metrics(second.out)] == [r["loss"] for r in read_metrics(reference.out)]
