@@ -14,30 +14,12 @@ from PIL import Image
 from mmlora.data.batching import Collator
 from mmlora.data.processing import IGNORE, ConversationEncoder
 from mmlora.data.samples import BadSample, Sample
-from mmlora.models.families import FAMILIES, save_family
+from mmlora.models.families import FAMILIES
 from mmlora.models.modality import discover_modalities
 
 ANSWER = "a red circle and a green square."
 #: Two images of different sizes (width x height) and one, so the batch mixes image counts and shapes.
 TWO, ONE = [(128, 128), (96, 128)], [(128, 128)]
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """``model_type`` → ``(model, processor)`` loaded from its tiny folder, built once per module."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    loaded: dict[str, tuple] = {}
-
-    def get(model_type: str):
-        if model_type not in loaded:
-            folder = tmp_path_factory.mktemp(model_type) / "model"
-            save_family(model_type, folder)
-            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-            loaded[model_type] = (model, AutoProcessor.from_pretrained(folder))
-        return loaded[model_type]
-
-    return get
 
 
 def _sample(tmp_path, sizes, sid: str, interleaved: bool = False, answer: str = ANSWER) -> Sample:

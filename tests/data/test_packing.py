@@ -16,11 +16,10 @@ from mmlora.data.processing import IGNORE, ConversationEncoder
 from mmlora.data.samples import Sample
 from mmlora.errors import MmloraError
 from mmlora.models import varlen
-from mmlora.models.families import save_family
 
 
 def test_first_fit_decreasing_by_hand():
-    # longest first: 7 opens row 0, 5 opens row 1 (7+5 > 10), 3 joins row 0, 2 row 1, 2 row 1, 1 row 1 ... room: 0 then 10-5-2-2-1=0
+    # longest first: 7 opens row 0 (room 3), 5 opens row 1 (room 5), 3 fills row 0, then 2, 2, 1 fill row 1
     assert first_fit_decreasing([3, 7, 2, 5, 2, 1], 10) == [[1, 0], [3, 2, 4, 5]]
     assert first_fit_decreasing([4, 4, 4], 8) == [[0, 1], [2]]  # ties keep their order
     with pytest.raises(MmloraError, match="longer than train.packing.max_tokens=5"):
@@ -39,24 +38,6 @@ def _sample(tmp_path, sid: str, images: int, answer: str, turns: int = 1) -> Sam
         content.append({"type": "text", "text": "Describe." if t == 0 else "And then?"})
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     return Sample(sid, f"pack.jsonl:{sid}", messages, paths)
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    loaded: dict[str, tuple] = {}
-
-    def get(model_type: str):
-        if model_type not in loaded:
-            folder = tmp_path_factory.mktemp(model_type) / "model"
-            save_family(model_type, folder)
-            torch.manual_seed(0)
-            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
-            loaded[model_type] = (model, AutoProcessor.from_pretrained(folder))
-        return loaded[model_type]
-
-    return get
 
 
 def _token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
