@@ -194,11 +194,15 @@ def cut_by_tokens(lengths: Sequence[int], budget: int, packed: bool) -> list[lis
     """Positions ``0..n-1`` cut in order into runs whose :func:`batch_cost` stays within ``budget``
     (a sample over the budget alone is a run of its own)."""
     runs: list[list[int]] = []
+    total = longest = 0  # of the open run
     for i, n in enumerate(lengths):
-        if runs and batch_cost([lengths[j] for j in runs[-1]] + [n], packed) <= budget:
+        cost = total + n if packed else (len(runs[-1]) + 1) * max(longest, n) if runs else n
+        if runs and cost <= budget:
             runs[-1].append(i)
+            total, longest = total + n, max(longest, n)
         else:
             runs.append([i])
+            total, longest = n, n
     return runs
 
 

@@ -158,10 +158,10 @@ class Trainer:
         """Training micro-batches packed (``train.packing``), the language model on varlen attention;
         validation stays padded (the varlen attention takes a padded batch's mask as SDPA does)."""
         p, max_length = self.recipe.train.packing, self.recipe.data.max_length
-        model_type = getattr(model.config, "model_type", "?")
         if self.objective.unit != "token":
             raise MmloraError(f"train.packing: {self.objective.unit}-level objectives have no sequences to pack; "
                               "set train.packing.enabled=false")
+        model_type = getattr(model.config, "model_type", "?")
         if (why := packing_refusal(model_type)) is not None:
             raise MmloraError(f"train.packing: {model_type} cannot pack exactly: {why}; set train.packing.enabled=false")
         max_tokens = p.max_tokens or max_length
@@ -186,6 +186,9 @@ class Trainer:
                 raise self._all_skipped_error()
             raise MmloraError("the training data has no usable sample")
         self.global_batch = t.batch_size * t.grad_accum * self.accelerator.num_processes
+        if t.batch_tokens and self.objective.unit != "token":
+            raise MmloraError(f"train.batch_tokens: {self.objective.unit}-level objectives have no token lengths to "
+                              "budget; use train.batch_size")
         lengths = self.train_set.lengths(self._image_tokens())
         if t.batch_tokens:
             budget = t.batch_tokens * t.grad_accum * self.accelerator.num_processes

@@ -127,3 +127,17 @@ def test_token_budget_batches_train_and_resume(make_recipe):
     second = interrupt_then_resume(make_recipe("budget-resumed", **changes), stop_after=3)
     second.train()
     assert [r["loss"] for r in read_metrics(second.out)] == [r["loss"] for r in read_metrics(reference.out)]
+
+
+@pytest.mark.parametrize("key", ["train.batch_tokens=200", "train.packing.enabled=true"])
+def test_clip_recipes_refuse_token_batching_in_one_line(key, shapes_small, tmp_path):
+    """A CLIP (contrastive) recipe has image-text pairs, not token sequences: packing and token budgets
+    are refused before training, not a KeyError mid-step."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "clip-lora.yaml"
+    world = shapes_small / "world_A" / "annotations"
+    overrides = [key, f"train.output_dir={tmp_path / 'run'}", "data.val=[]",
+                 f"data.train=[{{format: coco, path: {world / 'captions_train.json'}}}]"]
+    with pytest.raises(MmloraError, match=r"^train\.(batch_tokens|packing): sample-level objectives have no"):
+        Trainer(load_recipe(recipe, overrides), recipe_name="clip").setup()
