@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +85,17 @@ def ordered_dataset(job: Job, processor) -> tuple[list[int], Any, int]:
     return [i for batch in sampler.batches(0) for i in batch], ds, image_tokens
 
 
+def _counting(collate, result: Result):
+    """``collate`` that records each batch's real tokens and its token cells (padding included) in ``result``."""
+    def counted(items):
+        batch = collate(items)
+        result.tokens.append(sum(len(it["input_ids"]) for it in items if it is not None))
+        result.cells.append(int(batch["input_ids"].numel()))
+        return batch
+
+    return counted
+
+
 class _Ordered(torch.utils.data.Dataset):
     def __init__(self, ds, order: list[int]):
         self.ds, self.order = ds, order
@@ -145,14 +155,7 @@ def run_reference(job: Job, result: Result) -> None:
     meter = MemoryMeter(dev)
     n_steps = math.ceil(len(order) / job.batch_size)
     sizes = [min(job.batch_size, len(order) - k) for k in range(0, len(order), job.batch_size)]
-    batches_tokens: list[int] = []
-
-    def counted_collate(items):
-        batch = collate(items)
-        batches_tokens.append(sum(len(it["input_ids"]) for it in items if it is not None))
-        result.cells.append(int(batch["input_ids"].numel()))
-        return batch
-
+    counted_collate = _counting(collate, result)
     data_fn = counted_collate
 
     class Clock(TrainerCallback):
@@ -190,7 +193,7 @@ def run_reference(job: Job, result: Result) -> None:
     meter.start()
     result.baseline_bytes = meter.baseline
     trainer.train()
-    result.samples, result.tokens = sizes, batches_tokens
+    result.samples = sizes
     if breakdown is not None:
         result.breakdown = dict(breakdown.seconds) | {"data_batches": breakdown.batches}
 
@@ -246,14 +249,7 @@ def run_mmlora(job: Job, result: Result) -> None:
     step = trainer.train_step
     n_steps = trainer.total_steps
     collate = trainer.collate
-    batches_tokens: list[int] = []
-
-    def counted_collate(items):
-        batch = collate(items)
-        batches_tokens.append(sum(len(it["input_ids"]) for it in items if it is not None))
-        result.cells.append(int(batch["input_ids"].numel()))
-        return batch
-
+    counted_collate = _counting(collate, result)
     trainer.collate = counted_collate
 
     def timed_step(indices):
@@ -285,7 +281,6 @@ def run_mmlora(job: Job, result: Result) -> None:
     meter.start()
     result.baseline_bytes = meter.baseline
     trainer.train()
-    result.tokens = batches_tokens
     if breakdown is not None:
         result.breakdown = dict(breakdown.seconds) | {"data_batches": breakdown.batches}
 
