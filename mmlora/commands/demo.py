@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "'background' uses background words")
     seg.add_argument("--method", default="clearclip", help="dense mode: vanilla, maskclip, sclip, clearclip, naclip")
     seg.add_argument("--run", default=None, help="a CLIP run or model folder/preset (default: shapes-clip-base)")
-    seg.add_argument("--templates", default="shapes", help="shapes | imagenet | 'a {}.;a photo of a {}.'")
+    seg.add_argument("--templates", default="shapes", help="shapes | shapes-captions | imagenet | 'a {}.;a photo of a {}.'")
     seg.add_argument("--crop", type=int, default=None, help="sliding-window size (default: whole image)")
     seg.add_argument("--stride", type=int, default=None)
     seg.add_argument("--out", default="overlay.png", help="overlay PNG; the mask goes beside it as <stem>_mask.png")

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--model", action="append", default=[], metavar="NAME=REF",
                      help="a named CLIP (preset, folder or run); repeat to compare; rows are NAME/MODE")
     seg.add_argument("--modes", default="vanilla,maskclip,sclip,clearclip,naclip")
-    seg.add_argument("--templates", default="shapes", help="shapes | imagenet | 'a {}.;a photo of a {}.'")
+    seg.add_argument("--templates", default="shapes", help="shapes | shapes-captions | imagenet | 'a {}.;a photo of a {}.'")
     seg.add_argument("--crop", type=int, default=None, help="sliding-window size (default: whole image)")
     seg.add_argument("--stride", type=int, default=None)
     seg.add_argument("--short-side", type=int, default=None, help="default: the CLIP's input size")
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="a CLIP (preset, folder or run); repeat to compare")
     few.add_argument("--shots", default="1,4,16", help="comma-separated shots per class")
     few.add_argument("--seeds", type=int, default=3, help="support sets drawn per shot count")
-    few.add_argument("--templates", default="shapes", help="shapes | imagenet | 'a {}.;a photo of a {}.'")
+    few.add_argument("--templates", default="shapes", help="shapes | shapes-captions | imagenet | 'a {}.;a photo of a {}.'")
     few.add_argument("--train-split", default="train")
     few.add_argument("--test-split", default="test")
     few.add_argument("--limit", type=int, default=None, help="first N test images only")

@@ -279,7 +279,7 @@ class DenseSpec(_Strict):
 
     mode: Literal["vanilla", "maskclip", "sclip", "clearclip", "naclip"] = Field(
         default="vanilla", description="how the last vision block makes patch features (mmlora.models.dense)")
-    templates: str = Field(default="shapes", description="class prompts: shapes | imagenet | 'a {}.;a photo of a {}.'")
+    templates: str = Field(default="shapes", description="class prompts: shapes | shapes-captions | imagenet | 'a {}.;a photo of a {}.'")
 
 
 class ChunkedLossSpec(_Strict):

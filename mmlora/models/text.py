@@ -39,7 +39,16 @@ IMAGENET_TEMPLATES = [
 SHAPES_TEMPLATES = ["a {}.", "a large {}.", "a small {}.", "there is a {}.", "an image of a {}.", "this picture shows a {}."]
 
 
-TEMPLATES = {"imagenet": IMAGENET_TEMPLATES, "shapes": SHAPES_TEMPLATES}
+# The tiny bases' caption language (world A: "a small red triangle in the top left."), every size x
+# colour x position: a class word alone ("a triangle.") is out of the base CLIP's distribution, and on
+# it the base is at chance even on whole single-object images; in its own caption frame it is right.
+_POSITIONS = ["top left", "top center", "top right", "middle left", "center", "middle right",
+              "bottom left", "bottom center", "bottom right"]
+SHAPES_CAPTION_TEMPLATES = [f"a {size} {colour} {{}} in the {position}." for size in ("small", "large")
+                            for colour in ("red", "green", "blue", "yellow") for position in _POSITIONS]
+
+
+TEMPLATES = {"imagenet": IMAGENET_TEMPLATES, "shapes": SHAPES_TEMPLATES, "shapes-captions": SHAPES_CAPTION_TEMPLATES}
 
 
 BACKGROUND_WORDS = ["background", "plain background", "textured background", "grey background"]

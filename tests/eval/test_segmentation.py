@@ -4,12 +4,25 @@ import pytest
 import torch
 
 from mmlora.cli import main
-from mmlora.models.text import IMAGENET_TEMPLATES, class_embeddings
+from mmlora.models.text import IMAGENET_TEMPLATES, SHAPES_CAPTION_TEMPLATES, class_embeddings, template_list
 
 
 def test_imagenet_templates_are_clips_eighty():
     assert len(IMAGENET_TEMPLATES) == 80 == len(set(IMAGENET_TEMPLATES))
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+
+
+def test_shapes_caption_templates_are_the_worlds_caption_frame(shapes_small):
+    """Every size x colour x position of world A's first caption template, the class word in the shape's slot."""
+    assert template_list("shapes-captions") is SHAPES_CAPTION_TEMPLATES
+    assert len(SHAPES_CAPTION_TEMPLATES) == 2 * 4 * 9 == len(set(SHAPES_CAPTION_TEMPLATES))
+    captions = json.loads((shapes_small / "world_A" / "annotations" / "captions_train.json").read_text())
+    said = {a["caption"] for a in captions["annotations"]}
+    objects = [im["objects"][0] for im in captions["images"] if len(im["objects"]) == 1]
+    framed = {f"a {o['size']} {o['colour']} {{}} in the {o['position']}." for o in objects}
+    assert framed <= set(SHAPES_CAPTION_TEMPLATES)  # the positions, sizes and colours world A uses
+    o = objects[0]
+    assert f"a {o['size']} {o['colour']} {{}} in the {o['position']}.".format(o["shape"]) in said
 
 
 def test_class_embeddings_average_synonyms_and_templates(tiny_clip_dir):

@@ -35,8 +35,10 @@ def test_demo_trains_evaluates_and_reports_before_after(shapes_small, tiny_llava
     assert r.before["CIDEr"] == cap["models"]["base"]["scores"]["CIDEr"]
     assert r.after["BLEU-4"] == cap["models"]["adapted"]["scores"]["BLEU-4"]
     assert r.after["mIoU seen"] == seg["modes"]["adapted/vanilla"]["mIoU_seen"]
-    assert r.before["mIoU unseen"] == seg["modes"]["base/clearclip"]["mIoU_unseen"]
+    assert r.before["mIoU unseen"] == seg["modes"]["base/vanilla"]["mIoU_unseen"]
     assert r.unseen == ["triangle"]
+    assert seg["protocol"]["templates"] == "shapes-captions"  # the prompts the CLIP recipe trained with
+    assert set(seg["modes"]) == {f"{n}/{m}" for n in ("base", "adapted") for m in ("vanilla", "clearclip")}
     assert Image.open(r.outputs["overlay"]).size == (4 * 3 * 128, 3 * 128 + 22)
     text = format_report(r, 60.0)
     for label in ("CIDEr", "BLEU-4", "slot accuracy", "star recall", "purple recall", "mIoU seen",
