@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="the base every adapter was trained on (preset or folder)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
                         help="an adapter-only run to serve under NAME (repeat); loaded on first use")
-    parser.add_argument("--mode", default="mixed", choices=("mixed", "switch", "merged"),
-                        help="mixed: one batch mixes adapters; switch: one adapter per batch; merged: a merged copy per adapter")
+    parser.add_argument("--mode", default="mixed", choices=("mixed", "switch", "merged", "gathered"),
+                        help="mixed: one batch mixes adapters (PEFT); gathered: the same, stacked and gathered per sample (LoRA and DoRA); switch: one adapter per batch; merged: a merged copy per adapter")
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept loaded (least recently used go first)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")

@@ -8,7 +8,9 @@
 Every request names its adapter (``__base__`` = the base alone); requests are batched across adapters
 by :mod:`mmlora.serve.batcher`. Bad requests get a 4xx with a message and never reach the model:
 an unknown adapter (404), a missing field (422), an image that does not decode (400), too many bytes
-or pixels (413), the wrong task for this base (400). A full queue answers 503 with ``Retry-After``.
+or pixels (413), the wrong task for this base (400), a prompt holding a special or image placeholder
+token (400). A full queue answers 503 with ``Retry-After``. A batch that still fails is run again
+item by item: only the faulty request gets the error (400 for a problem with it, 500 for ours).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mmlora.eval.overlay import colour_mask, render_overlay
 from mmlora.optional import require
 from mmlora.runs.compose import BASE
 from mmlora.serve.batcher import Batcher, QueueFull
+from mmlora.errors import MmloraError
 from mmlora.serve.engine import Engine, Item
 
 require("fastapi", "serve", "the HTTP API (mmlora serve)")  # one line that says how to install it
@@ -100,6 +103,10 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
         if item.kind != engine.kind:
             other = "/caption" if engine.kind == "caption" else "/segment"
             raise HTTPException(400, f"this server's base ({engine.base_ref}) does {engine.kind}: use {other}")
+        try:
+            engine.check(item)  # validated before it joins a batch
+        except MmloraError as err:
+            raise HTTPException(400, str(err)) from None
         start = time.perf_counter()
         try:
             future = batcher.submit(item)
@@ -107,7 +114,9 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
             raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
         try:
             result = await asyncio.wrap_future(future)
-        except Exception as err:  # noqa: BLE001 — the batch failed; this request gets a 500, the server lives
+        except MmloraError as err:  # a problem with this request (it failed alone: see the batcher)
+            raise HTTPException(400, str(err)) from None
+        except Exception as err:  # noqa: BLE001 — it failed alone, on our side: a 500, the server lives
             raise HTTPException(500, f"inference failed: {type(err).__name__}: {err}") from None
         return result | {"adapter": item.adapter, "latency_ms": round(1000 * (time.perf_counter() - start), 2)}
 

@@ -4,7 +4,8 @@ Requests wait at most ``max_wait_ms`` for company; a batch takes, in arrival ord
 ``max_batch`` items that share the engine's batch key (in ``mixed`` mode any adapters, as long as the
 batch needs no more than the engine may keep loaded). When ``max_queue`` items are waiting, a new one
 is refused at once (:class:`QueueFull`, which the HTTP layer answers with 503): a server that cannot
-keep up says so instead of letting latency grow without bound.
+keep up says so instead of letting latency grow without bound. A batch that fails is run again item
+by item, so that one faulty request cannot fail the others it was batched with.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batches = 0  # batches run so far
         self.batch_sizes: list[int] = []
+        self.retried = 0  # failed batches whose items were run again one by one
 
     def start(self) -> Batcher:
         self._stop = False
@@ -101,13 +103,21 @@ class Batcher:
                         break
                     self._cv.wait(timeout=left)
                 batch = self._take()
-            try:
-                results = self.engine.run([job.item for job in batch])
-            except Exception as err:  # noqa: BLE001 — one bad batch must not stop the worker
-                for job in batch:
-                    job.future.set_exception(err)
-                continue
-            self.batches += 1
-            self.batch_sizes.append(len(batch))
-            for job, result in zip(batch, results):
-                job.future.set_result(result)
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        """Run ``batch``; if it fails, run its items one by one, so that only a faulty item gets an error."""
+        try:
+            results = self.engine.run([job.item for job in batch])
+        except Exception as err:  # noqa: BLE001 — one bad batch must not stop the worker
+            if len(batch) == 1:
+                batch[0].future.set_exception(err)
+                return
+            self.retried += 1
+            for job in batch:
+                self._run([job])
+            return
+        self.batches += 1
+        self.batch_sizes.append(len(batch))
+        for job, result in zip(batch, results):
+            job.future.set_result(result)

@@ -8,6 +8,9 @@ samples name different adapters (``mode``), the S-LoRA comparison in miniature:
 * ``mixed``  — one PEFT model holding the loaded adapters; one forward with ``adapter_names`` per sample.
 * ``switch`` — the same model, but a batch holds one adapter: ``set_adapter`` between batches.
 * ``merged`` — one merged copy of the base per adapter (``merge_and_unload``), a batch per adapter.
+* ``gathered`` — the PEFT model of ``mixed`` holding the adapters, run with every adapted layer's
+  adapters stacked and gathered per sample (``mmlora.serve.gathered``): one base matmul plus two
+  batched matmuls per layer, whatever the number of adapters in the batch; LoRA and DoRA runs.
 
 Not thread-safe: one worker (``mmlora.serve.batcher``) calls it.
 """
@@ -37,8 +40,9 @@ from mmlora.models.unfuse import unfuse_attention
 from mmlora.runs.compose import BASE, adapter_only, adapter_path, adapters_per_sample
 from mmlora.runs.layout import require_weights
 from mmlora.runs.reference import load_reference
+from mmlora.serve.gathered import LoraPool
 
-MODES = ("mixed", "switch", "merged")
+MODES = ("mixed", "switch", "merged", "gathered")
 
 
 @dataclass
@@ -52,7 +56,27 @@ class Item:
     classes: list[str] | None = None
 
 
-def _adapter_path(run: Path, base_ref: str) -> Path:
+class RequestError(MmloraError):
+    """A request that cannot run as sent (the HTTP layer answers 400 with the message)."""
+
+
+def reserved_strings(processor: Any) -> list[str]:
+    """The strings a caption prompt must not contain: the tokenizer's special tokens and the
+    processor's placeholder tokens (``<image>``, ``<|image_pad|>``, ``<start_of_image>``, ...). A prompt
+    holding one would change how many images the processor thinks the request has, and fail the
+    whole batch it joins."""
+    tok = getattr(processor, "tokenizer", processor)
+    found = set(tok.all_special_tokens)
+    found |= {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    for name in dir(processor):
+        if name.endswith("_token") and not name.startswith("_"):
+            value = getattr(processor, name, None)
+            if isinstance(value, str):
+                found.add(value)
+    return sorted(t for t in found if t and t.strip())
+
+
+def _adapter_path(run: Path, base_ref: str, mode: str) -> Path:
     """The PEFT folder of an adapter-only run, checked against the served base."""
     weights = require_weights(run)
     manifest = adapter_only(weights)
@@ -60,8 +84,8 @@ def _adapter_path(run: Path, base_ref: str) -> Path:
         raise MmloraError(f"{run} adapted {manifest['base_model']}, not the served base {base_ref}")
     path = adapter_path(weights)
     cfg = json.loads((path / "adapter_config.json").read_text())
-    if cfg.get("use_dora"):
-        raise MmloraError(f"{run}: DoRA adapters cannot share a mixed batch (PEFT); serve LoRA runs")
+    if cfg.get("use_dora") and mode == "mixed":
+        raise MmloraError(f"{run}: DoRA adapters cannot share a mixed batch (PEFT); serve it with --mode gathered")
     return path
 
 
@@ -80,7 +104,7 @@ class Engine:
         self.base_ref, self.mode, self.max_loaded = base, mode, max_loaded
         self.max_new_tokens, self.seg_mode = max_new_tokens, seg_mode
         self.templates = template_list(templates)  # class prompts for segmentation (mmlora.models.text)
-        self.paths = {name: _adapter_path(Path(run), base) for name, run in adapters.items()}
+        self.paths = {name: _adapter_path(Path(run), base, mode) for name, run in adapters.items()}
         loaded = load_reference(base)
         if loaded.recipe is not None:
             raise MmloraError(f"--base {base} is a run: serve the base model it adapted and name the run with --adapter")
@@ -88,8 +112,9 @@ class Engine:
         self.kind = "segment" if loaded.is_clip else "caption"
         if self.kind == "caption":
             self.processor = loaded.processor
-            if mode == "mixed" and adapters and (rows := pixel_rows_per_image(self.processor)) != 1:
-                raise MmloraError(f"--mode mixed needs one pixel row per image, but {base}'s processor gives {rows} "
+            self.reserved = reserved_strings(self.processor)
+            if mode in ("mixed", "gathered") and adapters and (rows := pixel_rows_per_image(self.processor)) != 1:
+                raise MmloraError(f"--mode {mode} needs one pixel row per image, but {base}'s processor gives {rows} "
                                   "(patches flattened, as Qwen2-VL does, or images cut into tiles, as LLaVA-NeXT "
                                   "and mllama do): use --mode switch or --mode merged")
         else:
@@ -100,6 +125,8 @@ class Engine:
         self.peft: nn.Module | None = None  # mixed / switch: the base wrapped with the loaded adapters
         self.loaded: OrderedDict[str, nn.Module | None] = OrderedDict()  # name → merged model (merged mode)
         self.loads = 0  # adapter loads so far (evictions make adapters load again)
+        self.pool = LoraPool() if mode == "gathered" else None
+        self._pool_key: tuple = ()
 
     # ------------------------------------------------------------------ adapters
 
@@ -138,6 +165,8 @@ class Engine:
 
     def _evict(self, name: str) -> None:
         model = self.loaded.pop(name)
+        if self.pool is not None:
+            self.pool.forget(name)
         if self.mode != "merged":
             with warnings.catch_warnings():  # expected here: each batch sets the adapters it needs
                 warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
@@ -155,7 +184,10 @@ class Engine:
             return (self.base if name == BASE else self.loaded[name]), None
         if self.peft is None:  # only __base__ requests so far
             return self.base, None
-        if self.mode == "mixed":
+        if self.mode in ("mixed", "gathered"):
+            if self.pool is not None and (key := (tuple(sorted(self.loaded)), self.loads)) != self._pool_key:
+                self.pool.sync(self.peft, sorted(self.loaded))  # a load or an eviction since the last batch
+                self._pool_key = key
             return self.peft, list(names)
         (name,) = set(names)
         if name == BASE:
@@ -165,9 +197,20 @@ class Engine:
 
     def batch_key(self, item: Item) -> tuple:
         """Items with different keys never share a batch (mixed batches mix adapters, the others do not)."""
-        return (item.kind,) if self.mode == "mixed" else (item.kind, item.adapter)
+        return (item.kind,) if self.mode in ("mixed", "gathered") else (item.kind, item.adapter)
 
     # ------------------------------------------------------------------ work
+
+    def check(self, item: Item) -> None:
+        """Refuse (:class:`RequestError`) what would fail a batch: the wrong task for this base, a prompt
+        holding a special or placeholder token. Called before an item joins a batch."""
+        if item.kind != self.kind:
+            raise RequestError(f"this server's base ({self.base_ref}) does {self.kind}, not {item.kind}")
+        if item.prompt is not None:
+            bad = [t for t in self.reserved if t in item.prompt]
+            if bad:
+                raise RequestError(f"the prompt contains {', '.join(map(repr, bad))}: special and image placeholder "
+                                   "tokens are added by the server; send the text only")
 
     def run(self, items: list[Item]) -> list[dict]:
         kinds = {i.kind for i in items}
@@ -178,8 +221,14 @@ class Engine:
     @torch.no_grad()
     def _caption(self, items: list[Item]) -> list[dict]:
         model, names = self._model_for([i.adapter for i in items])
-        out = generate_answers(model, self.processor, [i.image for i in items], [i.prompt for i in items],
-                               batch_size=len(items), max_new_tokens=self.max_new_tokens, adapter_names=names)
+        images, prompts = [i.image for i in items], [i.prompt for i in items]
+        if self.pool is not None and names is not None:
+            with self.pool.route(model, names):
+                out = generate_answers(model, self.processor, images, prompts, batch_size=len(items),
+                                       max_new_tokens=self.max_new_tokens)
+        else:
+            out = generate_answers(model, self.processor, images, prompts, batch_size=len(items),
+                                   max_new_tokens=self.max_new_tokens, adapter_names=names)
         return [{"caption": c} for c in out]
 
     def _text(self, adapter: str, classes: list[str]) -> torch.Tensor:
@@ -213,7 +262,8 @@ class Engine:
         self.ensure(set(adapters))
         texts = [self._text(i.adapter, i.classes) for i in items]
         model, names = self._model_for(adapters)
-        with adapters_per_sample(model, names):
+        routed = self.pool.route(model, names) if self.pool is not None and names is not None else None
+        with routed or adapters_per_sample(model, names):
             feats = dense_features(model, torch.stack(pixels), self.seg_mode)  # [B, gh, gw, E]
         out = []
         for item, f, text in zip(items, feats, texts):

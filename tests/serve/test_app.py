@@ -71,6 +71,14 @@ def test_bad_requests_get_a_4xx_with_a_message(client, data, files, status, mess
     assert client.post("/caption", data={"adapter": "red"}, files={"image": ("x.png", _png(), "image/png")}).status_code == 200
 
 
+@pytest.mark.parametrize("prompt", ["describe <image> please", "a caption</s>"])
+def test_a_prompt_with_a_placeholder_or_special_token_is_refused_before_it_joins_a_batch(client, prompt):
+    batches = client.app.state.batcher.batches
+    r = client.post("/caption", data={"adapter": "red", "prompt": prompt}, files={"image": ("x.png", _png(), "image/png")})
+    assert r.status_code == 400 and "added by the server" in r.json()["detail"]
+    assert client.app.state.batcher.batches == batches  # it never reached the model
+
+
 def test_wrong_task_for_this_base(client):
     r = client.post("/segment", data={"adapter": "red", "classes": "a,b"}, files={"image": ("x.png", _png(), "image/png")})
     assert r.status_code == 400 and "does caption: use /caption" in r.json()["detail"]
@@ -87,11 +95,57 @@ class _SlowEngine:
     def batch_key(self, item):
         return (item.kind,)
 
+    def check(self, item):
+        pass
+
     def run(self, items):
         self.release.wait(10)
         if self.fail:
             raise RuntimeError("out of memory (simulated)")
         return [{"caption": "ok"} for _ in items]
+
+
+class _PoisonEngine(_SlowEngine):
+    """Fails any batch holding a request whose prompt is ``poison`` (our bug) or ``user error`` (theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release.set()
+        self.runs: list[int] = []
+
+    def run(self, items):
+        from mmlora.errors import MmloraError
+
+        self.runs.append(len(items))
+        if any(i.prompt == "poison" for i in items):
+            raise RuntimeError("index out of range (simulated)")
+        if any(i.prompt == "user error" for i in items):
+            raise MmloraError("this request cannot run (simulated)")
+        return [{"caption": f"ok {i.prompt}"} for i in items]
+
+
+def test_a_poisoned_request_fails_alone_and_the_others_in_its_batch_are_answered():
+    from fastapi.testclient import TestClient
+
+    engine = _PoisonEngine()
+    with TestClient(create_app(engine, max_queue=16, max_batch=8, max_wait_ms=300)) as c:
+        results = {}
+
+        def ask(prompt):
+            results[prompt] = c.post("/caption", data={"adapter": "a", "prompt": prompt},
+                                     files={"image": ("x.png", _png(), "image/png")})
+
+        prompts = ["one", "poison", "two", "user error", "three"]
+        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert max(engine.runs) > 1 and c.app.state.batcher.retried >= 1  # they shared a batch, which failed
+    for p in ("one", "two", "three"):
+        assert results[p].status_code == 200 and results[p].json()["caption"] == f"ok {p}"
+    assert results["poison"].status_code == 500 and "index out of range" in results["poison"].json()["detail"]
+    assert results["user error"].status_code == 400 and "cannot run" in results["user error"].json()["detail"]
 
 
 def test_full_queue_answers_503_and_a_failed_batch_500():

@@ -82,3 +82,13 @@ def test_segment_mixed_batch_equals_each_adapter_alone(tmp_path, images, tiny_cl
     for item, out in zip(items, mixed):
         assert out["mask"].shape == (128, 128) and out["mask"].dtype == torch.uint8
         assert torch.equal(merged.run([item])[0]["mask"], out["mask"])
+
+
+def test_reserved_strings_hold_the_image_placeholder_and_special_tokens(tiny_llava_dir):
+    from mmlora.models.loading import load_llava
+    from mmlora.serve.engine import reserved_strings
+
+    _, processor = load_llava(tiny_llava_dir)
+    reserved = reserved_strings(processor)
+    assert processor.image_token in reserved and processor.tokenizer.eos_token in reserved
+    assert not any(t in "Provide a one-sentence caption for the provided image." for t in reserved)

@@ -1,0 +1,143 @@
+"""Gathered multi-adapter LoRA: each row of a batch equals its adapter alone in plain PEFT (LoRA of
+different ranks, rsLoRA, DoRA, adapters on different layers, the base), and the work per layer does
+not grow with the number of different adapters in the batch."""
+
+import pytest
+import torch
+from torch import nn
+
+from mmlora.serve.engine import Engine, Item
+from mmlora.serve.gathered import LoraPool
+from tests.adapter_runs import make_run
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(12, 16)
+        self.down = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _peft_toy():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    configs = {
+        "a": LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]),
+        "b": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["up"]),  # one layer only
+        "c": LoraConfig(r=6, lora_alpha=12, use_dora=True, target_modules=["up", "down"]),
+    }
+    model = get_peft_model(_Toy(), configs["a"], adapter_name="a")
+    for name in ("b", "c"):
+        model.add_adapter(name, configs[name])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "magnitude" in n else 0.0))
+    return model.eval()
+
+
+def test_each_row_equals_its_adapter_alone_in_peft():
+    model = _peft_toy()
+    x = torch.randn(5, 3, 12)
+    adapters = ["c", "__base__", "a", "b", "c"]
+    pool = LoraPool()
+    pool.sync(model, ["a", "b", "c"])
+    with torch.no_grad(), pool.route(model, adapters):
+        gathered = model(x)
+    for row, name in enumerate(adapters):
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(x[row:row + 1])
+            else:
+                model.set_adapter(name)
+                alone = model(x[row:row + 1])
+        assert torch.allclose(gathered[row:row + 1], alone, atol=1e-5), name
+    with torch.no_grad(), pool.route(model, ["a", "b", "c", "__base__"]):
+        same = model(x[:1].expand(4, -1, -1))  # one input through every adapter and the base
+    assert all(not torch.allclose(same[i], same[3], atol=1e-3) for i in range(3))  # every adapter changes it
+
+
+def test_work_per_layer_does_not_grow_with_the_adapters_in_a_batch():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _peft_toy()
+    pool = LoraPool()
+    pool.sync(model, ["a", "b", "c"])
+    x = torch.randn(6, 3, 12)
+
+    def ops(adapters, gathered):
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            if gathered:
+                with pool.route(model, adapters):
+                    model(x)
+            else:
+                model(x, adapter_names=adapters)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        return sum(counts.get(k, 0) for k in ("aten::bmm", "aten::mm", "aten::addmm", "aten::linear"))
+
+    one, three = ["a"] * 6, ["a", "b", "c", "a", "b", "c"]
+    assert ops(one, True) == ops(three, True)
+    assert ops(one, False) < ops(["a", "b", "a", "b", "a", "b"], False)  # PEFT's mixed batch loops per adapter
+
+
+def test_a_batch_of_rows_must_be_one_row_per_sample():
+    model = _peft_toy()
+    pool = LoraPool()
+    pool.sync(model, ["a"])
+    with pytest.raises(RuntimeError, match="got 4 rows for 2 samples"), pool.route(model, ["a", "a"]):
+        model(torch.randn(4, 12))
+    with pytest.raises(KeyError, match="not stacked"), pool.route(model, ["b"]):
+        pass
+
+
+GATHER_PLACEMENT = {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0], "rank": 4},
+                    "projector": {"mode": "lora", "rank": 4},
+                    "language": {"mode": "lora", "rank": 8}}
+DORA_PLACEMENT = {"vision": {"mode": "dora", "targets": ["q", "v"], "layers": [0], "rank": 4},
+                  "language": {"mode": "dora", "rank": 4}}
+
+
+@pytest.fixture(scope="module")
+def gather_runs(tmp_path_factory, tiny_llava_dir):
+    tmp = tmp_path_factory.mktemp("serve-gathered")
+    return {"wide": make_run(tmp / "wide", "tiny-llava", GATHER_PLACEMENT, 5),
+            "dora": make_run(tmp / "dora", "tiny-llava", DORA_PLACEMENT, 6),
+            "lm": make_run(tmp / "lm", "tiny-llava", {"language": {"mode": "lora", "rank": 4}}, 7)}
+
+
+def _alone(run, image) -> str:
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmlora.generate import generate_answers
+    from mmlora.models.presets import preset_path
+
+    base = LlavaForConditionalGeneration.from_pretrained(preset_path("tiny-llava"), dtype=torch.float32)
+    model = base if run is None else PeftModel.from_pretrained(base, run / "final/adapters/default").eval()
+    return generate_answers(model, AutoProcessor.from_pretrained(preset_path("tiny-llava")), [image], max_new_tokens=5)[0]
+
+
+def test_gathered_engine_answers_each_sample_as_its_run_alone(gather_runs, shapes_small):
+    from PIL import Image
+
+    from mmlora.data.samples import CAPTION_PROMPT
+
+    paths = sorted((shapes_small / "world_B/images/test").glob("*.png"))[:4]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    names = ["dora", "wide", "__base__", "lm"]
+    expected = [_alone(gather_runs.get(n), im) for n, im in zip(names, images)]
+    assert len(set(expected)) > 1
+    engine = Engine("tiny-llava", gather_runs, mode="gathered", max_loaded=3, max_new_tokens=5)
+    items = [Item("caption", n, im, CAPTION_PROMPT) for n, im in zip(names, images)]
+    assert [r["caption"] for r in engine.run(items)] == expected
+    assert engine.pool.names == ["dora", "lm", "wide"] and engine.pool.nbytes() > 0
+    # a later batch in another order, after an eviction and a reload, still routes each sample right
+    engine.max_loaded = 2
+    assert [r["caption"] for r in engine.run(items[1:3])] == expected[1:3]
+    assert [r["caption"] for r in engine.run(items[::-1][:2])] == expected[::-1][:2]
