@@ -189,8 +189,13 @@ def run_mixture(args, shape, model_dir: Path, image_root: Path, work: Path, prec
     for r in range(args.repeats):
         for arm in (("reference", "mmlora") if r % 2 == 0 else ("mmlora", "reference")):
             runs.setdefault(arm, []).append(run(ctx, jobs[arm], work, f"{arm}-mixture-{r}"))
+    profiles = {} if args.no_profile else {arm: run(ctx, jobs[arm] | {"profile": True}, work, f"{arm}-mixture-profile")
+                                           for arm in ("reference", "mmlora")}
+    if args.out:  # the raw runs first, so that nothing measured is lost if summarizing fails
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "runs.json").write_text(json.dumps({"runs": runs, "profiles": profiles}) + "\n")
     report = summarize_mixture(shape, runs, lengths, kinds, budget, precision=precision, threads=threads,
-                               wall_s=time.perf_counter() - started)
+                               wall_s=time.perf_counter() - started, profiles=profiles)
     return write_report(report, mixture_markdown(report), args.out)
 
 

@@ -57,6 +57,8 @@ class Result:
     samples: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     cells: list[int] = field(default_factory=list)  # token cells of each batch, padding included
+    start: float | None = None  # when the first batch began to be collated: the pass's start
+    start_cpu: float | None = None
     peak_bytes: int = 0
     baseline_bytes: int = 0
     breakdown: dict[str, float] = field(default_factory=dict)
@@ -88,6 +90,8 @@ def ordered_dataset(job: Job, processor) -> tuple[list[int], Any, int]:
 def _counting(collate, result: Result):
     """``collate`` that records each batch's real tokens and its token cells (padding included) in ``result``."""
     def counted(items):
+        if result.start is None:
+            result.start, result.start_cpu = now(device()), cpu_seconds()
         batch = collate(items)
         result.tokens.append(sum(len(it["input_ids"]) for it in items if it is not None))
         result.cells.append(int(batch["input_ids"].numel()))

@@ -30,6 +30,21 @@ def run_metrics(run: dict) -> dict[str, float]:
     }
 
 
+def pass_metrics(run: dict) -> dict[str, float]:
+    """Throughput over the whole pass, from the first batch's collation to the last step's end: the arms
+    order their batches differently (both put a long batch first), so leaving out a first step would
+    leave out unlike work."""
+    span = run["step_ends"][-1] - run["start"]
+    cpu = run["step_cpu"][-1] - run["start_cpu"]
+    return {
+        "samples_per_s": sum(run["samples"]) / span,
+        "tokens_per_s": sum(run["tokens"]) / span,
+        "samples_per_cpu_s": sum(run["samples"]) / cpu,
+        "peak_mib": run["peak_bytes"] / 2**20,
+        "pass_s": span,
+    }
+
+
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -59,6 +74,19 @@ def breakdown_ms(run: dict) -> dict[str, float]:
     out["other"] = step_ms - sum(out.values())
     out["step"] = step_ms
     return out
+
+
+def breakdown_per_sample_ms(run: dict) -> dict[str, float]:
+    """Milliseconds per sample by component over the steps after the first: the mixture's arms cut
+    the pass into different numbers of steps, so per-step times would compare unlike steps."""
+    samples = sum(run["samples"][1:])
+    step_s = run["step_ends"][-1] - run["step_ends"][0]
+    order = ["vision", "projector", "language_layers", "head_loss", "optimizer", "data"]
+    parts = {k: 1000 * run["breakdown"].get(k, 0.0) / samples for k in order}
+    parts["data"] = 1000 * run["breakdown"].get("data", 0.0) / len(run["samples"])  # encoding + collation, all batches
+    parts["other"] = 1000 * step_s / samples - sum(v for k, v in parts.items() if k != "data")
+    parts["step"] = 1000 * step_s / samples
+    return parts
 
 
 def machine(threads: int) -> str:
@@ -154,7 +182,8 @@ def to_markdown(report: dict) -> str:
 
 
 def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: list[int], kinds: list[str],
-                      budget: int, precision: str, threads: int, wall_s: float) -> dict:
+                      budget: int, precision: str, threads: int, wall_s: float,
+                      profiles: dict[str, dict] | None = None) -> dict:
     """The packing comparison: per arm, medians over runs of the pass's throughput (batches differ
     between the arms, so per-step medians would compare unlike steps), its padding share and peak
     memory; the ratios mmlora / reference."""
@@ -162,7 +191,7 @@ def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: l
 
     arms = {}
     for arm, rs in runs.items():
-        metrics = [run_metrics(r) | {"padding_share": 1 - sum(r["tokens"]) / sum(r["cells"]), "steps": len(r["step_ends"])}
+        metrics = [pass_metrics(r) | {"padding_share": 1 - sum(r["tokens"]) / sum(r["cells"]), "steps": len(r["step_ends"])}
                    for r in rs]
         arms[arm] = {"median": _median(metrics), "runs": metrics, "trainable": rs[0]["trainable"]}
     a, b = arms["reference"]["median"], arms["mmlora"]["median"]
@@ -172,7 +201,8 @@ def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: l
     return {"preset": shape.name, "about": shape.about, "data": "mixture", "samples": len(lengths), "batch_size": shape.batch_size,
             "batch_tokens": budget, "precision": precision, "date": date.today().isoformat(), "machine": machine(threads),
             "load_average": os.getloadavg(), "wall_s": wall_s, "arms": arms, "ratios": ratios,
-            "histogram": histogram(lengths, kinds)}
+            "histogram": histogram(lengths, kinds),
+            "breakdown_ms_per_sample": {arm: breakdown_per_sample_ms(run) for arm, run in (profiles or {}).items()}}
 
 
 def mixture_markdown(report: dict) -> str:
@@ -180,7 +210,7 @@ def mixture_markdown(report: dict) -> str:
     protocol = (f"{report['date']}, {report['machine']}, {report['precision']}; {report['samples']} samples, one pass; "
                 f"reference batch {report['batch_size']}, mmlora batch_tokens {report['batch_tokens']} (the same mean batch), "
                 f"gradient checkpointing, LoRA; {len(report['arms']['reference']['runs'])} runs per arm, alternating; "
-                f"medians over runs of the pass (steps after each run's first); load average at the end "
+                f"medians over runs of the whole pass (first batch's collation to last step's end); load average at the end "
                 f"{', '.join(f'{x:.1f}' for x in report['load_average'])}; benchmark wall time {report['wall_s']:.0f} s.")
     lines = [f"### {report['preset']} on the mixture: packing against group_by_length", "", protocol, "",
              "| arm | steps | samples/s | tokens/s | samples per CPU-second | padding share | peak memory above baseline (MiB) |",
@@ -194,4 +224,11 @@ def mixture_markdown(report: dict) -> str:
                  f"**{r['peak_memory']:.2f}x** |")
     lines += ["", "| ratio mmlora / reference | samples/s | tokens/s | samples per CPU-second | peak memory |", "|---|---|---|---|---|",
               ratio_row, "", "Token lengths of the data (samples per bin):", "", report["histogram"]]
+    if report.get("breakdown_ms_per_sample"):
+        comps = list(next(iter(report["breakdown_ms_per_sample"].values())))
+        lines += ["", "Where the time goes (a separate profiled pass per arm; ms per sample; `data` per batch, "
+                  "`other` the rest of the step):", "",
+                  "| arm | " + " | ".join(c.replace("_", " ") for c in comps) + " |", "|---|" + "---|" * len(comps)]
+        for arm, b in report["breakdown_ms_per_sample"].items():
+            lines.append(f"| {names[arm]} | " + " | ".join(f"{b[c]:.1f}" for c in comps) + " |")
     return "\n".join(lines) + "\n"
