@@ -1,14 +1,19 @@
 """Load test of ``mmlora serve`` on loopback: throughput and latency against the number of adapters, for
-mixed-adapter batches, adapter switching, and one merged model per adapter (S-LoRA's comparison, small).
+gathered multi-adapter batches, PEFT's mixed-adapter batches, adapter switching, and one merged model
+per adapter (S-LoRA's comparison, small).
 
-Run: python scripts/load_test.py [--base tiny-llava] [--adapters 1,8,64] [--modes mixed,switch,merged]
-                                 [--requests 96] [--clients 16] [--max-seconds 60] [--out evals/serve]
+Run: python scripts/load_test.py [--base tiny-llava] [--adapters 1,8,64] [--modes gathered,mixed,switch,merged]
+                                 [--ranks 4,8,16] [--requests 96] [--clients 16] [--repeats 2]
+                                 [--max-seconds 60] [--out evals/serve]
 
-For each number of adapters N it writes N adapter-only runs with seeded random LoRA weights on the base
-(non-zero, so each adapter gives different answers), then for each mode starts the real server
-(FastAPI + uvicorn) on 127.0.0.1, sends one warm-up request per adapter (so every mode starts with its
-adapters loaded), and then ``--requests`` caption requests from ``--clients`` concurrent clients, each
-naming an adapter drawn uniformly at random (seeded). Bounded: at most ``--requests`` requests and
+For each number of adapters N it writes N adapter-only runs with seeded random LoRA weights on the
+language model (non-zero, so each adapter gives different answers; ranks cycling through ``--ranks``),
+then for each mode starts the real server (FastAPI + uvicorn) on 127.0.0.1, sends one warm-up request
+per adapter (so every mode starts with its adapters loaded), and then ``--requests`` caption requests
+from ``--clients`` concurrent clients, each naming an adapter drawn uniformly at random (seeded). Each
+cell runs ``--repeats`` times (a fresh server each time); the table gives the median throughput and
+the process's CPU seconds per request beside it, and the note the machine's load average before and
+after, so that a contended machine shows. Bounded: at most ``--requests`` requests and
 ``--max-seconds`` per cell; only loopback is ever contacted. Writes ``load_test.md`` and ``load_test.json``.
 """
 
@@ -25,8 +30,9 @@ import time
 from pathlib import Path
 
 
-def make_adapters(base: str, n: int, out: Path, rank: int = 4) -> dict[str, Path]:
-    """``n`` adapter-only runs on ``base`` (LoRA on the language model), seeded random weights."""
+def make_adapters(base: str, n: int, out: Path, ranks: tuple[int, ...] = (4,)) -> dict[str, Path]:
+    """``n`` adapter-only runs on ``base`` (LoRA on the language model, rank ``ranks[i % len(ranks)]``),
+    seeded random weights."""
     import torch
 
     from mmlora.config.schema import ModelSpec, PlacementSpec
@@ -37,12 +43,15 @@ def make_adapters(base: str, n: int, out: Path, rank: int = 4) -> dict[str, Path
     from mmlora.runs.layout import Run
     from mmlora.runs.save import save_placement
 
-    spec = PlacementSpec.model_validate({"language": {"mode": "lora", "rank": rank}})
-    model = load_model(ModelSpec(name=base))
-    plan = plan_placement(model, discover_modalities(model), spec)
-    placed = apply_placement(model, plan)
+    placed_by_rank = {}
+    for rank in ranks:
+        spec = PlacementSpec.model_validate({"language": {"mode": "lora", "rank": rank}})
+        model = load_model(ModelSpec(name=base))
+        plan = plan_placement(model, discover_modalities(model), spec)
+        placed_by_rank[rank] = (apply_placement(model, plan), plan)
     runs = {}
     for i in range(n):
+        placed, plan = placed_by_rank[ranks[i % len(ranks)]]
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for name, p in placed.named_parameters():
@@ -101,38 +110,55 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
                         if r.status_code == 200:
                             latencies.append(1000 * (time.perf_counter() - t0))
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start  # server and clients: one process
         sizes = list(batcher.batch_sizes)
     ok = len(latencies)
     return {"adapters": len(runs), "mode": mode, "requests": ok, "statuses": statuses, "seconds": wall,
-            "throughput": ok / wall if wall else 0.0,
+            "cpu_seconds": cpu, "throughput": ok / wall if wall else 0.0, "cpu_ms_per_request": 1000 * cpu / ok if ok else None,
             "p50_ms": _percentile(latencies, 50) if ok else None, "p90_ms": _percentile(latencies, 90) if ok else None,
             "p99_ms": _percentile(latencies, 99) if ok else None,
             "mean_batch": statistics.mean(sizes) if sizes else 0.0, "adapter_loads": engine.loads - loads_before,
-            "models_in_memory": 1 + len(runs) if mode == "merged" else 1}
+            "models_in_memory": 1 + len(runs) if mode == "merged" else 1,
+            "pool_mib": engine.pool.nbytes() / 2**20 if engine.pool is not None else None}
+
+
+def median_row(repeats: list[dict]) -> dict:
+    """One table row from a cell's repeats: medians, and every repeat's req/s."""
+    mid = sorted(repeats, key=lambda r: r["throughput"])[len(repeats) // 2]
+    med = lambda k: statistics.median(r[k] for r in repeats if r[k] is not None) if any(r[k] is not None for r in repeats) else None  # noqa: E731
+    return mid | {"throughput": med("throughput"), "cpu_ms_per_request": med("cpu_ms_per_request"),
+                  "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "repeat_throughputs": [r["throughput"] for r in repeats]}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| adapters | mode | requests | req/s | p50 ms | p90 ms | p99 ms | mean batch | full models in memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| adapters | mode | requests | req/s (median) | req/s per repeat | CPU ms per request | p50 ms | p99 ms | mean batch "
+             "| full models in memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
-        lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {fmt(r['p50_ms'])} | "
-                     f"{fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | {r['models_in_memory']} |")
+        each = ", ".join(f"{t:.1f}" for t in r.get("repeat_throughputs", [r["throughput"]]))
+        lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {each} | "
+                     f"{fmt(r['cpu_ms_per_request'])} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | "
+                     f"{r['models_in_memory']} |")
     return "\n".join(lines) + "\n"
 
 
-def note(args: argparse.Namespace) -> str:
+def note(args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str:
+    import os
+
     return (f"\n({args.base}; per row up to {args.requests} caption requests, clients stop sending after "
-            f"{args.max_seconds:g} s; {args.clients} concurrent clients on loopback, adapters drawn uniformly, batches "
-            f"of up to {args.max_batch}, {args.max_new_tokens} new tokens, every adapter loaded before timing; "
-            f"'full models in memory': the base, plus one merged copy per adapter in merged mode.)\n")
+            f"{args.max_seconds:g} s; {args.clients} concurrent clients on loopback, adapters drawn uniformly, LoRA ranks "
+            f"{args.ranks}, batches of up to {args.max_batch}, {args.max_new_tokens} new tokens, every adapter loaded "
+            f"before timing; {args.repeats} repeats per row, each on a fresh server; CPU time of the one process holding "
+            f"server and clients; {os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in load_before)} before "
+            f"and {', '.join(f'{x:.1f}' for x in load_after)} after; 'full models in memory': the base, plus one merged "
+            f"copy per adapter in merged mode.)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="tiny-llava")
     p.add_argument("--adapters", default="1,8,64")
-    p.add_argument("--modes", default="mixed,switch,merged")
+    p.add_argument("--modes", default="gathered,mixed,switch,merged")
+    p.add_argument("--ranks", default="4,8,16", help="LoRA ranks of the generated adapters, cycled")
+    p.add_argument("--repeats", type=int, default=2, help="runs per cell (fresh server each); medians reported")
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8)
@@ -151,17 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     counts = [int(n) for n in args.adapters.split(",")]
     modes = [m for m in args.modes.split(",") if m]
+    import os
+
+    ranks = tuple(int(r) for r in args.ranks.split(","))
     rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mmlora-load-") as tmp:
-        all_runs = make_adapters(args.base, max(counts), Path(tmp))
+        all_runs = make_adapters(args.base, max(counts), Path(tmp), ranks)
         for n in counts:
             runs = dict(list(all_runs.items())[:n])
             for mode in modes:
-                row = run_cell(args.base, runs, mode, args.requests, args.clients, args.max_seconds,
-                               args.max_new_tokens, args.max_batch)
+                repeats = [run_cell(args.base, runs, mode, args.requests, args.clients, args.max_seconds,
+                                    args.max_new_tokens, args.max_batch) for _ in range(args.repeats)]
+                row = median_row(repeats) | {"repeats": repeats}
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
-    text = table(rows) + note(args)
+    text = table(rows) + note(args, load_before, os.getloadavg())
     print(text)
     if args.out:
         out = Path(args.out)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,11 +18,16 @@ def _script(name: str):
 def test_load_test_on_a_tiny_shape(tmp_path, tiny_llava_dir):
     script = _script("load_test")
     assert script.main(["--adapters", "1,2", "--requests", "4", "--clients", "2", "--max-new-tokens", "2",
-                        "--max-seconds", "60", "--out", str(tmp_path)]) == 0
+                        "--ranks", "4,8", "--repeats", "2", "--max-seconds", "60", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "load_test.json").read_text())["rows"]
-    assert [(r["adapters"], r["mode"]) for r in rows] == [(n, m) for n in (1, 2) for m in ("mixed", "switch", "merged")]
+    modes = ("gathered", "mixed", "switch", "merged")
+    assert [(r["adapters"], r["mode"]) for r in rows] == [(n, m) for n in (1, 2) for m in modes]
     for r in rows:
-        assert r["requests"] == 4 and r["statuses"] == {"200": 4} and r["throughput"] > 0
-        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
-        assert r["adapter_loads"] == 0  # all adapters fit, and were loaded before timing
-    assert "| 2 | merged | 4 |" in (tmp_path / "load_test.md").read_text()
+        assert len(r["repeats"]) == 2 and r["throughput"] == statistics.median(x["throughput"] for x in r["repeats"])
+        for x in r["repeats"]:
+            assert x["requests"] == 4 and x["statuses"] == {"200": 4} and x["throughput"] > 0 and x["cpu_seconds"] > 0
+            assert x["p50_ms"] <= x["p90_ms"] <= x["p99_ms"]
+            assert x["adapter_loads"] == 0  # all adapters fit, and were loaded before timing
+        assert (r["pool_mib"] is not None and r["pool_mib"] > 0) == (r["mode"] == "gathered")
+    text = (tmp_path / "load_test.md").read_text()
+    assert "| 2 | merged | 4 |" in text and "load average" in text and "CPU ms per request" in text
