@@ -132,16 +132,20 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
 def median_row(repeats: list[dict]) -> dict:
     """One table row from a cell's repeats: medians, and every repeat's req/s."""
     mid = sorted(repeats, key=lambda r: r["throughput"])[len(repeats) // 2]
-    med = lambda k: statistics.median(r[k] for r in repeats if r[k] is not None) if any(r[k] is not None for r in repeats) else None  # noqa: E731
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in repeats if r[key] is not None]
+        return statistics.median(values) if values else None
+
     return mid | {"throughput": med("throughput"), "cpu_ms_per_request": med("cpu_ms_per_request"),
                   "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "repeat_throughputs": [r["throughput"] for r in repeats]}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| adapters | mode | requests | req/s (median) | req/s per repeat | CPU ms per request | p50 ms | p99 ms | mean batch "
-             "| full models in memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| adapters | mode | requests | req/s (median) | req/s per repeat | CPU ms per request | p50 ms | p99 ms | mean batch "
+             "| full models in memory |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        fmt = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
+        fmt = lambda v: f"{v:.0f}" if v is not None else "-"
         each = ", ".join(f"{t:.1f}" for t in r.get("repeat_throughputs", [r["throughput"]]))
         lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {each} | "
                      f"{fmt(r['cpu_ms_per_request'])} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | "

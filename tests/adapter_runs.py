@@ -43,3 +43,17 @@ def make_run(out: Path, preset: str, placement: dict, seed: int, scale: float = 
 
         AutoProcessor.from_pretrained(preset_path(preset)).save_pretrained(final.folder)
     return out
+
+
+def caption_alone(run: Path | None, image, max_new_tokens: int = 5) -> str:
+    """``image``'s caption by ``run``'s adapter alone in plain PEFT on tiny-llava (``None``: the base)."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmlora.generate import generate_answers
+    from mmlora.models.presets import preset_path
+
+    base = LlavaForConditionalGeneration.from_pretrained(preset_path("tiny-llava"), dtype=torch.float32)
+    model = base if run is None else PeftModel.from_pretrained(base, run / "final/adapters/default").eval()
+    return generate_answers(model, AutoProcessor.from_pretrained(preset_path("tiny-llava")), [image],
+                            max_new_tokens=max_new_tokens)[0]

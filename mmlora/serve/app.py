@@ -24,17 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmlora.data.samples import CAPTION_PROMPT, to_rgb
+from mmlora.errors import MmloraError
 from mmlora.eval.overlay import colour_mask, render_overlay
 from mmlora.optional import require
 from mmlora.runs.compose import BASE
 from mmlora.serve.batcher import Batcher, QueueFull
-from mmlora.errors import MmloraError
 from mmlora.serve.engine import Engine, Item
 
 require("fastapi", "serve", "the HTTP API (mmlora serve)")  # one line that says how to install it
 # At module level: FastAPI reads the routes' (string) annotations from this module's globals.
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile  # noqa: E402
-from fastapi.responses import HTMLResponse  # noqa: E402
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import HTMLResponse
 
 PAGE = Path(__file__).with_name("page.html")
 

@@ -6,7 +6,7 @@ import torch
 
 from mmlora.errors import MmloraError
 from mmlora.serve.engine import Engine, Item
-from tests.adapter_runs import CLIP_PLACEMENT, LLAVA_PLACEMENT, make_run
+from tests.adapter_runs import CLIP_PLACEMENT, LLAVA_PLACEMENT, caption_alone, make_run
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +22,10 @@ def images(shapes_small):
     return [Image.open(p).convert("RGB") for p in sorted((shapes_small / "world_B/images/test").glob("*.png"))[:3]]
 
 
-def _alone(run, image) -> str:
-    from peft import PeftModel
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from mmlora.generate import generate_answers
-    from mmlora.models.presets import preset_path
-
-    base = LlavaForConditionalGeneration.from_pretrained(preset_path("tiny-llava"), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, run / "final/adapters/default").eval()
-    return generate_answers(model, AutoProcessor.from_pretrained(preset_path("tiny-llava")), [image], max_new_tokens=5)[0]
-
-
 def test_every_mode_answers_each_sample_with_its_adapter(llava_runs, images):
     from mmlora.data.samples import CAPTION_PROMPT
 
-    expected = [_alone(llava_runs["red"], images[0]), _alone(llava_runs["blue"], images[1])]
+    expected = [caption_alone(llava_runs["red"], images[0]), caption_alone(llava_runs["blue"], images[1])]
     items = [Item("caption", "red", images[0], CAPTION_PROMPT), Item("caption", "blue", images[1], CAPTION_PROMPT),
              Item("caption", "__base__", images[2], CAPTION_PROMPT)]
     engine = Engine("tiny-llava", llava_runs, mode="mixed", max_loaded=2, max_new_tokens=5)

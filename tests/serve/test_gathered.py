@@ -8,7 +8,7 @@ from torch import nn
 
 from mmlora.serve.engine import Engine, Item
 from mmlora.serve.gathered import LoraPool
-from tests.adapter_runs import make_run
+from tests.adapter_runs import caption_alone, make_run
 
 
 class _Toy(nn.Module):
@@ -111,18 +111,6 @@ def gather_runs(tmp_path_factory, tiny_llava_dir):
             "lm": make_run(tmp / "lm", "tiny-llava", {"language": {"mode": "lora", "rank": 4}}, 7)}
 
 
-def _alone(run, image) -> str:
-    from peft import PeftModel
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from mmlora.generate import generate_answers
-    from mmlora.models.presets import preset_path
-
-    base = LlavaForConditionalGeneration.from_pretrained(preset_path("tiny-llava"), dtype=torch.float32)
-    model = base if run is None else PeftModel.from_pretrained(base, run / "final/adapters/default").eval()
-    return generate_answers(model, AutoProcessor.from_pretrained(preset_path("tiny-llava")), [image], max_new_tokens=5)[0]
-
-
 def test_gathered_engine_answers_each_sample_as_its_run_alone(gather_runs, shapes_small):
     from PIL import Image
 
@@ -131,7 +119,7 @@ def test_gathered_engine_answers_each_sample_as_its_run_alone(gather_runs, shape
     paths = sorted((shapes_small / "world_B/images/test").glob("*.png"))[:4]
     images = [Image.open(p).convert("RGB") for p in paths]
     names = ["dora", "wide", "__base__", "lm"]
-    expected = [_alone(gather_runs.get(n), im) for n, im in zip(names, images)]
+    expected = [caption_alone(gather_runs.get(n), im) for n, im in zip(names, images)]
     assert len(set(expected)) > 1
     engine = Engine("tiny-llava", gather_runs, mode="gathered", max_loaded=3, max_new_tokens=5)
     items = [Item("caption", n, im, CAPTION_PROMPT) for n, im in zip(names, images)]
