@@ -46,6 +46,9 @@ class _LayerPool:
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.A = self.B = self.g = None
         self.index: torch.Tensor | None = None
+        # per route: the batch's gathered A, s·B, g (once, not at every decoding step); 2-D when the
+        # whole batch has one slot (then plain matmuls)
+        self.gA = self.gB = self.gg = None
 
     def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """``(A [r, in], s·B [out, r], g [out] or None)`` of adapter ``name`` here (None: not adapted)."""
@@ -89,6 +92,19 @@ class _LayerPool:
     def drop(self, name: str) -> None:
         self.parts.pop(name, None)
 
+    def gather(self, index: torch.Tensor | None, single: int | None) -> None:
+        """Select the batch's adapters: ``index`` (``[B]`` slots), or ``single`` (one slot for every row)."""
+        self.index = index
+        if index is None:
+            self.gA = self.gB = self.gg = None
+        elif single is not None:
+            self.gA, self.gB = self.A[single], self.B[single]
+            self.gg = None if self.g is None else self.g[single]
+        else:
+            index = index.to(self.A.device)
+            self.gA, self.gB = self.A[index].transpose(1, 2), self.B[index].transpose(1, 2)
+            self.gg = None if self.g is None else self.g[index]
+
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.index is None:
             return output
@@ -96,12 +112,16 @@ class _LayerPool:
         rows = x.shape[0]
         if rows != self.index.shape[0]:
             raise RuntimeError(f"a gathered LoRA layer got {rows} rows for {self.index.shape[0]} samples")
-        flat = x.reshape(rows, -1, x.shape[-1]).to(self.A.dtype)
-        delta = torch.bmm(torch.bmm(flat, self.A[self.index].transpose(1, 2)), self.B[self.index].transpose(1, 2))
+        if self.gA.dim() == 2:  # one adapter for the whole batch
+            delta = (x.to(self.gA.dtype) @ self.gA.T) @ self.gB.T
+        else:
+            flat = x.reshape(rows, -1, x.shape[-1]).to(self.gA.dtype)
+            delta = torch.bmm(torch.bmm(flat, self.gA), self.gB)
         delta = delta.reshape(output.shape).to(output.dtype)
-        if self.g is None:
+        if self.gg is None:
             return output + delta
-        scale = self.g[self.index].reshape(rows, *([1] * (output.dim() - 2)), -1).to(output.dtype)
+        gg = self.gg if self.gg.dim() == 2 else self.gg[None]
+        scale = gg.reshape(gg.shape[0], *([1] * (output.dim() - 2)), -1).to(output.dtype)
         bias = module.get_base_layer().bias
         if bias is None:
             return scale * (output + delta)
@@ -151,10 +171,11 @@ class LoraPool:
     def route(self, model: nn.Module, adapters: Sequence[str]) -> Iterator[None]:
         """Within: ``model`` (the PeftModel) runs row ``b`` with ``adapters[b]``'s LoRA (gathered)."""
         index = self.slots(adapters)
+        single = int(index[0]) if len(set(index.tolist())) == 1 else None
         handles, before = [], {}
         try:
             for key, layer in self.layers.items():
-                layer.index = index.to(layer.A.device)
+                layer.gather(index, single)
                 handles.append(layer.module.register_forward_hook(layer.hook))
                 # PEFT's per-layer "adapters disabled" flag (what ``disable_adapter_layers`` sets on each
                 # layer): each layer then returns its base output. Not ``PeftModel.disable_adapter()``:
@@ -168,7 +189,7 @@ class LoraPool:
             for h in handles:
                 h.remove()
             for key, layer in self.layers.items():
-                layer.index = None
+                layer.gather(None, None)
                 if key in before:
                     layer.module._disable_adapters = before[key]
 

@@ -58,6 +58,12 @@ def test_each_row_equals_its_adapter_alone_in_peft():
                 model.set_adapter(name)
                 alone = model(x[row:row + 1])
         assert torch.allclose(gathered[row:row + 1], alone, atol=1e-5), name
+    for name in ("a", "c"):  # a batch with one adapter takes the plain-matmul path
+        with torch.no_grad(), pool.route(model, [name] * 5):
+            together = model(x)
+        model.set_adapter(name)
+        with torch.no_grad():
+            assert torch.allclose(together, model(x), atol=1e-5), name
     with torch.no_grad(), pool.route(model, ["a", "b", "c", "__base__"]):
         same = model(x[:1].expand(4, -1, -1))  # one input through every adapter and the base
     assert all(not torch.allclose(same[i], same[3], atol=1e-3) for i in range(3))  # every adapter changes it
@@ -81,8 +87,8 @@ def test_work_per_layer_does_not_grow_with_the_adapters_in_a_batch():
         counts = {e.key: e.count for e in prof.key_averages()}
         return sum(counts.get(k, 0) for k in ("aten::bmm", "aten::mm", "aten::addmm", "aten::linear"))
 
-    one, three = ["a"] * 6, ["a", "b", "c", "a", "b", "c"]
-    assert ops(one, True) == ops(three, True)
+    one, two, three = ["a"] * 6, ["a", "b"] * 3, ["a", "b", "c"] * 2
+    assert ops(one, True) == ops(two, True) == ops(three, True)
     assert ops(one, False) < ops(["a", "b", "a", "b", "a", "b"], False)  # PEFT's mixed batch loops per adapter
 
 
