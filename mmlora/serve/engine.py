@@ -8,9 +8,9 @@ samples name different adapters (``mode``), the S-LoRA comparison in miniature:
 * ``mixed``  — one PEFT model holding the loaded adapters; one forward with ``adapter_names`` per sample.
 * ``switch`` — the same model, but a batch holds one adapter: ``set_adapter`` between batches.
 * ``merged`` — one merged copy of the base per adapter (``merge_and_unload``), a batch per adapter.
-* ``gathered`` — the PEFT model of ``mixed`` holding the adapters, run with every adapted layer's
-  adapters stacked and gathered per sample (``mmlora.serve.gathered``): one base matmul plus two
-  batched matmuls per layer, whatever the number of adapters in the batch; LoRA and DoRA runs.
+* ``gathered`` — the adapters paged straight from their folders into per-layer stacks on the base
+  and gathered per sample (``mmlora.serve.gathered``): one base matmul plus two batched matmuls per
+  layer, whatever the number of adapters in the batch; LoRA and DoRA runs.
 
 Not thread-safe: one worker (``mmlora.serve.batcher``) calls it.
 """
@@ -40,7 +40,7 @@ from mmlora.models.unfuse import unfuse_attention
 from mmlora.runs.compose import BASE, adapter_only, adapter_path, adapters_per_sample
 from mmlora.runs.layout import require_weights
 from mmlora.runs.reference import load_reference
-from mmlora.serve.gathered import LoraPool
+from mmlora.serve.gathered import LoraPool, read_adapter
 
 MODES = ("mixed", "switch", "merged", "gathered")
 
@@ -125,8 +125,7 @@ class Engine:
         self.peft: nn.Module | None = None  # mixed / switch: the base wrapped with the loaded adapters
         self.loaded: OrderedDict[str, nn.Module | None] = OrderedDict()  # name → merged model (merged mode)
         self.loads = 0  # adapter loads so far (evictions make adapters load again)
-        self.pool = LoraPool() if mode == "gathered" else None
-        self._pool_key: tuple = ()
+        self.pool = LoraPool(self.base) if mode == "gathered" else None
 
     # ------------------------------------------------------------------ adapters
 
@@ -154,7 +153,9 @@ class Engine:
 
         self.loads += 1
         path = self.paths[name]
-        if self.mode == "merged":
+        if self.pool is not None:
+            self.pool.add(name, read_adapter(path, self.base))
+        elif self.mode == "merged":
             model = PeftModel.from_pretrained(copy.deepcopy(self.base), path).merge_and_unload().eval()
             self.loaded[name] = model
         elif self.peft is None:
@@ -166,14 +167,14 @@ class Engine:
     def _evict(self, name: str) -> None:
         model = self.loaded.pop(name)
         if self.pool is not None:
-            self.pool.forget(name)
-        if self.mode != "merged":
+            self.pool.remove(name)
+        elif self.mode != "merged":
             with warnings.catch_warnings():  # expected here: each batch sets the adapters it needs
                 warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
                 self.peft.delete_adapter(name)
-            if self.kind == "segment":
-                for key in [k for k in self._texts if k[0] == name]:
-                    del self._texts[key]
+        if self.kind == "segment" and self.mode != "merged":
+            for key in [k for k in self._texts if k[0] == name]:
+                del self._texts[key]
         del model
 
     def _model_for(self, names: list[str]) -> tuple[nn.Module, list[str] | None]:
@@ -182,12 +183,11 @@ class Engine:
         if self.mode == "merged":
             (name,) = set(names)
             return (self.base if name == BASE else self.loaded[name]), None
+        if self.pool is not None:
+            return self.base, list(names)  # routed by the pool
         if self.peft is None:  # only __base__ requests so far
             return self.base, None
-        if self.mode in ("mixed", "gathered"):
-            if self.pool is not None and (key := (tuple(sorted(self.loaded)), self.loads)) != self._pool_key:
-                self.pool.sync(self.peft, sorted(self.loaded))  # a load or an eviction since the last batch
-                self._pool_key = key
+        if self.mode == "mixed":
             return self.peft, list(names)
         (name,) = set(names)
         if name == BASE:
@@ -222,8 +222,8 @@ class Engine:
     def _caption(self, items: list[Item]) -> list[dict]:
         model, names = self._model_for([i.adapter for i in items])
         images, prompts = [i.image for i in items], [i.prompt for i in items]
-        if self.pool is not None and names is not None:
-            with self.pool.route(model, names):
+        if self.pool is not None:
+            with self.pool.route(names):
                 out = generate_answers(model, self.processor, images, prompts, batch_size=len(items),
                                        max_new_tokens=self.max_new_tokens)
         else:
@@ -236,6 +236,10 @@ class Engine:
         key = (adapter, tuple(classes))
         if key in self._texts:
             self._texts.move_to_end(key)
+            return self._texts[key]
+        if self.pool is not None:
+            with self.pool.route(every_row=adapter):
+                self._texts[key] = class_embeddings(self.base, self.tokenizer, classes, self.templates)
             return self._texts[key]
         model = self.loaded.get(adapter) if self.mode == "merged" and adapter != BASE else None
         if model is None and self.peft is not None and adapter != BASE:
@@ -262,7 +266,7 @@ class Engine:
         self.ensure(set(adapters))
         texts = [self._text(i.adapter, i.classes) for i in items]
         model, names = self._model_for(adapters)
-        routed = self.pool.route(model, names) if self.pool is not None and names is not None else None
+        routed = self.pool.route(names) if self.pool is not None else None
         with routed or adapters_per_sample(model, names):
             feats = dense_features(model, torch.stack(pixels), self.seg_mode)  # [B, gh, gw, E]
         out = []

@@ -1,199 +1,239 @@
-"""Gathered multi-adapter LoRA (S-LoRA's batched LoRA on CPU/GPU with plain torch): a batch whose rows
-use different adapters costs one base matmul plus two batched matmuls per adapted layer, whatever the
-number of different adapters in it.
+"""Gathered multi-adapter LoRA (S-LoRA's batched LoRA, in plain torch): a batch whose rows use
+different adapters costs one base matmul plus two batched matmuls per adapted layer, whatever the
+number of different adapters in it, and loading one more adapter costs the same with 1 or 1,000 loaded.
 
-PEFT loads and holds the adapters (``PeftModel.load_adapter``: configs, rank and alpha patterns,
-rsLoRA, DoRA magnitudes — nothing re-implemented). This module stacks, per adapted ``nn.Linear``, every
-loaded adapter's ``A`` (``[N+1, r_max, in]``) and ``s·B`` (``[N+1, out, r_max]``), ranks zero-padded to
-the largest (exact: the padded rows and columns contribute 0), slot 0 all zeros (the base itself).
-While :meth:`LoraPool.route` is active, PEFT's adapters are disabled in each stacked layer (it returns
-its base output) and a forward hook adds, for each row ``b`` of the batch with slot ``i = index[b]``,
-``(x_b A_iᵀ)(s_i B_i)ᵀ`` by two ``torch.bmm`` on the gathered ``A[index]``, ``B[index]``. PEFT's
-own mixed batches (``adapter_names``) loop over the distinct adapters of the batch in every layer
-instead, so their cost grows with how many the batch holds.
+**Page-in.** :func:`read_adapter` reads a PEFT LoRA folder (``adapter_config.json`` through PEFT's
+``LoraConfig``, ``adapter_model.safetensors``) straight into per-layer parts ``(A, s·B, g)``, the
+scaling ``s`` as PEFT computes it (``lora_alpha / r``, ``/ √r`` with rsLoRA, ``alpha_pattern`` matched
+by PEFT's ``get_pattern_key``). Why not ``PeftModel.load_adapter``: each PEFT adapter adds modules to
+every adapted layer, and loading the next one walks all of them, so the k-th load costs O(k) (0.5 s
+at 128 adapters on tiny-llava, and growing) — a server with thousands of adapters cannot page them in
+that way. What the reader does not handle (``modules_to_save``, bias training, QA-LoRA, trainable
+tokens, non-``nn.Linear`` targets) is refused in one line.
 
-DoRA at inference is the LoRA output rescaled per output feature by a constant of the adapter:
-``y = bias + g ⊙ (W x + s B A x)`` with ``g = m / ‖W + s B A‖`` (row norms; PEFT's DoRA forward, with
-its ``get_weight_norm``). ``g`` is computed once when an adapter is stacked and gathered per row like
-``A`` and ``B`` (1 for LoRA adapters and the base).
+**Stacks.** Per adapted ``nn.Linear`` of the base, :class:`LayerStack` holds every loaded adapter's
+``A`` (``[C, r_max, in]``) and ``s·B`` (``[C, out, r_max]``) in slots (capacity ``C`` doubling as
+adapters arrive, ranks zero-padded to the largest — exact: the padded rows and columns contribute 0;
+slot 0 all zeros: the base). A freed slot is zeroed and reused.
 
-Rows are samples: every adapted layer must see the batch as its first dimension (one image per
+**Routing.** While :meth:`LoraPool.route` is active, a forward hook on each stacked base layer adds,
+for each row ``b`` of the batch with slot ``i = index[b]``, ``(x_b A_iᵀ)(s_i B_i)ᵀ`` by two
+``torch.bmm`` on ``A[index]``, ``B[index]`` (gathered once per batch, not at every decoding step;
+plain matmuls when the whole batch has one adapter). PEFT's own mixed batches (``adapter_names``) loop
+over the distinct adapters of the batch in every layer instead.
+
+**DoRA** at inference is the LoRA output rescaled per output feature by a constant of the adapter:
+``y = bias + g ⊙ (W x + s B A x)`` with ``g = m / ‖W + s B A‖`` (row norms, as PEFT's
+``DoraLinearLayer.get_weight_norm``), computed once at page-in and gathered per row like ``A``, ``B``.
+
+Rows are samples: every stacked layer must see the batch as its first dimension (one image per
 sample for a vision tower, as PEFT's mixed batches also require; the engine checks it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from mmlora.errors import MmloraError
 from mmlora.runs.compose import BASE
 
+Parts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # A [r, in], s·B [out, r], g [out] or None
 
-def _lora_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+_PREFIX = "base_model.model."
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
 
-class _LayerPool:
-    """One adapted linear layer's stacks; ``index`` (``[B]`` slots) is set while routing."""
+def read_adapter(folder: Path, base: nn.Module) -> dict[str, Parts]:
+    """``{base module name: (A, s·B, g)}`` of the PEFT LoRA/DoRA folder ``folder`` on ``base``."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
 
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self.A = self.B = self.g = None
-        self.index: torch.Tensor | None = None
-        # per route: the batch's gathered A, s·B, g (once, not at every decoding step); 2-D when the
-        # whole batch has one slot (then plain matmuls)
-        self.gA = self.gB = self.gg = None
-
-    def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """``(A [r, in], s·B [out, r], g [out] or None)`` of adapter ``name`` here (None: not adapted)."""
-        m = self.module
-        if name not in m.lora_A:
-            return None
-        if name not in self.parts:
+    cfg = LoraConfig.from_pretrained(str(folder))
+    unsupported = {"modules_to_save": cfg.modules_to_save, "bias": cfg.bias != "none", "lora_bias": cfg.lora_bias,
+                   "use_qalora": getattr(cfg, "use_qalora", False), "fan_in_fan_out": cfg.fan_in_fan_out,
+                   "trainable_token_indices": getattr(cfg, "trainable_token_indices", None),
+                   "target_parameters": getattr(cfg, "target_parameters", None),
+                   "layer_replication": cfg.layer_replication}
+    used = [k for k, v in unsupported.items() if v]
+    if used:
+        raise MmloraError(f"{folder}: {', '.join(used)} cannot be served gathered; serve it with --mode switch or merged")
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(_PREFIX) or suffix is None:
+            raise MmloraError(f"{folder}: weight {key!r} is not a LoRA A, B or DoRA magnitude of a linear layer; "
+                              "serve it with --mode switch or merged")
+        groups.setdefault(key[len(_PREFIX):-len(suffix)], {})[suffix] = tensor
+    modules = dict(base.named_modules())
+    parts: dict[str, Parts] = {}
+    for name, weights in groups.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise MmloraError(f"{folder}: {name!r} is not a linear layer of the served base (adapter saved for another "
+                              "layout?); serve it with --mode switch or merged")
+        a, b = weights[".lora_A.weight"].float(), weights[".lora_B.weight"].float()
+        r = a.shape[0]
+        alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), name), cfg.lora_alpha)
+        scaling = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        g = None
+        if ".lora_magnitude_vector" in weights:
             with torch.no_grad():
-                a = m.lora_A[name].weight.detach().float()
-                scaling = m.scaling[name]
-                b = m.lora_B[name].weight.detach().float()
-                g = None
-                if m.use_dora.get(name, False):
-                    dora = m.lora_magnitude_vector[name]
-                    weight = m.get_base_layer().weight.detach().float()
-                    norm = dora.get_weight_norm(weight, b @ a, scaling)
-                    g = dora.weight.detach().float() / norm
-                self.parts[name] = (a, b * scaling, g)
-        return self.parts[name]
+                norm = torch.linalg.norm(module.weight.float() + scaling * (b @ a), dim=1)
+            g = weights[".lora_magnitude_vector"].float() / norm
+        parts[name] = (a, b * scaling, g)
+    return parts
 
-    def stack(self, names: Sequence[str]) -> None:
-        base = self.module.get_base_layer()
-        out_f, in_f = base.out_features, base.in_features
-        parts = [self.part(n) for n in names]
-        r = max([p[0].shape[0] for p in parts if p is not None], default=1)
-        A = torch.zeros(len(names) + 1, r, in_f)
-        B = torch.zeros(len(names) + 1, out_f, r)
-        g = torch.ones(len(names) + 1, out_f) if any(p is not None and p[2] is not None for p in parts) else None
-        for i, p in enumerate(parts, start=1):
-            if p is None:
-                continue
-            a, b, scale = p
-            A[i, : a.shape[0]] = a
-            B[i, :, : b.shape[1]] = b
-            if scale is not None:
-                g[i] = scale
-        dtype, device = base.weight.dtype, base.weight.device
-        self.A, self.B = A.to(device, dtype), B.to(device, dtype)
-        self.g = None if g is None else g.to(device, dtype)
 
-    def drop(self, name: str) -> None:
-        self.parts.pop(name, None)
+class LayerStack:
+    """One base linear layer's adapters in slots (see the module docstring)."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = module
+        self.A = torch.zeros(1, 1, module.in_features)  # slot 0: the base
+        self.B = torch.zeros(1, module.out_features, 1)
+        self.g: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        self.gA = self.gB = self.gg = None  # per route: the batch's gathered A, s·B, g (2-D: one adapter)
+
+    def reserve(self, slots: int, rank: int = 1) -> None:
+        """Room for ``slots`` slots (slot 0 included) of rank ``rank``: capacity doubles, rank pads."""
+        cap, r = self.A.shape[0], self.A.shape[1]
+        if slots <= cap and rank <= r:
+            return
+        new_cap = cap
+        while new_cap < slots:
+            new_cap *= 2
+        new_r = max(r, rank)
+        A = torch.zeros(new_cap, new_r, self.A.shape[2])
+        B = torch.zeros(new_cap, self.B.shape[1], new_r)
+        A[:cap, :r], B[:cap, :, :r] = self.A, self.B
+        self.A, self.B = A, B
+        if self.g is not None:
+            self.g = torch.cat([self.g, torch.ones(new_cap - cap, self.g.shape[1])])
+
+    def put(self, slot: int, parts: Parts | None) -> None:
+        """Write ``parts`` (None: zeros) into ``slot``, growing the capacity or the rank as needed."""
+        a, b, g = parts if parts is not None else (None, None, None)
+        self.reserve(slot + 1, a.shape[0] if a is not None else 1)
+        if g is not None and self.g is None:
+            self.g = torch.ones(self.A.shape[0], self.B.shape[1])
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        if self.g is not None:
+            self.g[slot] = 1.0
+        if a is not None:
+            self.A[slot, : a.shape[0]] = a
+            self.B[slot, :, : b.shape[1]] = b
+            if g is not None:
+                self.g[slot] = g
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.g) if t is not None)
 
     def gather(self, index: torch.Tensor | None, single: int | None) -> None:
-        """Select the batch's adapters: ``index`` (``[B]`` slots), or ``single`` (one slot for every row)."""
+        """Select the batch's adapters: ``index`` (``[B]`` slots) or ``single`` (one slot, any rows)."""
         self.index = index
-        if index is None:
+        if index is None and single is None:
             self.gA = self.gB = self.gg = None
         elif single is not None:
             self.gA, self.gB = self.A[single], self.B[single]
             self.gg = None if self.g is None else self.g[single]
         else:
-            index = index.to(self.A.device)
             self.gA, self.gB = self.A[index].transpose(1, 2), self.B[index].transpose(1, 2)
             self.gg = None if self.g is None else self.g[index]
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
+        if self.gA is None:
             return output
         x = args[0]
         rows = x.shape[0]
-        if rows != self.index.shape[0]:
-            raise RuntimeError(f"a gathered LoRA layer got {rows} rows for {self.index.shape[0]} samples")
         if self.gA.dim() == 2:  # one adapter for the whole batch
             delta = (x.to(self.gA.dtype) @ self.gA.T) @ self.gB.T
         else:
-            flat = x.reshape(rows, -1, x.shape[-1]).to(self.gA.dtype)
-            delta = torch.bmm(torch.bmm(flat, self.gA), self.gB)
+            if rows != self.index.shape[0]:
+                raise RuntimeError(f"a gathered LoRA layer got {rows} rows for {self.index.shape[0]} samples")
+            delta = torch.bmm(torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(self.gA.dtype), self.gA), self.gB)
         delta = delta.reshape(output.shape).to(output.dtype)
         if self.gg is None:
             return output + delta
         gg = self.gg if self.gg.dim() == 2 else self.gg[None]
         scale = gg.reshape(gg.shape[0], *([1] * (output.dim() - 2)), -1).to(output.dtype)
-        bias = module.get_base_layer().bias
+        bias = module.bias
         if bias is None:
             return scale * (output + delta)
         return bias + scale * (output - bias + delta)
 
 
 class LoraPool:
-    """The stacked adapters of a :class:`peft.PeftModel` (see the module docstring)."""
+    """Adapters paged into slot stacks on one base model (see the module docstring)."""
 
-    def __init__(self):
-        self.names: list[str] = []
-        self.layers: dict[str, _LayerPool] = {}
-        self._model: nn.Module | None = None
+    def __init__(self, base: nn.Module):
+        self.base = base
+        self.modules = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+        self.layers: dict[str, LayerStack] = {}
+        self.slot: dict[str, int] = {}  # adapter → slot (≥ 1)
+        self.targets: dict[str, list[str]] = {}  # adapter → the layers it adapts
+        self._free: list[int] = []
 
-    def sync(self, model: nn.Module, names: Sequence[str]) -> None:
-        """Stack ``names`` (the adapters loaded in ``model``, in slot order) in every adapted layer."""
-        found = dict(_lora_linears(model))
-        if model is not self._model:
-            self.layers, self._model = {}, model
-        for key in list(self.layers):
-            if key not in found:
-                del self.layers[key]
-        for key, module in found.items():
-            if key not in self.layers:
-                self.layers[key] = _LayerPool(module)
-        gone = set(self.names) - set(names)
-        for layer in self.layers.values():
-            for name in gone:
-                layer.drop(name)
-            layer.stack(names)
-        self.names = list(names)
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.slot)
 
-    def forget(self, name: str) -> None:
-        """Drop ``name``'s cached parts (it was evicted; a later load may bring other weights)."""
-        for layer in self.layers.values():
-            layer.drop(name)
+    def add(self, name: str, parts: dict[str, Parts]) -> None:
+        """Page in adapter ``name`` (``read_adapter``'s parts) into a free slot."""
+        if name in self.slot:
+            self.remove(name)
+        slot = self._free.pop() if self._free else len(self.slot) + 1
+        for layer_name, p in parts.items():
+            if layer_name not in self.layers:
+                self.layers[layer_name] = LayerStack(self.modules[layer_name])
+            self.layers[layer_name].put(slot, p)
+        self.slot[name], self.targets[name] = slot, list(parts)
+        top = max(self.slot.values()) + 1
+        for layer in self.layers.values():  # every slot must index every stack (zeros where not adapted)
+            layer.reserve(top)
+
+    def remove(self, name: str) -> None:
+        slot = self.slot.pop(name)
+        for layer_name in self.targets.pop(name):
+            self.layers[layer_name].put(slot, None)
+        self._free.append(slot)
 
     def slots(self, adapters: Sequence[str]) -> torch.Tensor:
         """Slot per sample (0 for ``__base__``)."""
-        where = {n: i for i, n in enumerate(self.names, start=1)}
-        missing = sorted({a for a in adapters if a != BASE and a not in where})
+        missing = sorted({a for a in adapters if a != BASE and a not in self.slot})
         if missing:
-            raise KeyError(f"adapters {missing} are not stacked (loaded: {self.names})")
-        return torch.tensor([0 if a == BASE else where[a] for a in adapters], dtype=torch.long)
+            raise KeyError(f"adapters {missing} are not paged in (loaded: {self.names})")
+        return torch.tensor([0 if a == BASE else self.slot[a] for a in adapters], dtype=torch.long)
 
     @contextmanager
-    def route(self, model: nn.Module, adapters: Sequence[str]) -> Iterator[None]:
-        """Within: ``model`` (the PeftModel) runs row ``b`` with ``adapters[b]``'s LoRA (gathered)."""
-        index = self.slots(adapters)
-        single = int(index[0]) if len(set(index.tolist())) == 1 else None
-        handles, before = [], {}
+    def route(self, adapters: Sequence[str] | None = None, every_row: str | None = None) -> Iterator[None]:
+        """Within: the base runs row ``b`` with ``adapters[b]``'s LoRA, or every row with ``every_row``'s."""
+        index = self.slots(adapters) if adapters is not None else None
+        if every_row is not None:
+            single = int(self.slots([every_row])[0])
+        else:
+            single = int(index[0]) if len(set(index.tolist())) == 1 else None
+        handles = []
         try:
-            for key, layer in self.layers.items():
+            for layer in self.layers.values():
                 layer.gather(index, single)
                 handles.append(layer.module.register_forward_hook(layer.hook))
-                # PEFT's per-layer "adapters disabled" flag (what ``disable_adapter_layers`` sets on each
-                # layer): each layer then returns its base output. Not ``PeftModel.disable_adapter()``:
-                # that builds a model status report and resets ``requires_grad`` of every adapter's
-                # weights on entry and exit, a cost that grows with the adapters loaded (3x the batch's
-                # generation time at 64 adapters on tiny-llava).
-                before[key] = layer.module._disable_adapters
-                layer.module._disable_adapters = True
             yield
         finally:
             for h in handles:
                 h.remove()
-            for key, layer in self.layers.items():
+            for layer in self.layers.values():
                 layer.gather(None, None)
-                if key in before:
-                    layer.module._disable_adapters = before[key]
 
     def nbytes(self) -> int:
-        """Bytes of the stacks (the pool's memory beyond PEFT's own copies of the adapters)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers.values()
-                   for t in (layer.A, layer.B, layer.g) if t is not None)
+        """Bytes of the stacks: the pool's memory beyond the base."""
+        return sum(layer.nbytes() for layer in self.layers.values())

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from mmlora.errors import MmloraError
 from mmlora.serve.engine import Engine, Item
-from mmlora.serve.gathered import LoraPool
+from mmlora.serve.gathered import LoraPool, read_adapter
 from tests.adapter_runs import caption_alone, make_run
 
 
@@ -21,34 +22,54 @@ class _Toy(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
-def _peft_toy():
+def _base() -> _Toy:
+    torch.manual_seed(0)
+    return _Toy().eval()
+
+
+CONFIGS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["up", "down"]),
+    "b": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["up"]),  # one layer only
+    "c": dict(r=6, lora_alpha=12, use_dora=True, target_modules=["up", "down"]),
+}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """``(PEFT model holding adapters a, b, c with random non-zero weights, {name: saved folder})``."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(0)
-    configs = {
-        "a": LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]),
-        "b": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["up"]),  # one layer only
-        "c": LoraConfig(r=6, lora_alpha=12, use_dora=True, target_modules=["up", "down"]),
-    }
-    model = get_peft_model(_Toy(), configs["a"], adapter_name="a")
+    model = get_peft_model(_base(), LoraConfig(**CONFIGS["a"]), adapter_name="a")
     for name in ("b", "c"):
-        model.add_adapter(name, configs[name])
+        model.add_adapter(name, LoraConfig(**CONFIGS[name]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "magnitude" in n else 0.0))
-    return model.eval()
+    out = tmp_path_factory.mktemp("toy-adapters")
+    folders = {}
+    for name in CONFIGS:
+        model.save_pretrained(out / name, selected_adapters=[name])
+        folders[name] = next(p.parent for p in (out / name).rglob("adapter_config.json"))
+    return model.eval(), folders
 
 
-def test_each_row_equals_its_adapter_alone_in_peft():
-    model = _peft_toy()
+def _pool(folders, names=("a", "b", "c")):
+    base = _base()
+    pool = LoraPool(base)
+    for n in names:
+        pool.add(n, read_adapter(folders[n], base))
+    return base, pool
+
+
+def test_each_row_equals_its_adapter_alone_in_peft(toy):
+    model, folders = toy
+    base, pool = _pool(folders)
     x = torch.randn(5, 3, 12)
     adapters = ["c", "__base__", "a", "b", "c"]
-    pool = LoraPool()
-    pool.sync(model, ["a", "b", "c"])
-    with torch.no_grad(), pool.route(model, adapters):
-        gathered = model(x)
+    with torch.no_grad(), pool.route(adapters):
+        gathered = base(x)
     for row, name in enumerate(adapters):
         with torch.no_grad():
             if name == "__base__":
@@ -59,29 +80,46 @@ def test_each_row_equals_its_adapter_alone_in_peft():
                 alone = model(x[row:row + 1])
         assert torch.allclose(gathered[row:row + 1], alone, atol=1e-5), name
     for name in ("a", "c"):  # a batch with one adapter takes the plain-matmul path
-        with torch.no_grad(), pool.route(model, [name] * 5):
-            together = model(x)
+        with torch.no_grad(), pool.route([name] * 5):
+            together = base(x)
         model.set_adapter(name)
         with torch.no_grad():
             assert torch.allclose(together, model(x), atol=1e-5), name
-    with torch.no_grad(), pool.route(model, ["a", "b", "c", "__base__"]):
-        same = model(x[:1].expand(4, -1, -1))  # one input through every adapter and the base
+    with torch.no_grad(), pool.route(["a", "b", "c", "__base__"]):
+        same = base(x[:1].expand(4, -1, -1))  # one input through every adapter and the base
     assert all(not torch.allclose(same[i], same[3], atol=1e-3) for i in range(3))  # every adapter changes it
+    with torch.no_grad():
+        assert torch.equal(base(x), _base()(x))  # outside a route the base is the base
 
 
-def test_work_per_layer_does_not_grow_with_the_adapters_in_a_batch():
+def test_slots_are_freed_and_reused_and_ranks_grow(toy):
+    model, folders = toy
+    base, pool = _pool(folders, ("a",))
+    pool.add("c", read_adapter(folders["c"], base))
+    pool.remove("a")
+    pool.add("b", read_adapter(folders["b"], base))  # takes a's slot; rank 8 widens the stacks
+    assert pool.slot == {"c": 2, "b": 1} and pool.layers["up"].A.shape[1] == 8
+    x = torch.randn(2, 12)
+    with torch.no_grad(), pool.route(["b", "c"]):
+        out = base(x)
+    for row, name in enumerate(["b", "c"]):
+        model.set_adapter(name)
+        with torch.no_grad():
+            assert torch.allclose(out[row], model(x[row:row + 1])[0], atol=1e-5), name
+
+
+def test_work_per_layer_does_not_grow_with_the_adapters_in_a_batch(toy):
     from torch.profiler import ProfilerActivity, profile
 
-    model = _peft_toy()
-    pool = LoraPool()
-    pool.sync(model, ["a", "b", "c"])
+    model, folders = toy
+    base, pool = _pool(folders)
     x = torch.randn(6, 3, 12)
 
     def ops(adapters, gathered):
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             if gathered:
-                with pool.route(model, adapters):
-                    model(x)
+                with pool.route(adapters):
+                    base(x)
             else:
                 model(x, adapter_names=adapters)
         counts = {e.key: e.count for e in prof.key_averages()}
@@ -92,14 +130,19 @@ def test_work_per_layer_does_not_grow_with_the_adapters_in_a_batch():
     assert ops(one, False) < ops(["a", "b", "a", "b", "a", "b"], False)  # PEFT's mixed batch loops per adapter
 
 
-def test_a_batch_of_rows_must_be_one_row_per_sample():
-    model = _peft_toy()
-    pool = LoraPool()
-    pool.sync(model, ["a"])
-    with pytest.raises(RuntimeError, match="got 4 rows for 2 samples"), pool.route(model, ["a", "a"]):
-        model(torch.randn(4, 12))
-    with pytest.raises(KeyError, match="not stacked"), pool.route(model, ["b"]):
+def test_what_cannot_be_gathered_is_refused(toy, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    _, folders = toy
+    base, pool = _pool(folders, ("a",))
+    with pytest.raises(RuntimeError, match="got 4 rows for 2 samples"), pool.route(["a", "__base__"]):
+        base(torch.randn(4, 12))
+    with pytest.raises(KeyError, match="not paged in"), pool.route(["b"]):
         pass
+    saved = get_peft_model(_base(), LoraConfig(r=2, target_modules=["up"], modules_to_save=["down"]))
+    saved.save_pretrained(tmp_path / "mts")
+    with pytest.raises(MmloraError, match="modules_to_save cannot be served gathered"):
+        read_adapter(tmp_path / "mts", _base())
 
 
 GATHER_PLACEMENT = {"vision": {"mode": "lora", "targets": ["q", "v"], "layers": [0], "rank": 4},
@@ -130,7 +173,7 @@ def test_gathered_engine_answers_each_sample_as_its_run_alone(gather_runs, shape
     engine = Engine("tiny-llava", gather_runs, mode="gathered", max_loaded=3, max_new_tokens=5)
     items = [Item("caption", n, im, CAPTION_PROMPT) for n, im in zip(names, images)]
     assert [r["caption"] for r in engine.run(items)] == expected
-    assert engine.pool.names == ["dora", "lm", "wide"] and engine.pool.nbytes() > 0
+    assert engine.pool.names == ["dora", "lm", "wide"] and engine.pool.nbytes() > 0 and engine.peft is None
     # a later batch in another order, after an eviction and a reload, still routes each sample right
     engine.max_loaded = 2
     assert [r["caption"] for r in engine.run(items[1:3])] == expected[1:3]
