@@ -13,7 +13,8 @@ per adapter (so every mode starts with its adapters loaded), and then ``--reques
 from ``--clients`` concurrent clients, each naming an adapter drawn uniformly at random (seeded). Each
 cell runs ``--repeats`` times (a fresh server each time); the table gives the median throughput and
 the process's CPU seconds per request beside it, and the note the machine's load average before and
-after, so that a contended machine shows. Bounded: at most ``--requests`` requests and
+after, so that a contended machine shows; "warm-up ms per adapter" is the loading pass (one request
+per adapter, each loading it) divided by the adapters. Bounded: at most ``--requests`` requests and
 ``--max-seconds`` per cell; only loopback is ever contacted. Writes ``load_test.md`` and ``load_test.json``.
 """
 
@@ -88,8 +89,10 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     with on_loopback(app) as url, httpx.Client(base_url=url, timeout=max_seconds) as http:
+        warm = time.perf_counter()
         for name in runs:  # warm-up: every adapter loaded once, outside the measurement
             http.post("/caption", data={"adapter": name}, files={"image": ("x.png", png, "image/png")}).raise_for_status()
+        warm_ms = 1000 * (time.perf_counter() - warm) / len(runs)  # a load and a one-request batch, per adapter
         batcher = app.state.batcher
         batcher.batch_sizes.clear()
         loads_before = engine.loads
@@ -125,7 +128,7 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
             "p50_ms": _percentile(latencies, 50) if ok else None, "p90_ms": _percentile(latencies, 90) if ok else None,
             "p99_ms": _percentile(latencies, 99) if ok else None,
             "mean_batch": statistics.mean(sizes) if sizes else 0.0, "adapter_loads": engine.loads - loads_before,
-            "models_in_memory": 1 + len(runs) if mode == "merged" else 1,
+            "models_in_memory": 1 + len(runs) if mode == "merged" else 1, "warmup_ms_per_adapter": warm_ms,
             "pool_mib": engine.pool.nbytes() / 2**20 if engine.pool is not None else None}
 
 
@@ -138,18 +141,19 @@ def median_row(repeats: list[dict]) -> dict:
         return statistics.median(values) if values else None
 
     return mid | {"throughput": med("throughput"), "cpu_ms_per_request": med("cpu_ms_per_request"),
-                  "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "repeat_throughputs": [r["throughput"] for r in repeats]}
+                  "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "warmup_ms_per_adapter": med("warmup_ms_per_adapter"),
+                  "repeat_throughputs": [r["throughput"] for r in repeats]}
 
 
 def table(rows: list[dict]) -> str:
     lines = [("| adapters | mode | requests | req/s (median) | req/s per repeat | CPU ms per request | p50 ms | p99 ms | mean batch "
-             "| full models in memory |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "| full models in memory | warm-up ms per adapter |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: f"{v:.0f}" if v is not None else "-"
         each = ", ".join(f"{t:.1f}" for t in r.get("repeat_throughputs", [r["throughput"]]))
         lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {each} | "
                      f"{fmt(r['cpu_ms_per_request'])} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | "
-                     f"{r['models_in_memory']} |")
+                     f"{r['models_in_memory']} | {fmt(r.get('warmup_ms_per_adapter'))} |")
     return "\n".join(lines) + "\n"
 
 
