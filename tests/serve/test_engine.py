@@ -66,10 +66,12 @@ def test_segment_mixed_batch_equals_each_adapter_alone(tmp_path, images, tiny_cl
     classes = ["background", "circle", "square"]
     items = [Item("segment", "c1", images[0], classes=classes), Item("segment", "c2", images[1], classes=classes)]
     mixed = Engine("tiny-clip", runs, mode="mixed", max_loaded=2).run(items)
+    gathered = Engine("tiny-clip", runs, mode="gathered", max_loaded=2).run(items)
     merged = Engine("tiny-clip", runs, mode="merged", max_loaded=2)
-    for item, out in zip(items, mixed):
+    for item, out, g in zip(items, mixed, gathered):
         assert out["mask"].shape == (128, 128) and out["mask"].dtype == torch.uint8
         assert torch.equal(merged.run([item])[0]["mask"], out["mask"])
+        assert torch.equal(g["mask"], out["mask"])  # image and text towers routed per adapter
 
 
 def test_reserved_strings_hold_the_image_placeholder_and_special_tokens(tiny_llava_dir):
