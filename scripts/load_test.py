@@ -169,6 +169,61 @@ def note(args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str
             f"copy per adapter in merged mode.)\n")
 
 
+def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_new_tokens: int, repeats: int = 5) -> dict:
+    """Where one batch's time goes, in the engine (no HTTP): the processor (image preprocessing and
+    tokenisation), the model's first forward (prefill, vision tower included), the later forwards
+    (decode steps) and the rest (generation's Python, routing, decoding the text). Milliseconds, of
+    the median (by total) of ``repeats`` batches of ``batch`` requests over the adapters in turn."""
+    from PIL import Image
+
+    from mmlora.serve.engine import Engine, Item
+
+    engine = Engine(base, runs, mode=mode, max_loaded=len(runs), max_new_tokens=max_new_tokens)
+    names = list(runs)
+    items = [Item("caption", names[i % len(names)], Image.new("RGB", (64, 64), (200, 40, 40)), "Describe.")
+             for i in range(batch)]
+    engine.run(items)  # loads the adapters; warm-up
+    spans: dict[str, float] = {}
+    calls = {"forward": 0}
+    clock: dict[str, float] = {}
+    processor_call = type(engine.processor).__call__
+
+    def timed_processor(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return processor_call(self, *a, **kw)
+        finally:
+            spans["processor"] = spans.get("processor", 0.0) + time.perf_counter() - t
+
+    def pre(*_):
+        clock["t"] = time.perf_counter()
+
+    def post(*_):
+        part = "prefill" if calls["forward"] == 0 else "decode"
+        spans[part] = spans.get(part, 0.0) + time.perf_counter() - clock["t"]
+        calls["forward"] += 1
+
+    handles = [engine.base.register_forward_pre_hook(pre), engine.base.register_forward_hook(post)]
+    rows = []
+    type(engine.processor).__call__ = timed_processor
+    try:
+        for _ in range(repeats):
+            spans.clear()
+            calls["forward"] = 0
+            t = time.perf_counter()
+            engine.run(items)
+            total = time.perf_counter() - t
+            rows.append({k: 1000 * spans.get(k, 0.0) for k in ("processor", "prefill", "decode")}
+                        | {"other": 1000 * (total - sum(spans.values())), "total": 1000 * total,
+                           "decode_steps": calls["forward"] - 1})
+    finally:
+        type(engine.processor).__call__ = processor_call
+        for h in handles:
+            h.remove()
+    mid = sorted(rows, key=lambda r: r["total"])[len(rows) // 2]  # the median batch, its parts adding up
+    return mid | {"mode": mode, "batch": batch, "adapters": len(runs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
@@ -182,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--profile", action="store_true",
+                   help="also break one batch of --max-batch requests into processor / prefill / decode / other "
+                        "(engine only, per mode, at the largest --adapters)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="time limit per cell")
     p.add_argument("--out", default=None, help="folder for load_test.md / .json (default: print only)")
     args = p.parse_args(argv)
@@ -202,13 +260,22 @@ def main(argv: list[str] | None = None) -> int:
                 row = median_row(repeats) | {"repeats": repeats}
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
+        profiles = [profile_step(args.base, all_runs, mode, args.max_batch, args.max_new_tokens) for mode in modes
+                    if mode in ("gathered", "mixed")] if args.profile else []
     text = table(rows) + note(args, load_before, os.getloadavg())
+    if profiles:
+        text += ("\n| mode | adapters | batch | processor ms | prefill ms | decode ms (steps) | other ms | total ms |\n"
+                 "|---|---|---|---|---|---|---|---|\n")
+        for q in profiles:
+            text += (f"| {q['mode']} | {q['adapters']} | {q['batch']} | {q['processor']:.1f} | {q['prefill']:.1f} | "
+                     f"{q['decode']:.1f} ({q['decode_steps']:.0f}) | {q['other']:.1f} | {q['total']:.1f} |\n")
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "load_test.md").write_text(text)
-        (out / "load_test.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+        (out / "load_test.json").write_text(json.dumps({"args": vars(args), "rows": rows, "profiles": profiles},
+                                                       indent=2) + "\n")
     return 0
 
 

@@ -18,8 +18,14 @@ def _script(name: str):
 def test_load_test_on_a_tiny_shape(tmp_path, tiny_llava_dir):
     script = _script("load_test")
     assert script.main(["--adapters", "1,2", "--requests", "4", "--clients", "2", "--max-new-tokens", "2",
-                        "--ranks", "4,8", "--repeats", "2", "--max-seconds", "60", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "load_test.json").read_text())["rows"]
+                        "--ranks", "4,8", "--repeats", "2", "--max-seconds", "60", "--profile", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "load_test.json").read_text())
+    rows = report["rows"]
+    assert [q["mode"] for q in report["profiles"]] == ["gathered", "mixed"]
+    for q in report["profiles"]:
+        parts = q["processor"] + q["prefill"] + q["decode"] + q["other"]
+        assert abs(parts - q["total"]) < 1e-6 * max(1.0, q["total"]) + 1e-3 and min(q["processor"], q["prefill"]) > 0
+        assert q["decode_steps"] == 1  # --max-new-tokens 2: one prefill, then one decode step
     modes = ("gathered", "mixed", "switch", "merged")
     assert [(r["adapters"], r["mode"]) for r in rows] == [(n, m) for n in (1, 2) for m in modes]
     for r in rows:
@@ -31,3 +37,4 @@ def test_load_test_on_a_tiny_shape(tmp_path, tiny_llava_dir):
         assert (r["pool_mib"] is not None and r["pool_mib"] > 0) == (r["mode"] == "gathered")
     text = (tmp_path / "load_test.md").read_text()
     assert "| 2 | merged | 4 |" in text and "load average" in text and "CPU ms per request" in text
+    assert "| gathered | 2 | 8 |" in text and "prefill ms" in text
