@@ -17,6 +17,7 @@ Not thread-safe: one worker (``mmlora.serve.batcher``) calls it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -202,10 +203,8 @@ class Engine:
     # ------------------------------------------------------------------ work
 
     def check(self, item: Item) -> None:
-        """Refuse (:class:`RequestError`) what would fail a batch: the wrong task for this base, a prompt
-        holding a special or placeholder token. Called before an item joins a batch."""
-        if item.kind != self.kind:
-            raise RequestError(f"this server's base ({self.base_ref}) does {self.kind}, not {item.kind}")
+        """Refuse (:class:`RequestError`) a prompt holding a special or placeholder token, which would
+        fail the batch it joined. Called before an item joins a batch (the task is checked by the caller)."""
         if item.prompt is not None:
             bad = [t for t in self.reserved if t in item.prompt]
             if bad:
@@ -221,14 +220,11 @@ class Engine:
     @torch.no_grad()
     def _caption(self, items: list[Item]) -> list[dict]:
         model, names = self._model_for([i.adapter for i in items])
-        images, prompts = [i.image for i in items], [i.prompt for i in items]
-        if self.pool is not None:
-            with self.pool.route(names):
-                out = generate_answers(model, self.processor, images, prompts, batch_size=len(items),
-                                       max_new_tokens=self.max_new_tokens)
-        else:
-            out = generate_answers(model, self.processor, images, prompts, batch_size=len(items),
-                                   max_new_tokens=self.max_new_tokens, adapter_names=names)
+        routed = self.pool.route(names) if self.pool is not None else contextlib.nullcontext()
+        with routed:
+            out = generate_answers(model, self.processor, [i.image for i in items], [i.prompt for i in items],
+                                   batch_size=len(items), max_new_tokens=self.max_new_tokens,
+                                   adapter_names=None if self.pool is not None else names)
         return [{"caption": c} for c in out]
 
     def _text(self, adapter: str, classes: list[str]) -> torch.Tensor:
@@ -237,15 +233,14 @@ class Engine:
         if key in self._texts:
             self._texts.move_to_end(key)
             return self._texts[key]
-        if self.pool is not None:
-            with self.pool.route(every_row=adapter):
-                self._texts[key] = class_embeddings(self.base, self.tokenizer, classes, self.templates)
-            return self._texts[key]
         model = self.loaded.get(adapter) if self.mode == "merged" and adapter != BASE else None
         if model is None and self.peft is not None and adapter != BASE:
             self.peft.set_adapter(adapter)
             model = self.peft
-        if model is None and self.peft is not None:
+        if self.pool is not None:
+            with self.pool.route(every_row=adapter):
+                emb = class_embeddings(self.base, self.tokenizer, classes, self.templates)
+        elif model is None and self.peft is not None:
             with self.peft.disable_adapter():
                 emb = class_embeddings(self.peft, self.tokenizer, classes, self.templates)
         else:

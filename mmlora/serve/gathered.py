@@ -86,7 +86,8 @@ def read_adapter(folder: Path, base: nn.Module) -> dict[str, Parts]:
         g = None
         if ".lora_magnitude_vector" in weights:
             with torch.no_grad():
-                norm = torch.linalg.norm(module.weight.float() + scaling * (b @ a), dim=1)
+                weight = module.weight.float()
+                norm = torch.linalg.norm(weight + scaling * (b @ a).to(weight.device), dim=1).cpu()
             g = weights[".lora_magnitude_vector"].float() / norm
         parts[name] = (a, b * scaling, g)
     return parts
@@ -97,8 +98,9 @@ class LayerStack:
 
     def __init__(self, module: nn.Linear):
         self.module = module
-        self.A = torch.zeros(1, 1, module.in_features)  # slot 0: the base
-        self.B = torch.zeros(1, module.out_features, 1)
+        self.device = module.weight.device  # stacks live beside the layer they add to (fp32)
+        self.A = torch.zeros(1, 1, module.in_features, device=self.device)  # slot 0: the base
+        self.B = torch.zeros(1, module.out_features, 1, device=self.device)
         self.g: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.gA = self.gB = self.gg = None  # per route: the batch's gathered A, s·B, g (2-D: one adapter)
@@ -112,28 +114,28 @@ class LayerStack:
         while new_cap < slots:
             new_cap *= 2
         new_r = max(r, rank)
-        A = torch.zeros(new_cap, new_r, self.A.shape[2])
-        B = torch.zeros(new_cap, self.B.shape[1], new_r)
+        A = torch.zeros(new_cap, new_r, self.A.shape[2], device=self.device)
+        B = torch.zeros(new_cap, self.B.shape[1], new_r, device=self.device)
         A[:cap, :r], B[:cap, :, :r] = self.A, self.B
         self.A, self.B = A, B
         if self.g is not None:
-            self.g = torch.cat([self.g, torch.ones(new_cap - cap, self.g.shape[1])])
+            self.g = torch.cat([self.g, torch.ones(new_cap - cap, self.g.shape[1], device=self.device)])
 
     def put(self, slot: int, parts: Parts | None) -> None:
         """Write ``parts`` (None: zeros) into ``slot``, growing the capacity or the rank as needed."""
         a, b, g = parts if parts is not None else (None, None, None)
         self.reserve(slot + 1, a.shape[0] if a is not None else 1)
         if g is not None and self.g is None:
-            self.g = torch.ones(self.A.shape[0], self.B.shape[1])
+            self.g = torch.ones(self.A.shape[0], self.B.shape[1], device=self.device)
         self.A[slot].zero_()
         self.B[slot].zero_()
         if self.g is not None:
             self.g[slot] = 1.0
         if a is not None:
-            self.A[slot, : a.shape[0]] = a
-            self.B[slot, :, : b.shape[1]] = b
+            self.A[slot, : a.shape[0]] = a.to(self.device)
+            self.B[slot, :, : b.shape[1]] = b.to(self.device)
             if g is not None:
-                self.g[slot] = g
+                self.g[slot] = g.to(self.device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.g) if t is not None)
