@@ -5,11 +5,13 @@ Run: python scripts/bench_train.py --preset vocab-heavy [--repeats 3] [--out DIR
      python scripts/bench_train.py --preset llava7b-shape --data mixture --out bench/mixture   # packing
 
 ``--data mixture`` (``train_bench/mixture.py``: short VQA, captions, long chats, text-only) compares
-HF Trainer + PEFT with its best settings for mixed lengths (``group_by_length``, SDPA, the same
+HF Trainer + PEFT with its best settings for mixed lengths (``group_by_length``, SDPA, gradient
 checkpointing, batch ``batch_size``) against mmlora with exact packing and token-budget batches of
-the same mean size (``batch_tokens`` = batch size x mean sample length), one pass each, alternating;
-it reports samples/s and tokens/s over the pass, padding share and peak memory per arm, and the
-token-length histogram of the data.
+the same mean size (``batch_tokens`` = batch size x mean sample length): with the same checkpointing,
+and without any (packed token budgets bound the activations, so recomputation may not be needed to
+stay under the reference's memory); the reference without checkpointing shows what dropping it
+costs there. One pass each, alternating; it reports samples/s and tokens/s over the pass, padding
+share and peak memory per arm, every arm's ratios to the reference, and the token-length histogram.
 
 Both arms train the same randomly initialised LLaVA-shaped model (``scripts/train_bench/shapes.py``)
 on the same shapes-world captions, with identical answer-only labels and identical global batches,
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="captions: world-A captions (every arm and variant); mixture: mixed lengths, HF group_by_length "
                         "against mmlora packing (LoRA)")
     p.add_argument("--samples", type=int, default=96, help="--data mixture: samples in the pass")
+    p.add_argument("--mixture-arms", default=",".join(MIXTURE_ARMS),
+                   help="--data mixture: the arms to run (reference always): " + ", ".join(MIXTURE_ARMS))
     args = p.parse_args(argv)
 
     shape = SHAPES[args.preset]
@@ -160,6 +164,32 @@ def write_report(report: dict, md: str, out: Path | None) -> int:
     return 0
 
 
+#: the mixture's arms: (trainer, gradient checkpointing); ``reference`` is what every ratio divides by
+MIXTURE_ARMS = {
+    "reference": ("reference", True),  # HF Trainer + PEFT, group_by_length, checkpointing every layer
+    "mmlora": ("mmlora", True),  # packing + token budgets, the same checkpointing
+    "mmlora-no-ckpt": ("mmlora", False),  # packing + token budgets, no recomputation
+    "reference-no-ckpt": ("reference", False),  # HF without checkpointing: its speed and what it costs in memory
+}
+
+
+def mixture_jobs(base_job: dict, budget: int, max_length: int, arms: list[str]) -> dict[str, dict]:
+    """The job of each mixture arm (``MIXTURE_ARMS``)."""
+    unknown = sorted(set(arms) - set(MIXTURE_ARMS))
+    if unknown or "reference" not in arms:
+        raise SystemExit(f"--mixture-arms: choose from {', '.join(MIXTURE_ARMS)}, 'reference' included (got {arms})")
+    jobs = {}
+    for name in arms:
+        trainer, ckpt = MIXTURE_ARMS[name]
+        job = base_job | {"arm": trainer, "gradient_checkpointing": ckpt}
+        if trainer == "reference":
+            job["group_by_length"] = True
+        else:
+            job["train_overrides"] = {"batch_tokens": budget, "packing": {"enabled": True, "max_tokens": max_length}}
+        jobs[name] = job
+    return jobs
+
+
 def run_mixture(args, shape, model_dir: Path, image_root: Path, work: Path, precision: str, threads: int,
                 started: float) -> int:
     """The packing comparison on the mixture data (LoRA; see the module docstring)."""
@@ -178,19 +208,18 @@ def run_mixture(args, shape, model_dir: Path, image_root: Path, work: Path, prec
     base_job = {"model_dir": str(model_dir), "data_json": str(data_json), "image_root": str(image_root), "rank": shape.rank,
                 "batch_size": shape.batch_size, "precision": precision, "threads": threads, "variant": "lora",
                 "max_length": max_length}
-    jobs = {"reference": base_job | {"arm": "reference", "group_by_length": True},
-            "mmlora": base_job | {"arm": "mmlora", "train_overrides": {"batch_tokens": budget,
-                                                                     "packing": {"enabled": True, "max_tokens": max_length}}}}
+    jobs = mixture_jobs(base_job, budget, max_length, [a.strip() for a in args.mixture_arms.split(",") if a.strip()])
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     os.environ["TQDM_DISABLE"] = "1"
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     runs: dict[str, list[dict]] = {}
-    for r in range(args.repeats):
-        for arm in (("reference", "mmlora") if r % 2 == 0 else ("mmlora", "reference")):
+    names = list(jobs)
+    for r in range(args.repeats):  # every arm in each round, the order rotated from round to round
+        for arm in names[r % len(names):] + names[:r % len(names)]:
             runs.setdefault(arm, []).append(run(ctx, jobs[arm], work, f"{arm}-mixture-{r}"))
     profiles = {} if args.no_profile else {arm: run(ctx, jobs[arm] | {"profile": True}, work, f"{arm}-mixture-profile")
-                                           for arm in ("reference", "mmlora")}
+                                           for arm in names}
     if args.out:  # the raw runs first, so that nothing measured is lost if summarizing fails
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "runs.json").write_text(json.dumps({"runs": runs, "profiles": profiles}) + "\n")

@@ -4,7 +4,8 @@
 # random weights built on the GPU — for LoRA, QLoRA (4-bit NF4 language model) and QDoRA, in bf16, batch 8,
 # one pass of 12 steps, gradient checkpointing, SDPA; then the packing arm: the same model on the mixed-length
 # `mixture` data, HF Trainer + PEFT with group_by_length against mmlora with exact packing and token-budget
-# batches (FlashAttention-2 varlen where flash-attn is installed, mmlora's per-segment SDPA otherwise).
+# batches (FlashAttention-2 varlen where flash-attn is installed, mmlora's per-segment SDPA otherwise), each
+# with and without gradient checkpointing.
 # Within 12 minutes on an H100/H200.
 #
 # Run:   scripts/gpu_check.sh [--out DIR]                 (default DIR: gpu_check/)
@@ -68,7 +69,7 @@ if packing.is_file():
     p = json.loads(packing.read_text())
     import importlib.util
     summary["packing"] = {"attention": "flash_attention_2" if importlib.util.find_spec("flash_attn") and not dry else "mmlora_varlen",
-                          "ratios_mmlora_over_reference": p["ratios"], "samples": p["samples"], "batch_tokens": p["batch_tokens"],
+                          "ratios_over_reference": p["ratios"], "samples": p["samples"], "batch_tokens": p["batch_tokens"],
                           "arms": {arm: {k: a["median"][k] for k in ("samples_per_s", "tokens_per_s", "padding_share", "peak_mib")}
                                    for arm, a in p["arms"].items()}}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -45,6 +45,7 @@ class Job:
     max_length: int = 2048
     train_overrides: dict[str, Any] = field(default_factory=dict)  # mmlora's train section
     group_by_length: bool = False  # reference: HF's own length-grouped sampler instead of mmlora's order
+    gradient_checkpointing: bool = True  # both arms: non-reentrant activation checkpointing of every layer
 
 
 @dataclass
@@ -148,7 +149,7 @@ def run_reference(job: Job, result: Result) -> None:
     args = TrainingArguments(
         output_dir=str(Path(job.work_dir) / "hf"), per_device_train_batch_size=job.batch_size, num_train_epochs=1,
         learning_rate=job.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=job.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=bf16, use_cpu=dev.type == "cpu", train_sampling_strategy="sequential", dataloader_num_workers=0,
         remove_unused_columns=False, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, seed=0,
@@ -220,7 +221,7 @@ def mmlora_recipe(job: Job) -> dict[str, Any]:
         language["precision"] = "4bit"
     train: dict[str, Any] = {
         "output_dir": str(Path(job.work_dir) / "mmlora"), "epochs": 1.0, "batch_size": job.batch_size, "lr": job.lr,
-        "scheduler": "constant", "max_grad_norm": 1.0, "gradient_checkpointing": True, "attn_implementation": "sdpa",
+        "scheduler": "constant", "max_grad_norm": 1.0, "gradient_checkpointing": job.gradient_checkpointing, "attn_implementation": "sdpa",
         "mixed_precision": "bf16" if job.precision == "bf16" else "no", "resume": "never", "seed": 0,
     }
     if job.variant.startswith("q"):

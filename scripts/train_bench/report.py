@@ -63,30 +63,33 @@ def step_medians(runs: list[dict]) -> dict[str, float]:
     return _median(rows)
 
 
-def breakdown_ms(run: dict) -> dict[str, float]:
-    """Milliseconds per step by component (steps after the first); ``other`` is the rest of the step."""
-    steps = len(run["step_ends"]) - 1
-    step_ms = 1000 * (run["step_ends"][-1] - run["step_ends"][0]) / steps
-    parts = {k: 1000 * v / steps for k, v in run["breakdown"].items() if k not in ("data", "data_batches")}
-    parts["data"] = 1000 * run["breakdown"].get("data", 0.0) / max(1, run["breakdown"].get("data_batches", steps))
-    order = ["vision", "projector", "language_layers", "head_loss", "optimizer", "data"]
-    out = {k: parts.get(k, 0.0) for k in order}
-    out["other"] = step_ms - sum(out.values())
+COMPONENTS = ["vision", "projector", "language_layers", "head_loss", "optimizer", "data"]
+
+
+def _breakdown(run: dict, per: float, data_per: float, data_in_step: bool) -> dict[str, float]:
+    """Milliseconds by component over the steps after the first, divided by ``per`` (steps or samples);
+    ``data`` (encoding and collation, timed per batch) divided by ``data_per``; ``other`` is the rest of
+    the step (``data`` subtracted too where ``data_in_step``: per step, the same unit)."""
+    step_ms = 1000 * (run["step_ends"][-1] - run["step_ends"][0]) / per
+    out = {k: 1000 * run["breakdown"].get(k, 0.0) / per for k in COMPONENTS if k != "data"}
+    out["data"] = 1000 * run["breakdown"].get("data", 0.0) / data_per
+    out = {k: out[k] for k in COMPONENTS}
+    out["other"] = step_ms - sum(v for k, v in out.items() if k != "data" or data_in_step)
     out["step"] = step_ms
     return out
 
 
+def breakdown_ms(run: dict) -> dict[str, float]:
+    """Milliseconds per step by component (steps after the first); ``other`` is the rest of the step."""
+    steps = len(run["step_ends"]) - 1
+    return _breakdown(run, steps, max(1, run["breakdown"].get("data_batches", steps)), data_in_step=True)
+
+
 def breakdown_per_sample_ms(run: dict) -> dict[str, float]:
     """Milliseconds per sample by component over the steps after the first: the mixture's arms cut
-    the pass into different numbers of steps, so per-step times would compare unlike steps."""
-    samples = sum(run["samples"][1:])
-    step_s = run["step_ends"][-1] - run["step_ends"][0]
-    order = ["vision", "projector", "language_layers", "head_loss", "optimizer", "data"]
-    parts = {k: 1000 * run["breakdown"].get(k, 0.0) / samples for k in order}
-    parts["data"] = 1000 * run["breakdown"].get("data", 0.0) / len(run["samples"])  # encoding + collation, all batches
-    parts["other"] = 1000 * step_s / samples - sum(v for k, v in parts.items() if k != "data")
-    parts["step"] = 1000 * step_s / samples
-    return parts
+    the pass into different numbers of steps, so per-step times would compare unlike steps. ``data``
+    is per batch, over all batches."""
+    return _breakdown(run, sum(run["samples"][1:]), len(run["samples"]), data_in_step=False)
 
 
 def machine(threads: int) -> str:
@@ -181,12 +184,17 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MIXTURE_NAMES = {"reference": "HF Trainer + PEFT, group_by_length", "mmlora": "mmlora, packing + batch_tokens",
+                 "mmlora-no-ckpt": "mmlora, packing + batch_tokens, no checkpointing",
+                 "reference-no-ckpt": "HF Trainer + PEFT, group_by_length, no checkpointing"}
+
+
 def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: list[int], kinds: list[str],
                       budget: int, precision: str, threads: int, wall_s: float,
                       profiles: dict[str, dict] | None = None) -> dict:
     """The packing comparison: per arm, medians over runs of the pass's throughput (batches differ
     between the arms, so per-step medians would compare unlike steps), its padding share and peak
-    memory; the ratios mmlora / reference."""
+    memory; every other arm's ratios to ``reference``."""
     from train_bench.mixture import histogram
 
     arms = {}
@@ -194,10 +202,12 @@ def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: l
         metrics = [pass_metrics(r) | {"padding_share": 1 - sum(r["tokens"]) / sum(r["cells"]), "steps": len(r["step_ends"])}
                    for r in rs]
         arms[arm] = {"median": _median(metrics), "runs": metrics, "trainable": rs[0]["trainable"]}
-    a, b = arms["reference"]["median"], arms["mmlora"]["median"]
-    ratios = {"samples_per_s": b["samples_per_s"] / a["samples_per_s"], "tokens_per_s": b["tokens_per_s"] / a["tokens_per_s"],
-              "samples_per_cpu_s": b["samples_per_cpu_s"] / a["samples_per_cpu_s"],
-              "peak_memory": b["peak_mib"] / a["peak_mib"] if a["peak_mib"] > 0 else float("nan")}
+    a = arms["reference"]["median"]
+    ratios = {arm: {"samples_per_s": b["median"]["samples_per_s"] / a["samples_per_s"],
+                    "tokens_per_s": b["median"]["tokens_per_s"] / a["tokens_per_s"],
+                    "samples_per_cpu_s": b["median"]["samples_per_cpu_s"] / a["samples_per_cpu_s"],
+                    "peak_memory": b["median"]["peak_mib"] / a["peak_mib"] if a["peak_mib"] > 0 else float("nan")}
+              for arm, b in arms.items() if arm != "reference"}
     return {"preset": shape.name, "about": shape.about, "data": "mixture", "samples": len(lengths), "batch_size": shape.batch_size,
             "batch_tokens": budget, "precision": precision, "date": date.today().isoformat(), "machine": machine(threads),
             "load_average": os.getloadavg(), "wall_s": wall_s, "arms": arms, "ratios": ratios,
@@ -206,29 +216,30 @@ def summarize_mixture(shape: BenchShape, runs: dict[str, list[dict]], lengths: l
 
 
 def mixture_markdown(report: dict) -> str:
-    names = {"reference": "HF Trainer + PEFT, group_by_length", "mmlora": "mmlora, packing + batch_tokens"}
     protocol = (f"{report['date']}, {report['machine']}, {report['precision']}; {report['samples']} samples, one pass; "
                 f"reference batch {report['batch_size']}, mmlora batch_tokens {report['batch_tokens']} (the same mean batch), "
-                f"gradient checkpointing, LoRA; {len(report['arms']['reference']['runs'])} runs per arm, alternating; "
+                f"gradient checkpointing (non-reentrant, every layer) unless the arm says otherwise, LoRA; "
+                f"{len(report['arms']['reference']['runs'])} runs per arm, alternating; "
                 f"medians over runs of the whole pass (first batch's collation to last step's end); load average at the end "
                 f"{', '.join(f'{x:.1f}' for x in report['load_average'])}; benchmark wall time {report['wall_s']:.0f} s.")
     lines = [f"### {report['preset']} on the mixture: packing against group_by_length", "", protocol, "",
              "| arm | steps | samples/s | tokens/s | samples per CPU-second | padding share | peak memory above baseline (MiB) |",
              "|---|---|---|---|---|---|---|"]
-    for arm, name in names.items():
-        m = report["arms"][arm]["median"]
-        lines.append(f"| {name} | {m['steps']:.0f} | {m['samples_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
+    for arm, a in report["arms"].items():
+        m = a["median"]
+        lines.append(f"| {MIXTURE_NAMES[arm]} | {m['steps']:.0f} | {m['samples_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
                      f"{m['samples_per_cpu_s']:.2f} | {m['padding_share']:.1%} | {m['peak_mib']:.0f} |")
-    r = report["ratios"]
-    ratio_row = (f"| packing | **{r['samples_per_s']:.2f}x** | {r['tokens_per_s']:.2f}x | {r['samples_per_cpu_s']:.2f}x | "
-                 f"**{r['peak_memory']:.2f}x** |")
-    lines += ["", "| ratio mmlora / reference | samples/s | tokens/s | samples per CPU-second | peak memory |", "|---|---|---|---|---|",
-              ratio_row, "", "Token lengths of the data (samples per bin):", "", report["histogram"]]
+    lines += ["", "| ratio to HF Trainer + PEFT, group_by_length | samples/s | tokens/s | samples per CPU-second | peak memory |",
+              "|---|---|---|---|---|"]
+    for arm, r in report["ratios"].items():
+        lines.append(f"| {MIXTURE_NAMES[arm]} | **{r['samples_per_s']:.2f}x** | {r['tokens_per_s']:.2f}x | "
+                     f"{r['samples_per_cpu_s']:.2f}x | **{r['peak_memory']:.2f}x** |")
+    lines += ["", "Token lengths of the data (samples per bin):", "", report["histogram"]]
     if report.get("breakdown_ms_per_sample"):
         comps = list(next(iter(report["breakdown_ms_per_sample"].values())))
         lines += ["", "Where the time goes (a separate profiled pass per arm; ms per sample; `data` per batch, "
                   "`other` the rest of the step):", "",
                   "| arm | " + " | ".join(c.replace("_", " ") for c in comps) + " |", "|---|" + "---|" * len(comps)]
         for arm, b in report["breakdown_ms_per_sample"].items():
-            lines.append(f"| {names[arm]} | " + " | ".join(f"{b[c]:.1f}" for c in comps) + " |")
+            lines.append(f"| {MIXTURE_NAMES[arm]} | " + " | ".join(f"{b[c]:.1f}" for c in comps) + " |")
     return "\n".join(lines) + "\n"

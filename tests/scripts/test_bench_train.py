@@ -56,10 +56,14 @@ def test_gpu_check_dry_run_json(dry_run):
     assert set(summary["ratios_mmlora_over_reference"]) == {"lora", "qlora", "qdora"}
     assert summary["params"]["language_layers"] > 0
     packing = summary["packing"]  # the packing arm: mixed lengths, group_by_length against packing
-    assert packing["arms"]["mmlora"]["padding_share"] < packing["arms"]["reference"]["padding_share"]
-    assert packing["ratios_mmlora_over_reference"]["samples_per_s"] > 0 and packing["attention"] == "mmlora_varlen"
+    assert set(packing["arms"]) == {"reference", "mmlora", "mmlora-no-ckpt", "reference-no-ckpt"}
+    for arm in ("mmlora", "mmlora-no-ckpt"):
+        assert packing["arms"][arm]["padding_share"] < packing["arms"]["reference"]["padding_share"]
+    assert set(packing["ratios_over_reference"]) == set(packing["arms"]) - {"reference"}
+    assert packing["ratios_over_reference"]["mmlora"]["samples_per_s"] > 0 and packing["attention"] == "mmlora_varlen"
     md = (dry_run / "packing" / "report.md").read_text()
     assert "| tokens | vqa | caption | chat | text | all |" in md and "padding share" in md
+    assert "| mmlora, packing + batch_tokens, no checkpointing |" in md
 
 
 def test_the_mixture_has_its_stated_shares_and_lengths():
@@ -77,3 +81,20 @@ def test_the_mixture_has_its_stated_shares_and_lengths():
     assert build(scenes, {i: "x." for i in range(5)}, 50, seed=1) == build(scenes, {i: "x." for i in range(5)}, 50, seed=1)
     table = histogram([10, 70, 300, 3000], ["vqa", "caption", "chat", "text"])
     assert "| ≤64 | 1 | 0 | 0 | 0 | 1 |" in table and "| >2048 | 0 | 0 | 0 | 1 | 1 |" in table
+
+
+def test_mixture_arms_differ_only_in_trainer_and_checkpointing():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_train import mixture_jobs
+
+    jobs = mixture_jobs({"variant": "lora"}, budget=936, max_length=2048,
+                        arms=["reference", "mmlora", "mmlora-no-ckpt", "reference-no-ckpt"])
+    assert {k: (j["arm"], j["gradient_checkpointing"]) for k, j in jobs.items()} == {
+        "reference": ("reference", True), "mmlora": ("mmlora", True),
+        "mmlora-no-ckpt": ("mmlora", False), "reference-no-ckpt": ("reference", False)}
+    for name in ("reference", "reference-no-ckpt"):
+        assert jobs[name]["group_by_length"] and "train_overrides" not in jobs[name]
+    for name in ("mmlora", "mmlora-no-ckpt"):
+        assert jobs[name]["train_overrides"] == {"batch_tokens": 936, "packing": {"enabled": True, "max_tokens": 2048}}
+    with pytest.raises(SystemExit, match="reference"):
+        mixture_jobs({}, 936, 2048, ["mmlora"])
