@@ -3,12 +3,14 @@ gathered multi-adapter batches, PEFT's mixed-adapter batches, adapter switching,
 per adapter (S-LoRA's comparison, small).
 
 Run: python scripts/load_test.py [--base tiny-llava] [--adapters 1,8,64] [--modes gathered,mixed,switch,merged]
-                                 [--ranks 4,8,16] [--requests 96] [--clients 16] [--repeats 2]
-                                 [--max-seconds 60] [--out evals/serve]
+                                 [--kinds lora,dora,full] [--ranks 4,8,16] [--requests 96] [--clients 16]
+                                 [--repeats 2] [--max-seconds 60] [--out evals/serve]
 
-For each number of adapters N it writes N adapter-only runs with seeded random LoRA weights on the
-language model (non-zero, so each adapter gives different answers; ranks cycling through ``--ranks``),
-then for each mode starts the real server (FastAPI + uvicorn) on 127.0.0.1, sends one warm-up request
+For each number of adapters N it writes N runs with seeded random adapter weights (non-zero, so each
+adapter gives different answers; kinds cycling through ``--kinds`` — LoRA on the vision tower, the
+projector and the language model, DoRA on all three, LoRA beside a fully trained projector, LoRA on
+the language model alone —, ranks through ``--ranks``), then for each mode (``gathered-fixed``:
+gathered without continuous batching) starts the real server (FastAPI + uvicorn) on 127.0.0.1, sends one warm-up request
 per adapter (so every mode starts with its adapters loaded), and then ``--requests`` caption requests
 from ``--clients`` concurrent clients, each naming an adapter drawn uniformly at random (seeded). Each
 cell runs ``--repeats`` times (a fresh server each time); the table gives the median throughput and
@@ -31,35 +33,33 @@ import time
 from pathlib import Path
 
 
-def make_adapters(base: str, n: int, out: Path, ranks: tuple[int, ...] = (4,)) -> dict[str, Path]:
-    """``n`` adapter-only runs on ``base`` (LoRA on the language model, rank ``ranks[i % len(ranks)]``),
-    seeded random weights."""
-    import torch
+#: adapter kinds of the generated runs (``--kinds``): placements on LLaVA's three modalities
+KINDS = {
+    "lora": lambda r: {"vision": {"mode": "lora", "targets": ["q", "v"], "rank": r},
+                       "projector": {"mode": "lora", "rank": r}, "language": {"mode": "lora", "rank": r}},
+    "dora": lambda r: {"vision": {"mode": "dora", "targets": ["q", "v"], "rank": r},
+                       "projector": {"mode": "dora", "rank": r}, "language": {"mode": "dora", "rank": r}},
+    "full": lambda r: {"vision": {"mode": "lora", "targets": ["q", "v"], "rank": r},
+                       "projector": {"mode": "full"}, "language": {"mode": "lora", "rank": r}},
+    "language": lambda r: {"language": {"mode": "lora", "rank": r}},
+}
 
-    from mmlora.config.schema import ModelSpec, PlacementSpec
-    from mmlora.models.build import load_model
-    from mmlora.models.modality import discover_modalities
-    from mmlora.placement.apply import apply_placement
-    from mmlora.placement.plan import plan_placement
-    from mmlora.runs.layout import Run
-    from mmlora.runs.save import save_placement
 
-    placed_by_rank = {}
-    for rank in ranks:
-        spec = PlacementSpec.model_validate({"language": {"mode": "lora", "rank": rank}})
-        model = load_model(ModelSpec(name=base))
-        plan = plan_placement(model, discover_modalities(model), spec)
-        placed_by_rank[rank] = (apply_placement(model, plan), plan)
+def make_adapters(base: str, n: int, out: Path, ranks: tuple[int, ...] = (4,), kinds: tuple[str, ...] = ("lora",)) -> dict[str, Path]:
+    """``n`` runs on ``base``: adapter ``i`` of kind ``kinds[i % len(kinds)]`` (``KINDS``) and rank
+    ``ranks[i % len(ranks)]``, seeded random non-zero weights (full projectors moved off the base's)."""
+    from mmlora.config.schema import Recipe
+    from mmlora.runs.synthetic import place, write_random_run
+
+    placed = {}
     runs = {}
     for i in range(n):
-        placed, plan = placed_by_rank[ranks[i % len(ranks)]]
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, p in placed.named_parameters():
-                if ".lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        runs[f"a{i}"] = Run(out / f"a{i}").root
-        save_placement(placed, plan, Run(out / f"a{i}").final.folder, base)
+        kind, rank = kinds[i % len(kinds)], ranks[i % len(ranks)]
+        if (kind, rank) not in placed:
+            recipe = Recipe.model_validate({"model": {"name": base}, "placement": KINDS[kind](rank)})
+            placed[kind, rank] = (*place(recipe), recipe)
+        model, plan, recipe = placed[kind, rank]
+        runs[f"a{i}"] = write_random_run(model, plan, recipe, out / f"a{i}", seed=i)
     return runs
 
 
@@ -75,13 +75,13 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
     from PIL import Image
 
     from mmlora.serve.app import create_app
-    from mmlora.serve.engine import Engine
     from mmlora.serve.local import on_loopback
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
     png = buf.getvalue()
-    engine = Engine(base, runs, mode=mode, max_loaded=len(runs), max_new_tokens=max_new_tokens)
+    engine = _engine(base, runs, mode, max_new_tokens)
+    rss_base = _rss_mib()
     app = create_app(engine, max_queue=max(64, 2 * clients), max_batch=max_batch, max_wait_ms=5)
     rng = random.Random(seed)
     plan = [rng.choice(list(runs)) for _ in range(requests)]
@@ -93,6 +93,7 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
         for name in runs:  # warm-up: every adapter loaded once, outside the measurement
             http.post("/caption", data={"adapter": name}, files={"image": ("x.png", png, "image/png")}).raise_for_status()
         warm_ms = 1000 * (time.perf_counter() - warm) / len(runs)  # a load and a one-request batch, per adapter
+        rss_loaded = _rss_mib()
         batcher = app.state.batcher
         batcher.batch_sizes.clear()
         loads_before = engine.loads
@@ -129,7 +130,26 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
             "p99_ms": _percentile(latencies, 99) if ok else None,
             "mean_batch": statistics.mean(sizes) if sizes else 0.0, "adapter_loads": engine.loads - loads_before,
             "models_in_memory": 1 + len(runs) if mode == "merged" else 1, "warmup_ms_per_adapter": warm_ms,
-            "pool_mib": engine.pool.nbytes() / 2**20 if engine.pool is not None else None}
+            "loaded_mib": engine.loaded_mib(), "rss_growth_mib": rss_loaded - rss_base,
+            "pool_mib": (engine.pool.nbytes() + engine.full.nbytes()) / 2**20 if engine.pool is not None else None,
+            "continuous": engine.continuous}
+
+
+def _engine(base: str, runs: dict[str, Path], mode: str, max_new_tokens: int):
+    """The engine of a cell: ``mode`` (``gathered-fixed``: gathered without continuous batching)."""
+    from mmlora.serve.engine import Engine
+
+    plain, _, fixed = mode.partition("-")
+    return Engine(base, runs, mode=plain, max_loaded=len(runs), max_new_tokens=max_new_tokens, continuous=not fixed)
+
+
+def _rss_mib() -> float:
+    """The process's resident memory now (Linux), MiB."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def median_row(repeats: list[dict]) -> dict:
@@ -147,13 +167,18 @@ def median_row(repeats: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [("| adapters | mode | requests | req/s (median) | req/s per repeat | CPU ms per request | p50 ms | p99 ms | mean batch "
-              "| full models in memory | warm-up ms per adapter |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| full models in memory | adapters loaded (MiB) | RSS growth (MiB) | warm-up ms per adapter |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        fmt = lambda v: f"{v:.0f}" if v is not None else "-"
+        if "refused" in r:
+            lines.append(f"| {r['adapters']} | {r['mode']} | refused: {r['refused']} |" + " |" * 10)
+            continue
+        fmt = lambda v, d=0: f"{v:.{d}f}" if v is not None else "-"  # noqa: E731
         each = ", ".join(f"{t:.1f}" for t in r.get("repeat_throughputs", [r["throughput"]]))
         lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {each} | "
                      f"{fmt(r['cpu_ms_per_request'])} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | "
-                     f"{r['models_in_memory']} | {fmt(r.get('warmup_ms_per_adapter'))} |")
+                     f"{r['models_in_memory']} | {fmt(r['loaded_mib'], 1)} | {fmt(r['rss_growth_mib'])} | "
+                     f"{fmt(r.get('warmup_ms_per_adapter'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,12 +186,14 @@ def note(args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str
     import os
 
     return (f"\n({args.base}; per row up to {args.requests} caption requests, clients stop sending after "
-            f"{args.max_seconds:g} s; {args.clients} concurrent clients on loopback, adapters drawn uniformly, LoRA ranks "
-            f"{args.ranks}, batches of up to {args.max_batch}, {args.max_new_tokens} new tokens, every adapter loaded "
+            f"{args.max_seconds:g} s; {args.clients} concurrent clients on loopback, adapters drawn uniformly, kinds "
+            f"{args.kinds} in turn, ranks {args.ranks}, batches of up to {args.max_batch}, {args.max_new_tokens} new tokens "
+            f"(a mode's '-fixed' row: fixed batches instead of continuous batching), every adapter loaded "
             f"before timing; {args.repeats} repeats per row, each on a fresh server; CPU time of the one process holding "
             f"server and clients; {os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in load_before)} before "
             f"and {', '.join(f'{x:.1f}' for x in load_after)} after; 'full models in memory': the base, plus one merged "
-            f"copy per adapter in merged mode.)\n")
+            f"copy per adapter in merged mode; 'adapters loaded': their tensors and full copies as served (fp32); 'RSS "
+            f"growth': the process's resident memory after the warm-up less before the server started.)\n")
 
 
 def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_new_tokens: int, repeats: int = 5) -> dict:
@@ -176,13 +203,22 @@ def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_ne
     the median (by total) of ``repeats`` batches of ``batch`` requests over the adapters in turn."""
     from PIL import Image
 
-    from mmlora.serve.engine import Engine, Item
+    from mmlora.serve.engine import Item
 
-    engine = Engine(base, runs, mode=mode, max_loaded=len(runs), max_new_tokens=max_new_tokens)
+    engine = _engine(base, runs, mode, max_new_tokens)
     names = list(runs)
     items = [Item("caption", names[i % len(names)], Image.new("RGB", (64, 64), (200, 40, 40)), "Describe.")
              for i in range(batch)]
-    engine.run(items)  # loads the adapters; warm-up
+
+    def run_batch() -> None:  # one batch start to end: continuous (join, steps) or fixed (generate)
+        if engine.continuous:
+            engine.join(items)
+            while engine.active:
+                engine.step()
+        else:
+            engine.run(items)
+
+    run_batch()  # loads the adapters; warm-up
     spans: dict[str, float] = {}
     calls = {"forward": 0}
     clock: dict[str, float] = {}
@@ -211,7 +247,7 @@ def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_ne
             spans.clear()
             calls["forward"] = 0
             t = time.perf_counter()
-            engine.run(items)
+            run_batch()
             total = time.perf_counter() - t
             rows.append({k: 1000 * spans.get(k, 0.0) for k in ("processor", "prefill", "decode")}
                         | {"other": 1000 * (total - sum(spans.values())), "total": 1000 * total,
@@ -232,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", default="1,8,64")
     p.add_argument("--modes", default="gathered,mixed,switch,merged")
     p.add_argument("--ranks", default="4,8,16", help="LoRA ranks of the generated adapters, cycled")
+    p.add_argument("--kinds", default="lora", help=f"adapter kinds, cycled: {', '.join(KINDS)} (modes that cannot "
+                   "serve a kind get a 'refused' row)")
     p.add_argument("--repeats", type=int, default=2, help="runs per cell (fresh server each); medians reported")
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--clients", type=int, default=16)
@@ -248,20 +286,32 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     ranks = tuple(int(r) for r in args.ranks.split(","))
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        p.error(f"--kinds {','.join(unknown)}: choose from {', '.join(KINDS)}")
+    from mmlora.errors import MmloraError
+
     rows = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mmlora-load-") as tmp:
-        all_runs = make_adapters(args.base, max(counts), Path(tmp), ranks)
+        all_runs = make_adapters(args.base, max(counts), Path(tmp), ranks, kinds)
         for n in counts:
             runs = dict(list(all_runs.items())[:n])
             for mode in modes:
-                repeats = [run_cell(args.base, runs, mode, args.requests, args.clients, args.max_seconds,
-                                    args.max_new_tokens, args.max_batch) for _ in range(args.repeats)]
-                row = median_row(repeats) | {"repeats": repeats}
+                try:
+                    repeats = [run_cell(args.base, runs, mode, args.requests, args.clients, args.max_seconds,
+                                        args.max_new_tokens, args.max_batch) for _ in range(args.repeats)]
+                    row = median_row(repeats) | {"repeats": repeats}
+                except MmloraError as err:  # a mode that cannot serve these runs (e.g. DoRA in PEFT's mixed batches)
+                    row = {"adapters": n, "mode": mode, "refused": str(err).split(": ", 1)[-1]}
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
-        profiles = [profile_step(args.base, all_runs, mode, args.max_batch, args.max_new_tokens) for mode in modes
-                    if mode in ("gathered", "mixed")] if args.profile else []
+        profiles = []
+        for mode in modes if args.profile else []:
+            if mode.partition("-")[0] in ("gathered", "mixed") and not any(
+                    r["mode"] == mode and r["adapters"] == max(counts) and "refused" in r for r in rows):
+                profiles.append(profile_step(args.base, all_runs, mode, args.max_batch, args.max_new_tokens))
     text = table(rows) + note(args, load_before, os.getloadavg())
     if profiles:
         text += ("\n| mode | adapters | batch | processor ms | prefill ms | decode ms (steps) | other ms | total ms |\n"

@@ -2,14 +2,17 @@
 
     mmlora serve --base shapes-llava-base --adapter b=runs/shapes-llava-lora-b --port 8000
     mmlora serve --base tiny-clip --adapter seg=runs/tiny-clip-lora --max-loaded 4 --mode mixed
+    mmlora serve --base shapes-llava-base --adapters-from runs/ --mode gathered --max-loaded 512MiB
 
-Open http://127.0.0.1:8000/ for the demo page; the API is described at /docs. Needs the ``serve``
-extra (FastAPI, uvicorn, python-multipart).
+Open http://127.0.0.1:8000/ for the demo page; the API is described at /docs; OpenAI clients use
+http://127.0.0.1:8000/v1 with ``model`` = an adapter's name. Needs the ``serve`` extra (FastAPI,
+uvicorn, python-multipart).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mmlora.optional import require
 
@@ -17,10 +20,17 @@ from mmlora.optional import require
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="the base every adapter was trained on (preset or folder)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
-                        help="an adapter-only run to serve under NAME (repeat); loaded on first use")
+                        help="a run to serve under NAME (repeat); loaded on first use")
+    parser.add_argument("--adapters-from", default=None, metavar="DIR",
+                        help="serve every run in DIR (each subfolder with final/manifest.json), named after its folder")
     parser.add_argument("--mode", default="mixed", choices=("mixed", "switch", "merged", "gathered"),
-                        help="mixed: one batch mixes adapters (PEFT); gathered: the same, stacked and gathered per sample (LoRA and DoRA); switch: one adapter per batch; merged: a merged copy per adapter")
-    parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept loaded (least recently used go first)")
+                        help="gathered: one batch mixes adapters, stacked and gathered per sample (LoRA, DoRA, several "
+                             "adapters per run, full projectors; page-in off the decoding loop); mixed: the same with "
+                             "PEFT's mixed batches; switch: one adapter per batch; merged: a merged copy per run")
+    parser.add_argument("--max-loaded", default="8",
+                        help="adapters kept loaded: a number (8) or their memory (512MiB, 2GiB); least recently used go first")
+    parser.add_argument("--no-continuous", action="store_true",
+                        help="fixed batches instead of continuous batching (gathered and mixed captions)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for company")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503")
@@ -40,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
     from mmlora.serve.engine import Engine
 
     adapters = {}
+    if args.adapters_from:
+        from mmlora.runs.layout import FINAL, MANIFEST
+
+        root = Path(args.adapters_from)
+        if not root.is_dir():
+            raise MmloraError(f"--adapters-from {root}: no such folder")
+        adapters = {p.parent.parent.name: p.parent.parent for p in sorted(root.glob(f"*/{FINAL}/{MANIFEST}"))}
+        if not adapters:
+            raise MmloraError(f"--adapters-from {root}: no run in it (a run is a folder with {FINAL}/{MANIFEST})")
     for item in args.adapter:
         name, sep, run_path = item.partition("=")
         if not sep or not name or not run_path:
@@ -47,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
         if name in adapters:
             raise MmloraError(f"--adapter {name!r} given twice")
         adapters[name] = run_path
-    engine = Engine(args.base, adapters, args.mode, args.max_loaded, args.max_new_tokens, args.seg_mode)
+    engine = Engine(args.base, adapters, args.mode, args.max_loaded, args.max_new_tokens, args.seg_mode,
+                    continuous=not args.no_continuous)
     app = create_app(engine, args.max_queue, args.max_batch, args.max_wait_ms, Limits(max_bytes=args.max_image_bytes))
-    print(f"serving {args.base} ({engine.kind}) with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/")
+    batching = "continuous batching" if engine.continuous else f"fixed batches ({engine.continuous_off})"
+    print(f"serving {args.base} ({engine.kind}, {args.mode}, {batching}) with {len(adapters)} adapter(s) "
+          f"on http://{args.host}:{args.port}/ (OpenAI-compatible: http://{args.host}:{args.port}/v1)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

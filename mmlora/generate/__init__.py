@@ -1,8 +1,11 @@
 """The one generation path: prompt building, left padding and ``generate``, for every caller.
 
 ``mmlora predict``, ``mmlora eval caption``, the in-training caption metrics, the server and the demo
-all answer images through :func:`generate_answers`, so a model family's prompting specifics (its chat
-template, image placeholders, padding side) live here and in ``mmlora.data.processing``, nowhere else.
+all answer images through :func:`generate_answers` (a fixed batch, ``generate``) or, in the server's
+continuous batching, :class:`mmlora.generate.iteration.RunningBatch` (sequences join and leave between
+decoding steps); both build their batches with :func:`encode_requests`, so a model family's prompting
+specifics (its chat template, image placeholders, padding side) live here and in
+``mmlora.data.processing``, nowhere else.
 
 Layer: generation. Imports ``mmlora.data`` and the foundation only.
 """
@@ -44,6 +47,21 @@ def image_prompt(processor: Any, prompt: str) -> str:
     return processor.apply_chat_template(conv, add_generation_prompt=True)
 
 
+def encode_requests(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
+    """The processor's batch for one image and one prompt per row, each prompt chat-templated as a user
+    turn, left padded so that every row ends where its answer starts."""
+    tokenizer = processor.tokenizer
+    texts = {p: image_prompt(processor, p) for p in dict.fromkeys(prompts)}
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        # One list of images per prompt: the layout every family's processor reads unambiguously
+        # (Gemma 3 and Idefics3 would take a flat list as all images of the first prompt).
+        return processor(images=[[image] for image in images], text=[texts[p] for p in prompts],
+                         return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+
+
 @torch.no_grad()
 def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: str | Sequence[str] = CAPTION_PROMPT,
                      batch_size: int = 16, max_new_tokens: int = 64, num_beams: int = 1,
@@ -59,18 +77,10 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     tokenizer = processor.tokenizer
-    texts = {p: image_prompt(processor, p) for p in dict.fromkeys(prompts)}
     out: list[str] = []
     for k in range(0, len(images), batch_size):
         chunk = list(images[k:k + batch_size])
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            # One list of images per prompt: the layout every family's processor reads unambiguously
-            # (Gemma 3 and Idefics3 would take a flat list as all images of the first prompt).
-            batch = processor(images=[[image] for image in chunk], text=[texts[p] for p in prompts[k:k + batch_size]],
-                              return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
+        batch = encode_requests(processor, chunk, prompts[k:k + batch_size])
         routed = {"adapter_names": list(adapter_names[k:k + batch_size])} if adapter_names else {}
         if routed and (rows := pixel_rows(batch["pixel_values"])) != len(chunk):
             # PEFT routes row i of every layer's input to adapter i: a vision tower that reads

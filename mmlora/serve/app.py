@@ -4,6 +4,8 @@
     GET  /info        base, kind (caption | segment), adapters, loaded adapters, queue
     POST /caption     multipart: image (file), adapter, prompt (optional)      → {"caption", ...}
     POST /segment     multipart: image (file), adapter, classes ("a,b,c")      → {"mask_png", "overlay_png", ...}
+    POST /v1/chat/completions, GET /v1/models    OpenAI-compatible (``mmlora.serve.openai_api``): ``model`` = adapter,
+                      the image as an ``image_url`` data URL; ``stream: true`` for server-sent events
 
 Every request names its adapter (``__base__`` = the base alone); requests are batched across adapters
 by :mod:`mmlora.serve.batcher`. Bad requests get a 4xx with a message and never reach the model:
@@ -30,6 +32,7 @@ from mmlora.optional import require
 from mmlora.runs.compose import BASE
 from mmlora.serve.batcher import Batcher, QueueFull
 from mmlora.serve.engine import Engine, Item
+from mmlora.serve.openai_api import add_openai_routes
 
 require("fastapi", "serve", "the HTTP API (mmlora serve)")  # one line that says how to install it
 # At module level: FastAPI reads the routes' (string) annotations from this module's globals.
@@ -53,6 +56,28 @@ def _png(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def decode_image(data: bytes, limits: Limits):
+    """An RGB PIL image from an upload's bytes, or an HTTPException: 413 over the byte or pixel limit
+    (the size read from the header, before decoding: no decompression bomb), 400 if it does not decode."""
+    from PIL import Image
+
+    if len(data) > limits.max_bytes:
+        raise HTTPException(413, f"image is larger than {limits.max_bytes} bytes")
+    if not data:
+        raise HTTPException(400, "image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise HTTPException(413, f"image is {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
+            img.load()
+            return to_rgb(img)
+    except HTTPException:
+        raise
+    except Image.DecompressionBombError as err:
+        raise HTTPException(413, f"image refused: {err}") from None
+    except Exception as err:  # noqa: BLE001 — PIL raises many kinds for broken files
+        raise HTTPException(400, f"image could not be decoded ({type(err).__name__}: {err})") from None
 
 
 def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait_ms: float = 10.0,
@@ -72,34 +97,15 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
     app.state.batcher, app.state.engine = batcher, engine
 
     def check_adapter(name: str) -> None:
-        if name != BASE and name not in engine.paths:
+        if name != BASE and name not in engine.runs:
             known = ", ".join([BASE, *engine.adapter_names])
             raise HTTPException(404, f"unknown adapter {name!r}; this server has: {known}")
 
     async def read_image(upload: UploadFile):
-        from PIL import Image
+        return decode_image(await upload.read(limits.max_bytes + 1), limits)
 
-        data = await upload.read(limits.max_bytes + 1)
-        if len(data) > limits.max_bytes:
-            raise HTTPException(413, f"image is larger than {limits.max_bytes} bytes")
-        if not data:
-            raise HTTPException(400, "image is empty")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size  # read from the header: refuse a decompression bomb before decoding it
-                if w * h > limits.max_pixels:
-                    raise HTTPException(413, f"image is {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
-                img.load()
-
-                return to_rgb(img)
-        except HTTPException:
-            raise
-        except Image.DecompressionBombError as err:
-            raise HTTPException(413, f"image refused: {err}") from None
-        except Exception as err:  # noqa: BLE001 — PIL raises many kinds for broken files
-            raise HTTPException(400, f"image could not be decoded ({type(err).__name__}: {err})") from None
-
-    async def answer(item: Item) -> dict:
+    def submit(item: Item):
+        """Check ``item`` and queue it: its future, or an HTTPException (400 for the request, 503 when full)."""
         if item.kind != engine.kind:
             other = "/caption" if engine.kind == "caption" else "/segment"
             raise HTTPException(400, f"this server's base ({engine.base_ref}) does {engine.kind}: use {other}")
@@ -107,17 +113,23 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
             engine.check(item)  # validated before it joins a batch
         except MmloraError as err:
             raise HTTPException(400, str(err)) from None
-        start = time.perf_counter()
         try:
-            future = batcher.submit(item)
+            return batcher.submit(item)
         except QueueFull as err:
             raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
+
+    async def outcome(future) -> dict:
+        """The future's result, or an HTTPException: 400 for a problem with the request, 500 for ours."""
         try:
-            result = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         except MmloraError as err:  # a problem with this request (it failed alone: see the batcher)
             raise HTTPException(400, str(err)) from None
         except Exception as err:  # noqa: BLE001 — it failed alone, on our side: a 500, the server lives
             raise HTTPException(500, f"inference failed: {type(err).__name__}: {err}") from None
+
+    async def answer(item: Item) -> dict:
+        start = time.perf_counter()
+        result = await outcome(submit(item))
         return result | {"adapter": item.adapter, "latency_ms": round(1000 * (time.perf_counter() - start), 2)}
 
     @app.get("/", response_class=HTMLResponse)
@@ -127,8 +139,10 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
     @app.get("/info")
     async def info() -> dict:
         return {"base": engine.base_ref, "kind": engine.kind, "mode": engine.mode,
-                "adapters": [BASE, *engine.adapter_names], "loaded": list(engine.loaded),
-                "max_loaded": engine.max_loaded, "queue": batcher.waiting, "max_queue": batcher.max_queue}
+                "adapters": [BASE, *engine.adapter_names], "loaded": engine.loaded,
+                "loaded_mib": round(engine.loaded_mib(), 3), "max_loaded": engine.max_loaded,
+                "continuous_batching": engine.continuous, "running": engine.active,
+                "queue": batcher.waiting, "max_queue": batcher.max_queue}
 
     @app.post("/caption")
     async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None)):
@@ -154,4 +168,5 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
         return result | {"mask_png": _png(mask_img), "overlay_png": _png(blend), "classes": names,
                          "fractions": fractions, "size": list(img.size)}
 
+    add_openai_routes(app, engine, submit, outcome, lambda data: decode_image(data, limits))
     return app

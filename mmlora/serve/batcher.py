@@ -1,11 +1,22 @@
 """A bounded queue and one worker thread that runs requests in batches.
 
-Requests wait at most ``max_wait_ms`` for company; a batch takes, in arrival order, up to
-``max_batch`` items that share the engine's batch key (in ``mixed`` mode any adapters, as long as the
-batch needs no more than the engine may keep loaded). When ``max_queue`` items are waiting, a new one
-is refused at once (:class:`QueueFull`, which the HTTP layer answers with 503): a server that cannot
-keep up says so instead of letting latency grow without bound. A batch that fails is run again item
-by item, so that one faulty request cannot fail the others it was batched with.
+When ``max_queue`` items are waiting, a new one is refused at once (:class:`QueueFull`, which the HTTP
+layer answers with 503): a server that cannot keep up says so instead of letting latency grow without
+bound. Two ways to batch, chosen by the engine:
+
+* **Continuous batching** (captions where ``engine.continuous``): between two decoding steps, waiting
+  requests join the running batch (a prefill of the newcomers), up to ``max_batch`` sequences, and a
+  sequence leaves the moment it ends — a request never waits for another's answer to finish. A request
+  whose adapter is not loaded yet waits in the queue while the engine pages it in on another thread;
+  the others go ahead of it. When nothing is running, the first request waits at most ``max_wait_ms``
+  for company.
+* **Fixed batches** (segmentation, and the ``switch`` / ``merged`` modes): requests wait at most
+  ``max_wait_ms`` for company; a batch takes, in arrival order, up to ``max_batch`` items that share the
+  engine's batch key (in ``mixed`` and ``gathered`` mode any adapters, as long as they fit the loaded
+  set) and runs to the end.
+
+Isolation: a prefill or a fixed batch that fails is run again item by item, so one faulty request
+cannot fail the others it was batched with; a decoding step that fails fails only the sequences it ran.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from mmlora.runs.compose import BASE
 from mmlora.serve.engine import Engine, Item
 
 
@@ -36,9 +48,20 @@ class Batcher:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.batches = 0  # batches run so far
-        self.batch_sizes: list[int] = []
+        self.batches = 0  # fixed batches, or prefills that joined the running batch, so far
+        self.batch_sizes: list[int] = []  # requests per fixed batch or prefill
+        self.running_sizes: list[int] = []  # sequences per decoding step (continuous batching)
         self.retried = 0  # failed batches whose items were run again one by one
+        if getattr(engine, "pager", None) is not None:
+            engine.pager.notify = self._wake
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    @property
+    def continuous(self) -> bool:
+        return bool(getattr(self.engine, "continuous", False))
 
     def start(self) -> Batcher:
         self._stop = False
@@ -70,8 +93,10 @@ class Batcher:
             self._cv.notify()
         return job.future
 
+    # ------------------------------------------------------------------ fixed batches
+
     def _take(self) -> list[_Job]:
-        """The next batch (call with the lock held and the queue non-empty)."""
+        """The next fixed batch (call with the lock held and the queue non-empty)."""
         key = self.engine.batch_key(self._jobs[0].item)
         adapters: set[str] = set()
         batch: list[_Job] = []
@@ -81,7 +106,7 @@ class Batcher:
             if self.engine.batch_key(job.item) != key:
                 continue
             needed = adapters | {job.item.adapter}
-            if len(needed - {"__base__"}) > self.engine.max_loaded:
+            if not self.engine.fits(needed - {BASE}):
                 continue
             adapters = needed
             batch.append(job)
@@ -89,19 +114,25 @@ class Batcher:
             self._jobs.remove(job)
         return batch
 
+    def _wait_for_company(self) -> None:
+        """(Lock held.) Let the queue fill up to ``max_batch`` for at most ``max_wait``."""
+        deadline = time.monotonic() + self.max_wait
+        while len(self._jobs) < self.max_batch and not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cv.wait(timeout=left)
+
     def _work(self) -> None:
+        if self.continuous:
+            return self._work_continuous()
         while True:
             with self._cv:
                 while not self._jobs and not self._stop:
                     self._cv.wait()
                 if self._stop:
                     return
-                deadline = time.monotonic() + self.max_wait
-                while len(self._jobs) < self.max_batch and not self._stop:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(timeout=left)
+                self._wait_for_company()
                 batch = self._take()
             self._run(batch)
 
@@ -121,3 +152,84 @@ class Batcher:
         self.batch_sizes.append(len(batch))
         for job, result in zip(batch, results):
             job.future.set_result(result)
+
+    # ------------------------------------------------------------------ continuous batching
+
+    def _admit(self) -> tuple[list[_Job], list[_Job]]:
+        """(Lock held.) Waiting caption jobs that may join now — adapter ready, room in the batch and in
+        the loaded set — in arrival order; and waiting jobs of another kind (run as fixed batches)."""
+        room = self.max_batch - self.engine.active
+        adapters = set(self.engine.in_use)
+        joiners, others = [], []
+        for job in list(self._jobs):
+            if job.item.kind != "caption":
+                others.append(job)
+                continue
+            if len(joiners) >= room:
+                continue
+            name = job.item.adapter
+            if not self.engine.ready(name) or not self.engine.fits((adapters | {name}) - {BASE}):
+                continue
+            adapters.add(name)
+            joiners.append(job)
+        for job in joiners + others:
+            self._jobs.remove(job)
+        return joiners, others
+
+    def _work_continuous(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop:
+                    if self.engine.active:
+                        break
+                    if self._jobs:
+                        self._wait_for_company()
+                        joiners, others = self._admit()
+                        if joiners or others:
+                            break
+                        self._cv.wait(timeout=0.05)  # adapters paging in: the pager wakes us
+                    else:
+                        self._cv.wait()
+                if self._stop:
+                    return
+                if self.engine.active:
+                    joiners, others = self._admit()
+            if others:
+                self._run([job for job in others])
+            if joiners:
+                self._join(joiners)
+            self._step()
+
+    def _join(self, jobs: list[_Job]) -> None:
+        """Prefill ``jobs`` into the running batch; if that fails, each alone, so only a faulty one errs."""
+        try:
+            seqs = self.engine.join([job.item for job in jobs])
+        except Exception as err:  # noqa: BLE001 — one bad request must not stop the worker
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(err)
+                return
+            self.retried += 1
+            for job in jobs:
+                self._join([job])
+            return
+        self.batches += 1
+        self.batch_sizes.append(len(jobs))
+        for job, seq in zip(jobs, seqs):
+            seq.request.handle = job
+        self._finish([s for s in seqs if s.done])
+
+    def _step(self) -> None:
+        if not self.engine.active:
+            return
+        self.running_sizes.append(self.engine.active)
+        try:
+            done = self.engine.step()
+        except Exception as err:  # noqa: BLE001 — our bug or the machine's: the sequences it ran fail, the server lives
+            for seq in self.engine.abort():
+                seq.request.handle.future.set_exception(err)
+            return
+        self._finish(done)
+
+    def _finish(self, done) -> None:
+        for seq in done:
+            seq.request.handle.future.set_result(self.engine.answer(seq))

@@ -18,8 +18,9 @@ slot 0 all zeros: the base). A freed slot is zeroed and reused.
 
 **Routing.** While :meth:`LoraPool.route` is active, a forward hook on each stacked base layer adds,
 for each row ``b`` of the batch with slot ``i = index[b]``, ``(x_b A_iᵀ)(s_i B_i)ᵀ`` by two
-``torch.bmm`` on ``A[index]``, ``B[index]`` (gathered once per batch, not at every decoding step;
-plain matmuls when the whole batch has one adapter). PEFT's own mixed batches (``adapter_names``) loop
+``torch.bmm`` on ``A[index]``, ``B[index]`` (gathered once per batch composition: consecutive decoding
+steps of the same rows reuse them until an adapter is paged in or out; plain matmuls when the whole
+batch has one adapter). PEFT's own mixed batches (``adapter_names``) loop
 over the distinct adapters of the batch in every layer instead.
 
 **DoRA** at inference is the LoRA output rescaled per output feature by a constant of the adapter:
@@ -47,6 +48,23 @@ Parts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # A [r, in], s
 
 _PREFIX = "base_model.model."
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+
+def combine(parts: list[dict[str, Parts]], what: str) -> dict[str, Parts]:
+    """One adapter's parts from several PEFT adapters of a run (e.g. a DoRA vision adapter beside a LoRA
+    language one). Two LoRA adapters on one layer add up exactly as one of the summed rank
+    (``A`` stacked, ``s·B`` side by side); DoRA on a layer another adapter also adapts is refused."""
+    out: dict[str, Parts] = {}
+    for p in parts:
+        for name, (a, b, g) in p.items():
+            if name not in out:
+                out[name] = (a, b, g)
+                continue
+            a0, b0, g0 = out[name]
+            if g is not None or g0 is not None:
+                raise MmloraError(f"{what}: two adapters of the run adapt {name}, one with DoRA: serve it with --mode merged")
+            out[name] = (torch.cat([a0, a]), torch.cat([b0, b], dim=1), None)
+    return out
 
 
 def read_adapter(folder: Path, base: nn.Module) -> dict[str, Parts]:
@@ -184,6 +202,8 @@ class LoraPool:
         self.slot: dict[str, int] = {}  # adapter → slot (≥ 1)
         self.targets: dict[str, list[str]] = {}  # adapter → the layers it adapts
         self._free: list[int] = []
+        self.version = 0  # bumped whenever a slot's content changes: gathered tensors older than it are stale
+        self._gathered: tuple | None = None  # (version, rows) of what the stacks hold gathered now
 
     @property
     def names(self) -> list[str]:
@@ -199,6 +219,7 @@ class LoraPool:
                 self.layers[layer_name] = LayerStack(self.modules[layer_name])
             self.layers[layer_name].put(slot, p)
         self.slot[name], self.targets[name] = slot, list(parts)
+        self.version += 1
         top = max(self.slot.values()) + 1
         for layer in self.layers.values():  # every slot must index every stack (zeros where not adapted)
             layer.reserve(top)
@@ -208,6 +229,7 @@ class LoraPool:
         for layer_name in self.targets.pop(name):
             self.layers[layer_name].put(slot, None)
         self._free.append(slot)
+        self.version += 1
 
     def slots(self, adapters: Sequence[str]) -> torch.Tensor:
         """Slot per sample (0 for ``__base__``)."""
@@ -224,17 +246,19 @@ class LoraPool:
             single = int(self.slots([every_row])[0])
         else:
             single = int(index[0]) if len(set(index.tolist())) == 1 else None
+        key = (self.version, single if single is not None else tuple(index.tolist()))
+        if key != self._gathered:  # the same rows with the same adapters as last time: gathered already
+            for layer in self.layers.values():
+                layer.gather(index, single)
+            self._gathered = key
         handles = []
         try:
             for layer in self.layers.values():
-                layer.gather(index, single)
                 handles.append(layer.module.register_forward_hook(layer.hook))
             yield
         finally:
             for h in handles:
                 h.remove()
-            for layer in self.layers.values():
-                layer.gather(None, None)
 
     def nbytes(self) -> int:
         """Bytes of the stacks: the pool's memory beyond the base."""

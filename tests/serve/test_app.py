@@ -87,13 +87,17 @@ def test_wrong_task_for_this_base(client):
 class _SlowEngine:
     """A stand-in engine: blocks until released, or fails, to test the queue and errors."""
 
-    kind, mode, base_ref, max_loaded, loaded, paths, adapter_names = "caption", "mixed", "stub", 4, {}, {"a": None}, ["a"]
+    kind, mode, base_ref, max_loaded, loaded, runs, adapter_names = "caption", "mixed", "stub", 4, [], {"a": None}, ["a"]
+    continuous, max_new_tokens = False, 8
 
     def __init__(self):
         self.release, self.fail = threading.Event(), False
 
     def batch_key(self, item):
         return (item.kind,)
+
+    def fits(self, names):
+        return True
 
     def check(self, item):
         pass
@@ -111,12 +115,12 @@ class _PoisonEngine(_SlowEngine):
     def __init__(self):
         super().__init__()
         self.release.set()
-        self.runs: list[int] = []
+        self.sizes: list[int] = []
 
     def run(self, items):
         from mmlora.errors import MmloraError
 
-        self.runs.append(len(items))
+        self.sizes.append(len(items))
         if any(i.prompt == "poison" for i in items):
             raise RuntimeError("index out of range (simulated)")
         if any(i.prompt == "user error" for i in items):
@@ -141,7 +145,7 @@ def test_a_poisoned_request_fails_alone_and_the_others_in_its_batch_are_answered
             t.start()
         for t in threads:
             t.join()
-    assert max(engine.runs) > 1 and c.app.state.batcher.retried >= 1  # they shared a batch, which failed
+    assert max(engine.sizes) > 1 and c.app.state.batcher.retried >= 1  # they shared a batch, which failed
     for p in ("one", "two", "three"):
         assert results[p].status_code == 200 and results[p].json()["caption"] == f"ok {p}"
     assert results["poison"].status_code == 500 and "index out of range" in results["poison"].json()["detail"]

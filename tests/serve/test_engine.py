@@ -40,13 +40,13 @@ def test_every_mode_answers_each_sample_with_its_adapter(llava_runs, images):
 
 def test_lru_keeps_at_most_max_loaded(llava_runs, images):
     engine = Engine("tiny-llava", llava_runs, mode="mixed", max_loaded=1, max_new_tokens=2)
-    assert engine.loaded == {} and engine.peft is None
+    assert engine.loaded == [] and engine.peft is None
     engine.run([Item("caption", "red", images[0], "Describe.")])
     engine.run([Item("caption", "blue", images[0], "Describe.")])
     assert list(engine.loaded) == ["blue"] and set(engine.peft.peft_config) == {"blue"}
     engine.run([Item("caption", "red", images[0], "Describe.")])
     assert engine.loads == 3
-    with pytest.raises(MmloraError, match="at most 1 may be loaded"):
+    with pytest.raises(MmloraError, match="at most 1 adapters may be loaded"):
         engine.run([Item("caption", "red", images[0], "x"), Item("caption", "blue", images[0], "x")])
     with pytest.raises(MmloraError, match="does caption, not segment"):
         engine.run([Item("segment", "red", images[0], classes=["a", "b"])])
