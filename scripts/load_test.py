@@ -45,9 +45,10 @@ KINDS = {
 }
 
 
-def make_adapters(base: str, n: int, out: Path, ranks: tuple[int, ...] = (4,), kinds: tuple[str, ...] = ("lora",)) -> dict[str, Path]:
+def make_adapters(base: str, n: int, out: Path, ranks: tuple[int, ...] = (4,), kinds: tuple[str, ...] = ("lora",),
+                  scale: float = 0.3) -> dict[str, Path]:
     """``n`` runs on ``base``: adapter ``i`` of kind ``kinds[i % len(kinds)]`` (``KINDS``) and rank
-    ``ranks[i % len(ranks)]``, seeded random non-zero weights (full projectors moved off the base's)."""
+    ``ranks[i % len(ranks)]``, seeded random non-zero weights of ``scale`` (full projectors moved off the base's)."""
     from mmlora.config.schema import Recipe
     from mmlora.runs.synthetic import place, write_random_run
 
@@ -59,7 +60,7 @@ def make_adapters(base: str, n: int, out: Path, ranks: tuple[int, ...] = (4,), k
             recipe = Recipe.model_validate({"model": {"name": base}, "placement": KINDS[kind](rank)})
             placed[kind, rank] = (*place(recipe), recipe)
         model, plan, recipe = placed[kind, rank]
-        runs[f"a{i}"] = write_random_run(model, plan, recipe, out / f"a{i}", seed=i)
+        runs[f"a{i}"] = write_random_run(model, plan, recipe, out / f"a{i}", seed=i, scale=scale)
     return runs
 
 
@@ -68,34 +69,47 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients: int, max_seconds: float,
-             max_new_tokens: int, max_batch: int, seed: int = 0) -> dict:
-    """One (adapters, mode) cell: a fresh server, warm-up, then the timed requests."""
-    import httpx
+def request_images(n: int) -> list[bytes]:
+    """PNG bytes of the images requests draw from: ``n`` world-A test images (their captions differ in
+    length with their number of objects), or, for 0, one plain 64-pixel image."""
     from PIL import Image
+
+    if n == 0:
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+        return [buf.getvalue()]
+    from mmlora.showcase.shapes import cached_worlds
+
+    paths = sorted((cached_worlds(scale=0.05) / "world_A/images/test").glob("*.png"))[:n]
+    return [p.read_bytes() for p in paths]
+
+
+def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients: int, max_seconds: float,
+             budgets: list[int], max_batch: int, images: list[bytes], seed: int = 0) -> dict:
+    """One (adapters, mode) cell: a fresh server, warm-up, then the timed requests (each with an image
+    drawn from ``images`` and a token budget from ``budgets``, sent as ``max_new_tokens`` when there are several)."""
+    import httpx
 
     from mmlora.serve.app import create_app
     from mmlora.serve.local import on_loopback
 
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
-    png = buf.getvalue()
-    engine = _engine(base, runs, mode, max_new_tokens)
+    engine = _engine(base, runs, mode, max(budgets))
     rss_base = _rss_mib()
     app = create_app(engine, max_queue=max(64, 2 * clients), max_batch=max_batch, max_wait_ms=5)
     rng = random.Random(seed)
-    plan = [rng.choice(list(runs)) for _ in range(requests)]
+    plan = [(rng.choice(list(runs)), rng.choice(budgets), rng.choice(images)) for _ in range(requests)]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     with on_loopback(app) as url, httpx.Client(base_url=url, timeout=max_seconds) as http:
         warm = time.perf_counter()
         for name in runs:  # warm-up: every adapter loaded once, outside the measurement
-            http.post("/caption", data={"adapter": name}, files={"image": ("x.png", png, "image/png")}).raise_for_status()
+            http.post("/caption", data={"adapter": name}, files={"image": ("x.png", images[0], "image/png")}).raise_for_status()
         warm_ms = 1000 * (time.perf_counter() - warm) / len(runs)  # a load and a one-request batch, per adapter
         rss_loaded = _rss_mib()
         batcher = app.state.batcher
         batcher.batch_sizes.clear()
+        batcher.running_sizes.clear()
         loads_before = engine.loads
         deadline = time.monotonic() + max_seconds
         queue = list(enumerate(plan))
@@ -106,9 +120,10 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
                     with lock:
                         if not queue:
                             return
-                        _, adapter = queue.pop()
+                        _, (adapter, budget, png) = queue.pop()
+                    form = {"adapter": adapter} | ({"max_new_tokens": budget} if len(budgets) > 1 else {})
                     t0 = time.perf_counter()
-                    r = c.post("/caption", data={"adapter": adapter}, files={"image": ("x.png", png, "image/png")})
+                    r = c.post("/caption", data=form, files={"image": ("x.png", png, "image/png")})
                     with lock:
                         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                         if r.status_code == 200:
@@ -122,13 +137,14 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
             t.join()
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu_start  # server and clients: one process
-        sizes = list(batcher.batch_sizes)
+        sizes, running = list(batcher.batch_sizes), list(batcher.running_sizes)
     ok = len(latencies)
     return {"adapters": len(runs), "mode": mode, "requests": ok, "statuses": statuses, "seconds": wall,
             "cpu_seconds": cpu, "throughput": ok / wall if wall else 0.0, "cpu_ms_per_request": 1000 * cpu / ok if ok else None,
             "p50_ms": _percentile(latencies, 50) if ok else None, "p90_ms": _percentile(latencies, 90) if ok else None,
             "p99_ms": _percentile(latencies, 99) if ok else None,
-            "mean_batch": statistics.mean(sizes) if sizes else 0.0, "adapter_loads": engine.loads - loads_before,
+            "mean_batch": statistics.mean(sizes) if sizes else 0.0,
+            "mean_running": statistics.mean(running) if running else None, "adapter_loads": engine.loads - loads_before,
             "models_in_memory": 1 + len(runs) if mode == "merged" else 1, "warmup_ms_per_adapter": warm_ms,
             "loaded_mib": engine.loaded_mib(), "rss_growth_mib": rss_loaded - rss_base,
             "pool_mib": (engine.pool.nbytes() + engine.full.nbytes()) / 2**20 if engine.pool is not None else None,
@@ -167,17 +183,17 @@ def median_row(repeats: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [("| adapters | mode | requests | req/s (median) | req/s per repeat | CPU ms per request | p50 ms | p99 ms | mean batch "
-              "| full models in memory | adapters loaded (MiB) | RSS growth (MiB) | warm-up ms per adapter |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| sequences per step | full models in memory | adapters loaded (MiB) | RSS growth (MiB) | warm-up ms per adapter |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {r['adapters']} | {r['mode']} | refused: {r['refused']} |" + " |" * 10)
+            lines.append(f"| {r['adapters']} | {r['mode']} | refused: {r['refused']} |" + " |" * 11)
             continue
         fmt = lambda v, d=0: f"{v:.{d}f}" if v is not None else "-"  # noqa: E731
         each = ", ".join(f"{t:.1f}" for t in r.get("repeat_throughputs", [r["throughput"]]))
         lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {each} | "
                      f"{fmt(r['cpu_ms_per_request'])} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | "
-                     f"{r['models_in_memory']} | {fmt(r['loaded_mib'], 1)} | {fmt(r['rss_growth_mib'])} | "
+                     f"{fmt(r.get('mean_running'), 1)} | {r['models_in_memory']} | {fmt(r['loaded_mib'], 1)} | {fmt(r['rss_growth_mib'])} | "
                      f"{fmt(r.get('warmup_ms_per_adapter'))} |")
     return "\n".join(lines) + "\n"
 
@@ -187,12 +203,14 @@ def note(args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str
 
     return (f"\n({args.base}; per row up to {args.requests} caption requests, clients stop sending after "
             f"{args.max_seconds:g} s; {args.clients} concurrent clients on loopback, adapters drawn uniformly, kinds "
-            f"{args.kinds} in turn, ranks {args.ranks}, batches of up to {args.max_batch}, {args.max_new_tokens} new tokens "
+            f"{args.kinds} in turn, ranks {args.ranks}, weights {args.scale:g} x N(0, 1), "
+            f"{f'{args.images} world-A test images' if args.images else 'one plain 64-pixel image'}, batches of up to {args.max_batch}, new tokens {args.max_new_tokens} (drawn per request) "
             f"(a mode's '-fixed' row: fixed batches instead of continuous batching), every adapter loaded "
             f"before timing; {args.repeats} repeats per row, each on a fresh server; CPU time of the one process holding "
             f"server and clients; {os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in load_before)} before "
             f"and {', '.join(f'{x:.1f}' for x in load_after)} after; 'full models in memory': the base, plus one merged "
-            f"copy per adapter in merged mode; 'adapters loaded': their tensors and full copies as served (fp32); 'RSS "
+            f"copy per adapter in merged mode; 'mean batch': requests per fixed batch, or per prefill joining the running batch; "
+            f"'sequences per step': in the running batch, at each decoding step (continuous batching); 'adapters loaded': their tensors and full copies as served (fp32); 'RSS "
             f"growth': the process's resident memory after the warm-up less before the server started.)\n")
 
 
@@ -268,13 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", default="1,8,64")
     p.add_argument("--modes", default="gathered,mixed,switch,merged")
     p.add_argument("--ranks", default="4,8,16", help="LoRA ranks of the generated adapters, cycled")
+    p.add_argument("--scale", type=float, default=0.3, help="the generated adapters' weights: scale x N(0, 1)")
+    p.add_argument("--images", type=int, default=0,
+                   help="draw each request's image from this many world-A test images (0: one plain 64-pixel image)")
     p.add_argument("--kinds", default="lora", help=f"adapter kinds, cycled: {', '.join(KINDS)} (modes that cannot "
                    "serve a kind get a 'refused' row)")
     p.add_argument("--repeats", type=int, default=2, help="runs per cell (fresh server each); medians reported")
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", default="8",
+                   help="new tokens per request; several (4,16,48): each request draws its budget from them")
     p.add_argument("--profile", action="store_true",
                    help="also break one batch of --max-batch requests into processor / prefill / decode / other "
                         "(engine only, per mode, at the largest --adapters)")
@@ -286,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     ranks = tuple(int(r) for r in args.ranks.split(","))
+    budgets = [int(b) for b in str(args.max_new_tokens).split(",") if b]
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
@@ -295,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mmlora-load-") as tmp:
-        all_runs = make_adapters(args.base, max(counts), Path(tmp), ranks, kinds)
+        all_runs = make_adapters(args.base, max(counts), Path(tmp), ranks, kinds, args.scale)
+        images = request_images(args.images)
         for n in counts:
             runs = dict(list(all_runs.items())[:n])
             for mode in modes:
                 try:
                     repeats = [run_cell(args.base, runs, mode, args.requests, args.clients, args.max_seconds,
-                                        args.max_new_tokens, args.max_batch) for _ in range(args.repeats)]
+                                        budgets, args.max_batch, images) for _ in range(args.repeats)]
                     row = median_row(repeats) | {"repeats": repeats}
                 except MmloraError as err:  # a mode that cannot serve these runs (e.g. DoRA in PEFT's mixed batches)
                     row = {"adapters": n, "mode": mode, "refused": str(err).split(": ", 1)[-1]}
@@ -311,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes if args.profile else []:
             if mode.partition("-")[0] in ("gathered", "mixed") and not any(
                     r["mode"] == mode and r["adapters"] == max(counts) and "refused" in r for r in rows):
-                profiles.append(profile_step(args.base, all_runs, mode, args.max_batch, args.max_new_tokens))
+                profiles.append(profile_step(args.base, all_runs, mode, args.max_batch, max(budgets)))
     text = table(rows) + note(args, load_before, os.getloadavg())
     if profiles:
         text += ("\n| mode | adapters | batch | processor ms | prefill ms | decode ms (steps) | other ms | total ms |\n"

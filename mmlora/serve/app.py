@@ -2,7 +2,7 @@
 
     GET  /            the demo page (upload an image, pick an adapter, see the caption or overlay)
     GET  /info        base, kind (caption | segment), adapters, loaded adapters, queue
-    POST /caption     multipart: image (file), adapter, prompt (optional)      → {"caption", ...}
+    POST /caption     multipart: image (file), adapter, prompt, max_new_tokens (optional) → {"caption", ...}
     POST /segment     multipart: image (file), adapter, classes ("a,b,c")      → {"mask_png", "overlay_png", ...}
     POST /v1/chat/completions, GET /v1/models    OpenAI-compatible (``mmlora.serve.openai_api``): ``model`` = adapter,
                       the image as an ``image_url`` data URL; ``stream: true`` for server-sent events
@@ -145,11 +145,15 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
                 "queue": batcher.waiting, "max_queue": batcher.max_queue}
 
     @app.post("/caption")
-    async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None)):
+    async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None),
+                      max_new_tokens: int | None = Form(None)):
         check_adapter(adapter)
         if prompt is not None and len(prompt) > limits.max_prompt_chars:
             raise HTTPException(400, f"prompt is longer than {limits.max_prompt_chars} characters")
-        item = Item("caption", adapter, await read_image(image), prompt=(prompt or "").strip() or CAPTION_PROMPT)
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= engine.max_new_tokens:
+            raise HTTPException(400, f"max_new_tokens must be from 1 to {engine.max_new_tokens} (the server's --max-new-tokens)")
+        item = Item("caption", adapter, await read_image(image), prompt=(prompt or "").strip() or CAPTION_PROMPT,
+                    max_new_tokens=max_new_tokens)
         return await answer(item)
 
     @app.post("/segment")
