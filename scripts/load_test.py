@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import json
 import random
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -91,16 +91,13 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
     import httpx
 
     from mmlora.serve.app import create_app
-    from mmlora.serve.local import on_loopback
+    from mmlora.serve.local import on_loopback, send_requests
 
     engine = _engine(base, runs, mode, max(budgets))
     rss_base = _rss_mib()
     app = create_app(engine, max_queue=max(64, 2 * clients), max_batch=max_batch, max_wait_ms=5)
     rng = random.Random(seed)
     plan = [(rng.choice(list(runs)), rng.choice(budgets), rng.choice(images)) for _ in range(requests)]
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    lock = threading.Lock()
     with on_loopback(app) as url, httpx.Client(base_url=url, timeout=max_seconds) as http:
         warm = time.perf_counter()
         for name in runs:  # warm-up: every adapter loaded once, outside the measurement
@@ -111,32 +108,18 @@ def run_cell(base: str, runs: dict[str, Path], mode: str, requests: int, clients
         batcher.batch_sizes.clear()
         batcher.running_sizes.clear()
         loads_before = engine.loads
-        deadline = time.monotonic() + max_seconds
-        queue = list(enumerate(plan))
-
-        def client() -> None:
-            with httpx.Client(base_url=url, timeout=max_seconds) as c:
-                while time.monotonic() < deadline:
-                    with lock:
-                        if not queue:
-                            return
-                        _, (adapter, budget, png) = queue.pop()
-                    form = {"adapter": adapter} | ({"max_new_tokens": budget} if len(budgets) > 1 else {})
-                    t0 = time.perf_counter()
-                    r = c.post("/caption", data=form, files={"image": ("x.png", png, "image/png")})
-                    with lock:
-                        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                        if r.status_code == 200:
-                            latencies.append(1000 * (time.perf_counter() - t0))
-
-        start, cpu_start = time.perf_counter(), time.process_time()
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        cpu = time.process_time() - cpu_start  # server and clients: one process
+        # The clients run in a process of their own: threads beside the server would take its GIL and
+        # slow the modes that run more Python (routing, decoding loops) more than the others.
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=send_requests, args=(url, plan, len(budgets) > 1, clients, max_seconds, child))
+        proc.start()
+        assert parent.recv() == "ready"
+        cpu_start = time.process_time()
+        parent.send("go")
+        latencies, statuses, wall = parent.recv()
+        cpu = time.process_time() - cpu_start  # the server process alone
+        proc.join()
         sizes, running = list(batcher.batch_sizes), list(batcher.running_sizes)
     ok = len(latencies)
     return {"adapters": len(runs), "mode": mode, "requests": ok, "statuses": statuses, "seconds": wall,
@@ -206,8 +189,8 @@ def note(args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str
             f"{args.kinds} in turn, ranks {args.ranks}, weights {args.scale:g} x N(0, 1), "
             f"{f'{args.images} world-A test images' if args.images else 'one plain 64-pixel image'}, batches of up to {args.max_batch}, new tokens {args.max_new_tokens} (drawn per request) "
             f"(a mode's '-fixed' row: fixed batches instead of continuous batching), every adapter loaded "
-            f"before timing; {args.repeats} repeats per row, each on a fresh server; CPU time of the one process holding "
-            f"server and clients; {os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in load_before)} before "
+            f"before timing; {args.repeats} repeats per row, each on a fresh server, the modes alternating; the clients in a "
+            f"process of their own; CPU time of the server's process, {args.threads or 'default'} torch thread(s); {os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in load_before)} before "
             f"and {', '.join(f'{x:.1f}' for x in load_after)} after; 'full models in memory': the base, plus one merged "
             f"copy per adapter in merged mode; 'mean batch': requests per fixed batch, or per prefill joining the running batch; "
             f"'sequences per step': in the running batch, at each decoding step (continuous batching); 'adapters loaded': their tensors and full copies as served (fp32); 'RSS "
@@ -301,8 +284,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="also break one batch of --max-batch requests into processor / prefill / decode / other "
                         "(engine only, per mode, at the largest --adapters)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="time limit per cell")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the server (default 1: beside the clients' process on a small machine, two "
+                        "OpenMP threads stall at every barrier when one is descheduled; 0: torch's default)")
     p.add_argument("--out", default=None, help="folder for load_test.md / .json (default: print only)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     counts = [int(n) for n in args.adapters.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     import os
@@ -322,13 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         images = request_images(args.images)
         for n in counts:
             runs = dict(list(all_runs.items())[:n])
+            cells: dict[str, list[dict]] = {}
+            refused: dict[str, str] = {}
+            for r in range(args.repeats):  # every mode in each round, the order rotated: load changes hit all alike
+                for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                    if mode in refused:
+                        continue
+                    try:
+                        cells.setdefault(mode, []).append(run_cell(args.base, runs, mode, args.requests, args.clients,
+                                                                   args.max_seconds, budgets, args.max_batch, images))
+                    except MmloraError as err:  # a mode that cannot serve these runs (e.g. DoRA in PEFT's mixed batches)
+                        refused[mode] = str(err).split(": ", 1)[-1]
             for mode in modes:
-                try:
-                    repeats = [run_cell(args.base, runs, mode, args.requests, args.clients, args.max_seconds,
-                                        budgets, args.max_batch, images) for _ in range(args.repeats)]
-                    row = median_row(repeats) | {"repeats": repeats}
-                except MmloraError as err:  # a mode that cannot serve these runs (e.g. DoRA in PEFT's mixed batches)
-                    row = {"adapters": n, "mode": mode, "refused": str(err).split(": ", 1)[-1]}
+                row = ({"adapters": n, "mode": mode, "refused": refused[mode]} if mode in refused
+                       else median_row(cells[mode]) | {"repeats": cells[mode]})
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
         profiles = []

@@ -6,7 +6,8 @@ bound. Two ways to batch, chosen by the engine:
 
 * **Continuous batching** (captions where ``engine.continuous``): between two decoding steps, waiting
   requests join the running batch (a prefill of the newcomers), up to ``max_batch`` sequences, and a
-  sequence leaves the moment it ends — a request never waits for another's answer to finish. A request
+  sequence leaves the moment it ends — a request never waits for another's answer to finish (newcomers
+  join together when they fill the free room or the oldest has waited ``max_wait_ms``). A request
   whose adapter is not loaded yet waits in the queue while the engine pages it in on another thread;
   the others go ahead of it. When nothing is running, the first request waits at most ``max_wait_ms``
   for company.
@@ -39,6 +40,7 @@ class QueueFull(Exception):
 class _Job:
     item: Item
     future: Future = field(default_factory=Future)
+    since: float = field(default_factory=time.monotonic)  # when it was queued
 
 
 class Batcher:
@@ -157,8 +159,14 @@ class Batcher:
 
     def _admit(self) -> tuple[list[_Job], list[_Job]]:
         """(Lock held.) Waiting caption jobs that may join now — adapter ready, room in the batch and in
-        the loaded set — in arrival order; and waiting jobs of another kind (run as fixed batches)."""
+        the loaded set — in arrival order; and waiting jobs of another kind (run as fixed batches).
+        While sequences are running, newcomers join together: when they fill the free room, or when the
+        oldest has waited ``max_wait`` (one prefill of several costs less than several of one)."""
         room = self.max_batch - self.engine.active
+        if self.engine.active and self._jobs:
+            waited = time.monotonic() - self._jobs[0].since
+            if len(self._jobs) < room and waited < self.max_wait:
+                return [], []
         adapters = set(self.engine.in_use)
         joiners, others = [], []
         for job in list(self._jobs):

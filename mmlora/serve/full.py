@@ -81,9 +81,16 @@ def make_copies(base: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, nn
     modules = dict(base.named_modules())
     copies = {}
     for owner, params in owners(base, list(state)).items():
-        module = copy.deepcopy(modules[owner])
-        module._forward_hooks.clear()  # the base's routing hooks stay on the base
-        module._forward_pre_hooks.clear()
+        # the base's routing (gathered layers' forwards, hooks) stays on the base, out of the copy
+        taken = {m: m.__dict__.pop("forward") for m in modules[owner].modules() if "forward" in m.__dict__}
+        try:
+            module = copy.deepcopy(modules[owner])
+        finally:
+            for m, forward in taken.items():
+                m.forward = forward
+        for m in module.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
         with torch.no_grad():
             own = dict(module.named_parameters())
             for p in params:

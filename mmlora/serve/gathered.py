@@ -16,7 +16,8 @@ tokens, non-``nn.Linear`` targets) is refused in one line.
 adapters arrive, ranks zero-padded to the largest — exact: the padded rows and columns contribute 0;
 slot 0 all zeros: the base). A freed slot is zeroed and reused.
 
-**Routing.** While :meth:`LoraPool.route` is active, a forward hook on each stacked base layer adds,
+**Routing.** While :meth:`LoraPool.route` is active, each stacked base layer (its ``forward`` taken over
+by its :class:`LayerStack`, a cheaper path than a forward hook) adds,
 for each row ``b`` of the batch with slot ``i = index[b]``, ``(x_b A_iᵀ)(s_i B_i)ᵀ`` by two
 ``torch.bmm`` on ``A[index]``, ``B[index]`` (gathered once per batch composition: consecutive decoding
 steps of the same rows reuse them until an adapter is paged in or out; plain matmuls when the whole
@@ -112,7 +113,10 @@ def read_adapter(folder: Path, base: nn.Module) -> dict[str, Parts]:
 
 
 class LayerStack:
-    """One base linear layer's adapters in slots (see the module docstring)."""
+    """One base linear layer's adapters in slots (see the module docstring). While it exists, the layer's
+    ``forward`` is the stack's: the base layer's own forward, plus the gathered LoRA term while the pool
+    routes — an instance attribute rather than a forward hook, so a routed forward pays no hook
+    registration and no hook dispatch per layer."""
 
     def __init__(self, module: nn.Linear):
         self.module = module
@@ -120,8 +124,16 @@ class LayerStack:
         self.A = torch.zeros(1, 1, module.in_features, device=self.device)  # slot 0: the base
         self.B = torch.zeros(1, module.out_features, 1, device=self.device)
         self.g: torch.Tensor | None = None
+        self.used: set[int] = set()  # slots holding an adapter of this layer
         self.index: torch.Tensor | None = None
         self.gA = self.gB = self.gg = None  # per route: the batch's gathered A, s·B, g (2-D: one adapter)
+        self.active = False  # set while the pool routes
+        self._base_forward = type(module).forward.__get__(module)
+        module.forward = self.forward
+
+    def release(self) -> None:
+        """Give the layer its own forward back."""
+        self.module.__dict__.pop("forward", None)
 
     def reserve(self, slots: int, rank: int = 1) -> None:
         """Room for ``slots`` slots (slot 0 included) of rank ``rank``: capacity doubles, rank pads."""
@@ -147,11 +159,13 @@ class LayerStack:
             self.g = torch.ones(self.A.shape[0], self.B.shape[1], device=self.device)
         self.A[slot].zero_()
         self.B[slot].zero_()
+        self.used.discard(slot)
         if self.g is not None:
             self.g[slot] = 1.0
         if a is not None:
             self.A[slot, : a.shape[0]] = a.to(self.device)
             self.B[slot, :, : b.shape[1]] = b.to(self.device)
+            self.used.add(slot)
             if g is not None:
                 self.g[slot] = g.to(self.device)
 
@@ -159,34 +173,43 @@ class LayerStack:
         return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.g) if t is not None)
 
     def gather(self, index: torch.Tensor | None, single: int | None) -> None:
-        """Select the batch's adapters: ``index`` (``[B]`` slots) or ``single`` (one slot, any rows)."""
+        """Select the batch's adapters: ``index`` (``[B]`` slots) or ``single`` (one slot, any rows); nothing
+        where none of them adapts this layer."""
         self.index = index
+        if single is not None:
+            index = None
+            if single not in self.used:
+                single = None
+        elif index is not None and not self.used.intersection(index.tolist()):
+            index = None
         if index is None and single is None:
             self.gA = self.gB = self.gg = None
-        elif single is not None:
-            self.gA, self.gB = self.A[single], self.B[single]
+        elif single is not None:  # Aᵀ [in, r] and (s·B)ᵀ [r, out], ready for two plain matmuls
+            self.gA, self.gB = self.A[single].T.contiguous(), self.B[single].T.contiguous()
             self.gg = None if self.g is None else self.g[single]
         else:
             self.gA, self.gB = self.A[index].transpose(1, 2), self.B[index].transpose(1, 2)
             self.gg = None if self.g is None else self.g[index]
 
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if self.gA is None:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        output = self._base_forward(x, *args, **kwargs)
+        if not self.active or self.gA is None:
             return output
-        x = args[0]
-        rows = x.shape[0]
+        h = x if x.dtype == self.gA.dtype else x.to(self.gA.dtype)
         if self.gA.dim() == 2:  # one adapter for the whole batch
-            delta = (x.to(self.gA.dtype) @ self.gA.T) @ self.gB.T
+            delta = torch.matmul(torch.matmul(h, self.gA), self.gB)
         else:
+            rows = h.shape[0]
             if rows != self.index.shape[0]:
                 raise RuntimeError(f"a gathered LoRA layer got {rows} rows for {self.index.shape[0]} samples")
-            delta = torch.bmm(torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(self.gA.dtype), self.gA), self.gB)
-        delta = delta.reshape(output.shape).to(output.dtype)
+            delta = torch.bmm(torch.bmm(h.reshape(rows, -1, h.shape[-1]), self.gA), self.gB).view(output.shape)
+        if delta.dtype != output.dtype:
+            delta = delta.to(output.dtype)
         if self.gg is None:
-            return output + delta
+            return output.add_(delta)  # the base's output is ours alone (inference, no autograd)
         gg = self.gg if self.gg.dim() == 2 else self.gg[None]
         scale = gg.reshape(gg.shape[0], *([1] * (output.dim() - 2)), -1).to(output.dtype)
-        bias = module.bias
+        bias = self.module.bias
         if bias is None:
             return scale * (output + delta)
         return bias + scale * (output - bias + delta)
@@ -251,14 +274,14 @@ class LoraPool:
             for layer in self.layers.values():
                 layer.gather(index, single)
             self._gathered = key
-        handles = []
+        layers = list(self.layers.values())
         try:
-            for layer in self.layers.values():
-                handles.append(layer.module.register_forward_hook(layer.hook))
+            for layer in layers:
+                layer.active = True
             yield
         finally:
-            for h in handles:
-                h.remove()
+            for layer in layers:
+                layer.active = False
 
     def nbytes(self) -> int:
         """Bytes of the stacks: the pool's memory beyond the base."""

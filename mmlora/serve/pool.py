@@ -13,6 +13,7 @@ their page-in off the decoding loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -67,11 +68,17 @@ def _tensor_bytes(path: Path) -> int:
     return 4 * full_tensor_count(path)
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved(ref: str) -> str:
+    """The local folder of a model reference (runs of one base name it once: resolved once)."""
+    return str(resolve_pretrained(ref))
+
+
 def register(name: str, run: str | Path, base_ref: str, mode: str, base_params: int) -> ServedRun:
     """Read run ``run``'s manifest (see the module docstring); a one-line error if it cannot be served."""
     weights = require_weights(run)
     manifest = weights.manifest()
-    if str(resolve_pretrained(manifest["base_model"])) != str(resolve_pretrained(base_ref)):
+    if _resolved(manifest["base_model"]) != _resolved(base_ref):
         raise MmloraError(f"{run} adapted {manifest['base_model']}, not the served base {base_ref}")
     if manifest.get("qalora"):
         raise MmloraError(f"{run}: QA-LoRA layers re-quantize the base; export it merged (mmlora export RUN --merge) "
