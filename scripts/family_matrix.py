@@ -4,6 +4,7 @@ Runs the family tests (tests/train/test_families_train.py: 2 training steps on i
 the gradient audit, the trained ``final/`` reloaded in plain transformers + PEFT without mmlora to the
 same logits, and a step with a 4-bit language model and an fp32 vision tower, each layer's class
 checked; tests/models/test_family_generation.py: batched = one-by-one answers;
+tests/generate/test_iteration.py: continuous batching with staggered joins = one-by-one greedy, or its refusal;
 tests/train/test_families_runs.py: exact resume, merged export reloaded in transformers, a caption served
 by the engine equal to ``generate_answers``, ``mmlora data check`` finding the bad samples) with
 ``MMLORA_FAMILY_RESULTS`` pointing at a JSON file they fill, plans each recipe in recipes/families/,
@@ -33,6 +34,7 @@ COLUMNS = [("plan", "plan (`mmlora plan`)"), ("train", "trains on images (2 step
            ("resume", "exact resume (4 steps = 2 + resume to 4, same losses)"),
            ("export", "merged export reloads in transformers (same logits, 1e-4)"),
            ("serve", "served by `mmlora serve` (caption = generate)"),
+           ("continuous", "continuous batching (staggered joins = one-by-one greedy)"),
            ("check", "`mmlora data check` finds what training rejects")]
 START, END = "<!-- family-matrix:start -->", "<!-- family-matrix:end -->"
 
@@ -66,7 +68,7 @@ def results() -> dict[str, dict[str, str]]:
         env = {**os.environ, "MMLORA_FAMILY_RESULTS": str(path), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/train/test_families_train.py", "tests/models/test_family_generation.py",
-                        "tests/train/test_families_runs.py"], cwd=ROOT, env=env)
+                        "tests/train/test_families_runs.py", "tests/generate/test_iteration.py"], cwd=ROOT, env=env)
         return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -39,12 +39,18 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(recipe.model, meta=not args.weights)
     mmap = discover_modalities(model, recipe.model.modalities)
-    plan = plan_placement(model, mmap, recipe.placement)
+    plan = plan_placement(model, mmap, recipe.placement, allow_frozen=recipe.trains_router)
     if args.json:
         data = plan.to_dict() | {"model": recipe.model.name, "modality_map": mmap.summary()}
+        if recipe.continual is not None:
+            data["continual"] = recipe.continual.model_dump(mode="json")
         print(json.dumps(data, indent=2))
         for w in plan.warnings:  # the table shows them; JSON output keeps stdout pure
             print(f"mmlora: warning: {w}", file=sys.stderr)
     else:
         print(format_plan(plan, f"placement plan for {recipe.model.name} ({type(model).__name__})"))
+        if recipe.continual is not None:
+            from mmlora.train.continual import describe
+
+            print(describe(recipe.continual))
     return 0

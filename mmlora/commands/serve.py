@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="the base every adapter was trained on (preset or folder)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
                         help="a run to serve under NAME (repeat); loaded on first use")
+    parser.add_argument("--router", default=None, metavar="NAME=RUN",
+                        help="a router run (continual.method: router): requests naming NAME, or no adapter, go to the "
+                             "expert its router picks (--mode gathered)")
     parser.add_argument("--adapters-from", default=None, metavar="DIR",
                         help="serve every run in DIR (each subfolder with final/manifest.json), named after its folder")
     parser.add_argument("--mode", default="mixed", choices=("mixed", "switch", "merged", "gathered"),
@@ -66,8 +69,14 @@ def run(args: argparse.Namespace) -> int:
         if name in adapters:
             raise MmloraError(f"--adapter {name!r} given twice")
         adapters[name] = run_path
+    router = None
+    if args.router:
+        name, sep, run_path = args.router.partition("=")
+        if not sep or not name or not run_path:
+            raise MmloraError(f"--router {args.router!r}: use NAME=RUN, e.g. auto=runs/continual/router")
+        router = (name, run_path)
     engine = Engine(args.base, adapters, args.mode, args.max_loaded, args.max_new_tokens, args.seg_mode,
-                    continuous=not args.no_continuous)
+                    continuous=not args.no_continuous, router=router)
     app = create_app(engine, args.max_queue, args.max_batch, args.max_wait_ms, Limits(max_bytes=args.max_image_bytes))
     batching = "continuous batching" if engine.continuous else f"fixed batches ({engine.continuous_off})"
     print(f"serving {args.base} ({engine.kind}, {args.mode}, {batching}) with {len(adapters)} adapter(s) "

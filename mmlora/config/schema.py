@@ -1,7 +1,8 @@
 """The recipe schema: typed, validated, and exported as JSON schema for editors.
 
 A recipe is YAML validated into :class:`Recipe`. Unknown keys are errors that name the closest valid
-key (see ``mmlora.config.loading``). Sections: ``model``, ``placement``, ``data``, ``train``.
+key (see ``mmlora.config.loading``). Sections: ``model``, ``placement``, ``data``, ``train``, and
+``continual`` (learning after earlier runs).
 
 Example::
 
@@ -342,8 +343,63 @@ class TrainSpec(_Strict):
     dense: DenseSpec = DenseSpec()
 
 
+class RouterSpec(_Strict):
+    """A mixture of LoRA experts with a learned router (``continual.method: router``): the experts are
+    earlier adapter-only LoRA runs of the same base; the router weighs them per sample."""
+
+    experts: dict[str, str] = Field(description="expert name -> an adapter-only LoRA run of this base, e.g. {B: runs/b}")
+    include_base: bool = Field(default=True, description="the base alone as one more expert (named base)")
+    gate: Literal["learned", "uniform"] = Field(default="learned", description="uniform: every expert alike, nothing trains")
+    train_experts: bool = Field(default=False, description="the experts' A and B train beside the router")
+
+    @field_validator("experts")
+    @classmethod
+    def _named(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("router.experts: name at least one expert run")
+        if "base" in v:
+            raise ValueError("router.experts: 'base' is the base itself (include_base); give the runs other names")
+        return v
+
+
+class ContinualSpec(_Strict):
+    """Learning after earlier runs of the same base (``mmlora.train.continual``): ``sequential`` continues
+    one earlier run's adapters on new data; ``olora`` trains new adapters beside the earlier runs' (kept
+    frozen), their A orthogonal to the earlier ones' (O-LoRA); ``router`` trains a router over earlier
+    runs' adapters (MoLoRA); ``distill`` trains this recipe's adapters to match a teacher run's logits."""
+
+    method: Literal["sequential", "olora", "router", "distill"]
+    previous: list[str] = Field(default=[], description="sequential: the run continued; olora: the earlier stages' runs")
+    orth_weight: Annotated[float, Field(ge=0)] = Field(default=0.5, description="olora: weight of the orthogonality penalty")
+    router: RouterSpec | None = None
+    teacher: str | None = Field(default=None, description="distill: the run (a router run too) whose logits are matched")
+    temperature: Annotated[float, Field(gt=0)] = Field(default=1.0, description="distill: softmax temperature")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ContinualSpec:
+        needs = {"sequential": self.previous and len(self.previous) == 1, "olora": bool(self.previous),
+                 "router": self.router is not None, "distill": self.teacher is not None}
+        if not needs[self.method]:
+            what = {"sequential": "previous: [exactly one run]", "olora": "previous: [the earlier runs]",
+                    "router": "router: {experts: {...}}", "distill": "teacher: RUN"}[self.method]
+            raise ValueError(f"continual.method {self.method} needs {what}")
+        extra = [key for key, given, method in (("router", self.router is not None, ("router",)),
+                                                ("teacher", self.teacher is not None, ("distill",)),
+                                                ("previous", bool(self.previous), ("sequential", "olora")))
+                 if given and self.method not in method]
+        if extra:
+            raise ValueError(f"continual.method {self.method} takes no {', '.join(extra)}")
+        return self
+
+
 class Recipe(_Strict):
     model: ModelSpec
     placement: PlacementSpec = PlacementSpec()
     data: DataSpec | None = None
     train: TrainSpec = TrainSpec()
+    continual: ContinualSpec | None = None
+
+    @property
+    def trains_router(self) -> bool:
+        """A router recipe trains the router alone: its placement may leave every modality frozen."""
+        return self.continual is not None and self.continual.method == "router"

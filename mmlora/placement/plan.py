@@ -280,8 +280,9 @@ def _adalora(spec: PlacementSpec) -> AdaLoraSettings | None:
     return AdaLoraSettings(a.init_r, a.target_r, a.tinit, a.tfinal, a.delta_t, a.total_step, a.orth_reg_weight)
 
 
-def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec) -> PlacementPlan:
-    """Resolve ``spec`` on ``model`` (real or meta weights) into a :class:`PlacementPlan`."""
+def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec, allow_frozen: bool = False) -> PlacementPlan:
+    """Resolve ``spec`` on ``model`` (real or meta weights) into a :class:`PlacementPlan`. ``allow_frozen``:
+    every modality may be frozen (what trains is elsewhere: a router over earlier runs' adapters)."""
     model = unwrap(model)
     specs = dict(spec.items())
     unknown = [n for n in specs if n not in mmap.modalities]
@@ -294,7 +295,7 @@ def plan_placement(model: nn.Module, mmap: ModalityMap, spec: PlacementSpec) -> 
     wrappers = linear_wrappers(model)
     for name in mmap.modalities:
         plans[name] = _plan_modality(model, mmap, name, specs.get(name, ModalitySpec()), f"placement.{name}", wrappers)
-    if not any(p.mode != "frozen" for p in plans.values()):
+    if not allow_frozen and not any(p.mode != "frozen" for p in plans.values()):
         raise MmloraError("placement: every modality is frozen, so nothing would train")
     warnings = []
     vision = mmap.modalities.get("vision")

@@ -38,6 +38,8 @@ from mmlora.errors import MmloraError
 MANIFEST = "manifest.json"
 FULL_MODULES = "full_modules.safetensors"
 QALORA_FILE = "qalora.safetensors"
+ROUTER_FILE = "router.safetensors"
+ROUTER_CONFIG = "router.json"
 RECIPE = "recipe.yaml"
 CARD = "README.md"
 FINAL = "final"

@@ -5,6 +5,7 @@ Layout of the folder::
     adapters/<name>/adapter_config.json, adapter_model.safetensors   one standard PEFT folder each
     full_modules.safetensors                                         parameters trained in place
     qalora.safetensors                                               QA-LoRA adapters (mmlora's own layer)
+    router.safetensors, router.json, experts/<name>/                 a router over LoRA experts (MoLoRA)
     manifest.json                                                    base model, adapters, modalities
 
 Reassembling in plain transformers + PEFT: load the base, ``load_state_dict`` the full modules
@@ -12,11 +13,15 @@ Reassembling in plain transformers + PEFT: load the base, ``load_state_dict`` th
 activate them all (``model.base_model.set_adapter([...])``). PiSSA/OLoRA adapters are converted at
 save time into LoRA adapters (twice the rank) that apply to the *original* base weights. QA-LoRA
 layers are mmlora's own, not PEFT's: ``mmlora.adapters.qalora.load_qalora`` re-quantizes the base
-layers the manifest lists and loads their adapters.
+layers the manifest lists and loads their adapters. A router run (``continual.method: router``) holds
+no PEFT adapter of its own: its experts' PEFT folders (copied under ``experts/``), the router's weights
+and the experts' parts as mixed (``router.safetensors``) and their layout (``router.json``);
+``mmlora.adapters.mixture`` mixes them (PEFT has no per-sample mixture of adapters).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -27,11 +32,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlora import __version__
+from mmlora.adapters.mixture import LoraMixture, Router
 from mmlora.adapters.qalora import load_qalora, save_qalora
 from mmlora.placement.plan import PlacementPlan
 from mmlora.errors import MmloraError
 from mmlora.runs.legacy import in_layout_of
-from mmlora.runs.layout import FINAL, FULL_MODULES, MANIFEST, QALORA_FILE, Weights, find_weights
+from mmlora.runs.layout import FINAL, FULL_MODULES, MANIFEST, QALORA_FILE, ROUTER_CONFIG, ROUTER_FILE, Weights, find_weights
 
 
 
@@ -105,6 +111,8 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
                 params[k].copy_(v)
     if manifest.get("qalora"):
         load_qalora(base, folder / manifest["qalora"]["path"], manifest["qalora"]["modules"])
+    if manifest.get("router"):
+        load_router(base, folder)
     adapters = manifest["adapters"]
     if not adapters:
         return base
@@ -118,6 +126,61 @@ def load_placement(base: nn.Module, folder: str | Path) -> nn.Module:
     if rest:
         model.base_model.set_adapter([a["name"] for a in adapters])
     return model
+
+
+def attach_adapters(folder: str | Path, adapters: list[tuple[str, Path]]) -> None:
+    """Copy further PEFT adapters (``(name, PEFT folder)``) into a saved placement, all active with its
+    own (e.g. an O-LoRA run's frozen earlier adapters beside the new ones)."""
+    weights = Weights(Path(folder))
+    manifest = weights.manifest()
+    for name, src in adapters:
+        dest = weights.path(f"adapters/{name}")
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, dest)
+        manifest["adapters"].append({"name": name, "path": f"adapters/{name}", "variant": "lora", "modalities": [],
+                                     "frozen_from": str(src)})
+    weights.write_manifest(manifest)
+
+
+def save_router(folder: str | Path, mixture: LoraMixture, experts: Mapping[str, Path]) -> None:
+    """Write a router run's parts into a saved placement: the experts' PEFT folders (``experts/<name>``),
+    the mixture's state (router and experts as mixed) and layout, and the manifest's ``router`` entry."""
+    weights = Weights(Path(folder))
+    for name, src in experts.items():
+        dest = weights.path(f"experts/{name}")
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, dest)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in mixture.state_dict().items()}
+    save_file(state, str(weights.path(ROUTER_FILE)))
+    r = mixture.router
+    layout = {"experts": mixture.names, "layers": mixture.layer_names, "gate": r.gate, "image_dim": r.image_dim,
+              "text_dim": r.text_dim}
+    weights.path(ROUTER_CONFIG).write_text(json.dumps(layout, indent=2) + "\n")
+    manifest = weights.manifest()
+    manifest["router"] = {"path": ROUTER_FILE, "config": ROUTER_CONFIG, "experts": [
+        {"name": n, "path": f"experts/{n}" if n in experts else None} for n in mixture.names]}
+    weights.write_manifest(manifest)
+
+
+def load_router(base: nn.Module, folder: str | Path) -> LoraMixture:
+    """Attach a saved router run's mixture to ``base`` (the experts as the run mixed them)."""
+    return read_router(folder).attach(base)
+
+
+def read_router(folder: str | Path) -> LoraMixture:
+    """A saved router run's mixture, not attached to any model (e.g. to route requests by its router)."""
+    folder = Path(folder)
+    layout = json.loads((folder / ROUTER_CONFIG).read_text())
+    state = load_file(str(folder / ROUTER_FILE))
+    experts = {n: {} for n in layout["experts"]}
+    for layer in layout["layers"]:  # every expert's parts, as stacked (zero rows where an expert has none: exact)
+        key = layer.replace(".", "__")
+        for k, n in enumerate(layout["experts"]):
+            experts[n][layer] = (state[f"A.{key}"][k], state[f"B.{key}"][k], None)
+    router = Router(layout["image_dim"], layout["text_dim"], layout["experts"], gate=layout["gate"])
+    mixture = LoraMixture(experts, router)
+    mixture.load_state_dict(state)
+    return mixture
 
 
 def init_from_run(model: nn.Module, ref: str | Path) -> None:

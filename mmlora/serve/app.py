@@ -3,6 +3,7 @@
     GET  /            the demo page (upload an image, pick an adapter, see the caption or overlay)
     GET  /info        base, kind (caption | segment), adapters, loaded adapters, queue
     POST /caption     multipart: image (file), adapter, prompt, max_new_tokens (optional) → {"caption", ...}
+                      (a server with ``--router``: a request naming no adapter, or the router, is routed)
     POST /segment     multipart: image (file), adapter, classes ("a,b,c")      → {"mask_png", "overlay_png", ...}
     POST /v1/chat/completions, GET /v1/models    OpenAI-compatible (``mmlora.serve.openai_api``): ``model`` = adapter,
                       the image as an ``image_url`` data URL; ``stream: true`` for server-sent events
@@ -96,10 +97,17 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
     app = FastAPI(title="mmlora serve", lifespan=lifespan)
     app.state.batcher, app.state.engine = batcher, engine
 
-    def check_adapter(name: str) -> None:
-        if name != BASE and name not in engine.runs:
-            known = ", ".join([BASE, *engine.adapter_names])
+    def check_adapter(name: str | None) -> str:
+        """The adapter a request names (the router's name, or none: routed when the server has a router)."""
+        router = getattr(engine, "router_name", None)
+        if not name:
+            if router is None:
+                raise HTTPException(400, f"name an adapter; this server has: {', '.join([BASE, *engine.adapter_names])}")
+            return router
+        if name not in (BASE, router) and name not in engine.runs:
+            known = ", ".join([BASE, *engine.adapter_names] + ([router] if router else []))
             raise HTTPException(404, f"unknown adapter {name!r}; this server has: {known}")
+        return name
 
     async def read_image(upload: UploadFile):
         return decode_image(await upload.read(limits.max_bytes + 1), limits)
@@ -138,16 +146,16 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
 
     @app.get("/info")
     async def info() -> dict:
-        return {"base": engine.base_ref, "kind": engine.kind, "mode": engine.mode,
+        return {"base": engine.base_ref, "kind": engine.kind, "mode": engine.mode, "router": getattr(engine, "router_name", None),
                 "adapters": [BASE, *engine.adapter_names], "loaded": engine.loaded,
                 "loaded_mib": round(engine.loaded_mib(), 3), "max_loaded": engine.max_loaded,
                 "continuous_batching": engine.continuous, "running": engine.active,
                 "queue": batcher.waiting, "max_queue": batcher.max_queue}
 
     @app.post("/caption")
-    async def caption(image: UploadFile = File(...), adapter: str = Form(...), prompt: str | None = Form(None),
+    async def caption(image: UploadFile = File(...), adapter: str | None = Form(None), prompt: str | None = Form(None),
                       max_new_tokens: int | None = Form(None)):
-        check_adapter(adapter)
+        adapter = check_adapter(adapter)
         if prompt is not None and len(prompt) > limits.max_prompt_chars:
             raise HTTPException(400, f"prompt is longer than {limits.max_prompt_chars} characters")
         if max_new_tokens is not None and not 1 <= max_new_tokens <= engine.max_new_tokens:
@@ -158,7 +166,7 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
 
     @app.post("/segment")
     async def segment(image: UploadFile = File(...), adapter: str = Form(...), classes: str = Form(...)):
-        check_adapter(adapter)
+        adapter = check_adapter(adapter)
         names = [c.strip() for c in classes.split(",") if c.strip()]
         if len(names) < 2:
             raise HTTPException(400, "give at least two class names, comma-separated (e.g. background,circle)")

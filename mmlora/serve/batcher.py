@@ -54,6 +54,7 @@ class Batcher:
         self.batch_sizes: list[int] = []  # requests per fixed batch or prefill
         self.running_sizes: list[int] = []  # sequences per decoding step (continuous batching)
         self.retried = 0  # failed batches whose items were run again one by one
+        self._running: dict[int, _Job] = {}  # id(sequence's request) -> its job
         if getattr(engine, "pager", None) is not None:
             engine.pager.notify = self._wake
 
@@ -223,7 +224,7 @@ class Batcher:
         self.batches += 1
         self.batch_sizes.append(len(jobs))
         for job, seq in zip(jobs, seqs):
-            seq.request.handle = job
+            self._running[id(seq.request)] = job
         self._finish([s for s in seqs if s.done])
 
     def _step(self) -> None:
@@ -234,10 +235,10 @@ class Batcher:
             done = self.engine.step()
         except Exception as err:  # noqa: BLE001 — our bug or the machine's: the sequences it ran fail, the server lives
             for seq in self.engine.abort():
-                seq.request.handle.future.set_exception(err)
+                self._running.pop(id(seq.request)).future.set_exception(err)
             return
         self._finish(done)
 
     def _finish(self, done) -> None:
         for seq in done:
-            seq.request.handle.future.set_result(self.engine.answer(seq))
+            self._running.pop(id(seq.request)).future.set_result(self.engine.answer(seq))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlora.errors import MmloraError
-from mmlora.generate import generate_answers, pixel_rows_per_image
+from mmlora.generate import encode_requests, generate_answers, pixel_rows_per_image
 from mmlora.generate.iteration import Decoding, Request, RunningBatch, iteration_unsupported
 from mmlora.models.clip import image_settings
 from mmlora.models.dense import dense_features
@@ -48,8 +48,9 @@ from mmlora.runs.compose import BASE, adapters_per_sample
 from mmlora.runs.reference import load_reference
 from mmlora.runs.save import load_placement
 from mmlora.serve.full import FullCopies, make_copies, read_full
-from mmlora.serve.gathered import LoraPool, combine, read_adapter
-from mmlora.serve.pool import Budget, Pager, ServedRun, parse_max_loaded, register
+from mmlora.adapters.parts import combine, read_adapter
+from mmlora.serve.gathered import LoraPool
+from mmlora.serve.pool import Budget, Pager, ServedRun, parse_max_loaded, register, register_adapter
 
 MODES = ("mixed", "switch", "merged", "gathered")
 
@@ -67,6 +68,7 @@ class Item:
     classes: list[str] | None = None
     max_new_tokens: int | None = None
     on_text: Callable[[str], None] | None = None
+    routed_from: str | None = None  # the router's name, once the router gave this item its expert
 
 
 class RequestError(MmloraError):
@@ -96,7 +98,7 @@ class Engine:
 
     def __init__(self, base: str, adapters: dict[str, str | Path], mode: str = "mixed", max_loaded: int | str = 8,
                  max_new_tokens: int = 32, seg_mode: str = "maskclip", templates: str = "shapes",
-                 continuous: bool = True):
+                 continuous: bool = True, router: tuple[str, str | Path] | None = None):
         if mode not in MODES:
             raise MmloraError(f"mode {mode!r}: use one of {', '.join(MODES)}")
         self.max_count, self.max_bytes = parse_max_loaded(max_loaded)
@@ -135,6 +137,45 @@ class Engine:
         self.pager = Pager(self._read) if mode == "gathered" else None  # the batcher sets pager.notify
         self.continuous_off = self._continuous_off(continuous)
         self.running: RunningBatch | None = None
+        self.router_name, self.router = None, None
+        if router is not None:
+            self._add_router(*router)
+
+    def _add_router(self, name: str, run: str | Path) -> None:
+        """Serve a router run (``continual.method: router``) under ``name``: its experts are registered as
+        adapters ``<name>-<expert>``, and a request naming ``name`` goes to the expert its router weighs
+        most for that request (hard routing: one expert per request, computed from the base's features)."""
+        from mmlora.runs.layout import require_weights
+        from mmlora.runs.save import read_router
+
+        weights = require_weights(run, "--router")
+        manifest = weights.manifest()
+        if not manifest.get("router"):
+            raise MmloraError(f"--router {run}: not a router run (train one with continual.method: router)")
+        if self.mode != "gathered" or self.kind != "caption":
+            raise MmloraError("--router routes captions among its experts in --mode gathered; use that mode")
+        if name in self.runs or name == BASE:
+            raise MmloraError(f"--router {name}: the name is taken by an adapter")
+        self.router_name, self.router = name, read_router(weights.folder)
+        self.expert_of: dict[str, str] = {}
+        for expert in manifest["router"]["experts"]:
+            if expert["path"] is None:  # the base itself
+                self.expert_of[expert["name"]] = BASE
+                continue
+            served = f"{name}-{expert['name']}"
+            self.runs[served] = register_adapter(served, weights.path(expert["path"]))
+            self.expert_of[expert["name"]] = served
+
+    def route_requests(self, items: list[Item]) -> None:
+        """Give each item naming the router the expert its router picks (in place; ``routed_from`` kept)."""
+        todo = [i for i in items if self.router is not None and i.adapter == self.router_name]
+        if not todo:
+            return
+        batch = encode_requests(self.processor, [i.image for i in todo], [i.prompt for i in todo])
+        with torch.no_grad():
+            chosen = self.router.choose(self.base, dict(batch))
+        for item, expert in zip(todo, chosen):
+            item.routed_from, item.adapter = item.adapter, self.expert_of[expert]
 
     def _continuous_off(self, wanted: bool) -> str | None:
         """Why captions do not decode with continuous batching here (None: they do)."""
@@ -167,8 +208,9 @@ class Engine:
 
     def ready(self, name: str) -> bool:
         """Whether ``name``'s requests may start now: loaded, or (gathered) read from disk already; else
-        its read is started in the background (the pager) and the answer is False for now."""
-        if name == BASE or name in self.budget or self.pager is None:
+        its read is started in the background (the pager) and the answer is False for now. (A request
+        naming the router is routed when it starts, its expert loaded then.)"""
+        if name in (BASE, self.router_name) or name in self.budget or self.pager is None:
             return True
         if self.pager.ready(name):
             return True
@@ -177,7 +219,7 @@ class Engine:
 
     def fits(self, names: set[str]) -> bool:
         """Whether the adapters ``names`` could be loaded together (``--max-loaded``)."""
-        return self.budget.fits({n: self.runs[n].nbytes for n in names if n != BASE})
+        return self.budget.fits({n: self.runs[n].nbytes for n in names if n not in (BASE, self.router_name)})
 
     def ensure(self, names: set[str], keep: set[str] = frozenset()) -> None:
         """Load ``names`` (not ``__base__``), evicting the least recently used others, never one of ``keep``."""
@@ -288,12 +330,13 @@ class Engine:
         return len(self.running) if self.running is not None else 0
 
     def join(self, items: list[Item]) -> list[Decoding]:
-        """Prefill caption ``items`` into the running batch (their adapters loaded first, none of those in
-        use evicted); returns their sequences, some done already."""
+        """Prefill caption ``items`` into the running batch (routed, their adapters loaded first, none of those
+        in use evicted); returns their sequences, some done already."""
+        self.route_requests(items)
         self.ensure({i.adapter for i in items}, keep=self.in_use)
         if self.running is None:
             self.running = RunningBatch(self.base, self.processor, lambda names: self.route(names))
-        requests = [Request(i.image, i.prompt, i.adapter, i.max_new_tokens or self.max_new_tokens, i.on_text)
+        requests = [Request(i.image, i.prompt, i.adapter, i.max_new_tokens or self.max_new_tokens, i.on_text, handle=i)
                     for i in items]
         return self.running.join(requests)
 
@@ -310,8 +353,13 @@ class Engine:
     def answer(self, seq: Decoding) -> dict:
         """The result of a finished sequence: its caption, why it ended (``stop`` | ``length``), token counts."""
         text = self.processor.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
-        return {"caption": text, "finish_reason": seq.finish_reason,
-                "prompt_tokens": seq.prompt_tokens, "completion_tokens": len(seq.tokens) + (seq.finish_reason == "stop")}
+        out = {"caption": text, "finish_reason": seq.finish_reason,
+               "prompt_tokens": seq.prompt_tokens, "completion_tokens": len(seq.tokens) + (seq.finish_reason == "stop")}
+        return out | self._routed(seq.request.handle)
+
+    @staticmethod
+    def _routed(item: Item | None) -> dict:
+        return {"routed_to": item.adapter} if item is not None and item.routed_from is not None else {}
 
     # ------------------------------------------------------------------ fixed batches
 
@@ -328,7 +376,10 @@ class Engine:
         kinds = {i.kind for i in items}
         if kinds != {self.kind}:
             raise MmloraError(f"this server's base does {self.kind}, not {', '.join(sorted(kinds - {self.kind}))}")
-        return self._caption(items) if self.kind == "caption" else self._segment(items)
+        if self.kind == "segment":
+            return self._segment(items)
+        self.route_requests(items)
+        return [r | self._routed(i) for r, i in zip(self._caption(items), items)]
 
     @torch.no_grad()
     def _caption(self, items: list[Item]) -> list[dict]:

@@ -58,9 +58,10 @@ def _parse(body: Any, engine: Engine, decode: Callable[[bytes], Any]) -> tuple[I
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "give 'model': the adapter to answer with (GET /v1/models lists them)", "model")
-    if model != BASE and model not in engine.runs:
-        raise ApiError(404, f"model {model!r} does not exist; this server has: {', '.join([BASE, *engine.adapter_names])}",
-                       "model", "model_not_found")
+    router = getattr(engine, "router_name", None)
+    if model not in (BASE, router) and model not in engine.runs:
+        known = [BASE, *engine.adapter_names] + ([router] if router else [])
+        raise ApiError(404, f"model {model!r} does not exist; this server has: {', '.join(known)}", "model", "model_not_found")
     if body.get("n", 1) != 1:
         raise ApiError(400, "this server gives one answer per request: leave 'n' out or set it to 1", "n")
     for key, greedy in (("temperature", 0), ("top_p", 1)):
@@ -130,8 +131,9 @@ def add_openai_routes(app, engine: Engine, submit: Callable[[Item], Any], outcom
     @app.get("/v1/models")
     async def models() -> dict:
         created = int(time.time())
+        router = [engine.router_name] if getattr(engine, "router_name", None) else []
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "mmlora"}
-                                           for n in [BASE, *engine.adapter_names]]}
+                                           for n in [BASE, *engine.adapter_names, *router]]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -162,7 +164,8 @@ def add_openai_routes(app, engine: Engine, submit: Callable[[Item], Any], outcom
             return ApiError(err.status_code, str(err.detail)).response()
         choice = {"index": 0, "message": {"role": "assistant", "content": result["caption"]},
                   "finish_reason": result.get("finish_reason", "stop"), "logprobs": None}
-        return meta | {"object": "chat.completion", "choices": [choice], "usage": _usage(result)}
+        routed = {"mmlora_routed_to": result["routed_to"]} if "routed_to" in result else {}
+        return meta | {"object": "chat.completion", "choices": [choice], "usage": _usage(result)} | routed
 
 
 async def _events(meta: dict, future, queue: asyncio.Queue, outcome, usage: bool) -> AsyncIterator[str]:

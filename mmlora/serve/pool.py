@@ -103,6 +103,13 @@ def register(name: str, run: str | Path, base_ref: str, mode: str, base_params: 
     return ServedRun(name, weights.folder, adapters, full, full_params, dora, nbytes)
 
 
+def register_adapter(name: str, folder: Path) -> ServedRun:
+    """A bare PEFT LoRA folder (a router run's expert) as a servable run of that one adapter."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return ServedRun(name, folder, (folder,), None, 0, bool(config.get("use_dora")),
+                     _tensor_bytes(folder / "adapter_model.safetensors"))
+
+
 class Budget:
     """The loaded set in least-recently-used order, within a count or a byte budget."""
 

@@ -66,6 +66,7 @@ from mmlora.models.loading import resolve_pretrained
 from mmlora.models.precision import load_for_training
 from mmlora.models.varlen import enable as enable_varlen
 from mmlora.models.varlen import packing_refusal, sample_positions
+from mmlora.objectives.distill import Distill
 from mmlora.objectives.select import objective_for
 from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing, save_initial_state
 from mmlora.placement.audit import audit_gradients
@@ -73,8 +74,10 @@ from mmlora.placement.plan import plan_placement
 from mmlora.runs import checkpoint as ckpt
 from mmlora.runs.card import loss_curve, model_card
 from mmlora.runs.layout import Run, Weights
+from mmlora.runs.reference import load_reference
 from mmlora.runs.save import init_from_run, save_placement
 from mmlora.train.allocation import AllocationTracker
+from mmlora.train.continual import Continual
 from mmlora.train.hooks import Evaluator, EventHook
 from mmlora.train.optim import base_name, build_optimizer, param_groups
 from mmlora.train.speed import apply_speedups
@@ -116,6 +119,8 @@ class Trainer:
         self.allocation: AllocationTracker | None = None
         self.allocated: dict[str, int] | None = None
         self.allocation_text: str | None = None
+        #: ``continual`` recipes: what the method adds (``mmlora.train.continual``).
+        self.continual = Continual(recipe.continual, recipe.model.name) if recipe.continual is not None else None
 
     # ------------------------------------------------------------------ setup
 
@@ -145,6 +150,10 @@ class Trainer:
         r, t = self.recipe, self.recipe.train
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         self.objective = objective_for(model, resolve_pretrained(r.model.name), r.data, t.dense, self.base_dir)
+        if r.continual is not None and r.continual.method == "distill":
+            teacher = load_reference(r.continual.teacher).model.to(self.accelerator.device)
+            self.objective = Distill(teacher, r.continual.temperature, resolve_pretrained(r.model.name),
+                                     r.data.max_length, r.data.max_image_pixels, r.data)
         self.collate = self.objective.collate
         if t.packing.enabled:
             self.collate = self._packed_collator(model)
@@ -206,8 +215,16 @@ class Trainer:
         t, placement = self.recipe.train, self.recipe.placement
         if placement.adalora is not None and placement.adalora.total_step is None:
             placement = placement.model_copy(update={"adalora": placement.adalora.model_copy(update={"total_step": self.total_steps})})
-        self.plan = plan_placement(model, self.mmap, placement)
+        self.plan = plan_placement(model, self.mmap, placement, allow_frozen=self.recipe.trains_router)
         model = apply_placement(model, self.plan)
+        if self.continual is not None:
+            model = self.continual.setup(model, self.plan)
+            if self.recipe.trains_router:  # the router's weights reach into the vision tower: autograd must too
+                t = t.model_copy(update={"frozen_no_grad": False})
+        if not any(p.requires_grad for p in model.parameters()):
+            raise MmloraError("nothing would train: the placement is all frozen and the continual section adds nothing "
+                              "trainable (a uniform router over frozen experts: write it with "
+                              "mmlora.train.continual.write_router_run instead)")
         self.initial_adapters = save_initial_state(model, self.plan)
         self.allocation = AllocationTracker(model, self.plan) if self.plan.adalora is not None else None
         if t.gradient_checkpointing:
@@ -289,6 +306,7 @@ class Trainer:
             "data": {"train": [d.model_dump(mode="json") for d in data.train], "samples": len(self.train_set),
                      "group_by_length": data.group_by_length, **({"image": budget} if budget else {})},
             "processes": self.accelerator.num_processes, "global_batch": self.global_batch, "seed": self.recipe.train.seed,
+            **({"continual": self.continual.fingerprint()} if self.continual is not None else {}),
         }
 
     def _event(self, where: str) -> None:
@@ -413,6 +431,8 @@ class Trainer:
             tmp = ckpt.begin(root, self.step)
             model = self.accelerator.unwrap_model(self.model)
             save_placement(model, self.plan, tmp, self.recipe.model.name, convert=False)
+            if self.continual is not None:
+                self.continual.save(tmp)
             ckpt.save_trainable(tmp, model)
             self._event("during-save")
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -521,6 +541,10 @@ class Trainer:
                     reg = self.allocation.regularizer(self.accelerator.unwrap_model(self.model))
                     if reg is not None:
                         total = total + reg
+                if sync and self.continual is not None:  # O-LoRA's orthogonality term, once per step
+                    pen = self.continual.penalty(self.accelerator.unwrap_model(self.model))
+                    if pen is not None:
+                        total = total + pen
                 self.accelerator.backward(total)
             loss_sum += float(s.detach()) if weight else 0.0
         loss = self._all_sum(loss_sum) / total_units
@@ -669,6 +693,8 @@ class Trainer:
             final = self.run.final
             model = self.accelerator.unwrap_model(self.model)
             save_placement(model, self.plan, final.folder, self.recipe.model.name, initial_adapters=self.initial_adapters)
+            if self.continual is not None:
+                self.continual.save(final.folder)
             self.objective.save_processor(final.folder)
             final.write_recipe(self.recipe)
             rows = self.run.metrics()

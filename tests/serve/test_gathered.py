@@ -8,7 +8,8 @@ from torch import nn
 
 from mmlora.errors import MmloraError
 from mmlora.serve.engine import Engine, Item
-from mmlora.serve.gathered import LoraPool, read_adapter
+from mmlora.adapters.parts import read_adapter
+from mmlora.serve.gathered import LoraPool
 from tests.adapter_runs import caption_alone, make_run
 
 
@@ -141,7 +142,7 @@ def test_what_cannot_be_gathered_is_refused(toy, tmp_path):
         pass
     saved = get_peft_model(_base(), LoraConfig(r=2, target_modules=["up"], modules_to_save=["down"]))
     saved.save_pretrained(tmp_path / "mts")
-    with pytest.raises(MmloraError, match="modules_to_save cannot be served gathered"):
+    with pytest.raises(MmloraError, match="modules_to_save cannot be read as plain LoRA parts; serve it with --mode switch or merged"):
         read_adapter(tmp_path / "mts", _base())
 
 
