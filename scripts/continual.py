@@ -88,7 +88,7 @@ def train(key: str, run: Path, args: argparse.Namespace, seed: int, data_dir: Pa
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
             update={"train": [DatasetSpec.model_validate(d) for d in train_data]})})
     overrides = {"seed": seed, "max_steps": steps, "save_every": steps, "eval_every": None}
-    _log(f"train {run.relative_to(args.out)} ({key}, {steps} steps)")
+    _log(f"train {run} ({key}, {steps} steps)")
     trainer = Trainer(retarget_recipe(recipe, data_dir, run, overrides), recipe_name=run.name)
     trainer.setup()
     trainer.train()
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--base", default="shapes-llava-base")
     p.add_argument("--steps", type=int, default=150, help="steps of each adapter training (B, C, sequential, O-LoRA, distillation)")
-    p.add_argument("--router-steps", type=int, default=60)
+    p.add_argument("--router-steps", type=int, default=150)
     p.add_argument("--replay", type=int, default=64, help="captioned training images per world in the router's replay set")
     p.add_argument("--distill-images", type=int, default=200, help="unlabelled training images per world for distillation")
     p.add_argument("--ranks", default="4,16", help="ranks of the distilled adapters")

@@ -6,10 +6,10 @@ Every linear layer any expert adapts computes, for the rows ``b`` of a batch,
     y_b = W x_b + Σ_k g[b, k] · (s_k B_k A_k) x_b
 
 with ``g = softmax(router(features_b))`` over the experts ``k`` (optionally the base itself: an expert
-of no update, for inputs the base already handles). The features are the sample's pooled image
-features (the base's own, through its vision tower and projector, the mixture off) and its pooled
-prompt embedding, computed once per forward that carries the images (a prefill), then kept for the
-decoding steps of the same rows. With a one-hot ``g`` a row is exactly that expert's adapter alone.
+of no update, for inputs the base already handles). The features are the sample's image features (the
+base's own, through its vision tower and projector, the mixture off; mean and max over its tokens) and
+its mean prompt embedding (the prompt alone: in training, ``text_mask`` leaves the answers out), computed once per forward that starts sequences (training; a prefill) or once per
+``generate`` call (before it encodes the images), then kept for the decoding steps of the same rows. With a one-hot ``g`` a row is exactly that expert's adapter alone.
 
 The experts are read as plain LoRA parts (``mmlora.adapters.parts``: PEFT's own scaling); DoRA experts
 are refused (a DoRA layer's norm does not mix linearly). By default only the router trains; with
@@ -40,13 +40,14 @@ GATES = ("learned", "uniform")
 
 class Router(nn.Module):
     """The gate: ``[B, d_image]``, ``[B, d_text]`` → ``[B, K]`` expert weights (rows sum to 1). A linear
-    layer on the two pooled features, each layer-normalised; it starts at zero (every expert alike)."""
+    layer on the two pooled features, each layer-normalised; it starts at zero (every expert alike).
+    ``hard``: outside training, the expert it weighs most, alone (one-hot)."""
 
-    def __init__(self, image_dim: int, text_dim: int, experts: Sequence[str], gate: str = "learned"):
+    def __init__(self, image_dim: int, text_dim: int, experts: Sequence[str], gate: str = "learned", hard: bool = False):
         super().__init__()
         if gate not in GATES:
             raise MmloraError(f"router gate {gate!r}: use one of {', '.join(GATES)}")
-        self.experts, self.gate = list(experts), gate
+        self.experts, self.gate, self.hard = list(experts), gate, hard
         self.image_dim, self.text_dim = image_dim, text_dim
         self.linear = nn.Linear(image_dim + text_dim, len(self.experts)) if gate == "learned" else None
         if self.linear is not None:
@@ -57,7 +58,10 @@ class Router(nn.Module):
         if self.linear is None:
             return torch.full((image.shape[0], len(self.experts)), 1.0 / len(self.experts), device=image.device)
         features = torch.cat([F.layer_norm(image, image.shape[-1:]), F.layer_norm(text, text.shape[-1:])], dim=-1)
-        return torch.softmax(self.linear(features.to(self.linear.weight.dtype)), dim=-1)
+        weights = torch.softmax(self.linear(features.to(self.linear.weight.dtype)), dim=-1)
+        if self.hard and not self.training:  # a router trained to name the best expert: that expert alone
+            return F.one_hot(weights.argmax(-1), len(self.experts)).to(weights.dtype)
+        return weights
 
 
 class _MixedLayer:
@@ -118,7 +122,11 @@ class LoraMixture(nn.Module):
             self.A[key] = nn.Parameter(A, requires_grad=train_experts)
             self.B[key] = nn.Parameter(B, requires_grad=train_experts)
         self.weights: torch.Tensor | None = None  # [B, K] of the rows running now
+        #: [B, T] the prompt's tokens, where a forward's inputs hold more (training: the answers, which the
+        #: router must not read — it sees only the prompt when it routes a request)
+        self.text_mask: torch.Tensor | None = None
         self.paused = False
+        self._preset = False  # the weights were set for a whole ``generate`` call
         self._layers: list[_MixedLayer] = []
         self._hook = None
 
@@ -135,8 +143,24 @@ class LoraMixture(nn.Module):
         self.to(device)
         self._layers = [_MixedLayer(self, modules[n], n.replace(".", "__")) for n in self.layer_names]
         self._hook = model.register_forward_pre_hook(self._route, with_kwargs=True)
+        if hasattr(model, "generate"):
+            # ``generate`` encodes the images (``get_image_features``) before its first forward, and
+            # passes their features instead of the pixels: the weights are set from the whole request first.
+            model.generate = self._routed_generate(model, type(model).generate.__get__(model))
         model.mmlora_mixture = self  # a submodule: its parameters train, checkpoint and move with the model
         return self
+
+    def _routed_generate(self, model: nn.Module, generate):
+        def routed(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            extra = {k: kwargs[k] for k in ("image_sizes",) if kwargs.get(k) is not None}
+            image, text = self.features(model, kwargs.get("pixel_values"), ids, kwargs.get("attention_mask"), **extra)
+            self.weights, self._preset = self.router(image, text), True
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._preset = False
+        return routed
 
     def detach(self, model: nn.Module) -> None:
         """Give ``model`` its own layers back."""
@@ -146,6 +170,7 @@ class LoraMixture(nn.Module):
             self._hook.remove()
         if getattr(model, "mmlora_mixture", None) is self:
             del model.mmlora_mixture
+        model.__dict__.pop("generate", None)
         self._layers, self._hook = [], None
 
     @contextlib.contextmanager
@@ -161,10 +186,13 @@ class LoraMixture(nn.Module):
 
     def features(self, model: nn.Module, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None, **image_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, d_image], [B, d_text])``: each sample's pooled image features (the base's vision tower and
-        projector; zeros without images) and its pooled prompt embedding."""
+        """``([B, d_image], [B, d_text])``: each sample's image features (the base's vision tower and
+        projector, mean and max over the image's tokens: ``d_image`` = 2 × the projector's width; zeros
+        without images) and its mean prompt embedding (``text_mask``'s tokens, if set)."""
         rows = input_ids.shape[0]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if self.text_mask is not None:
+            mask = mask * self.text_mask.to(mask.dtype)
         embeds = model.get_input_embeddings()(input_ids)
         text = (embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         if pixel_values is None:
@@ -174,15 +202,20 @@ class LoraMixture(nn.Module):
         feats = getattr(out, "pooler_output", None)
         if feats is None:
             feats = out.last_hidden_state
-        pooled = [f.reshape(-1, f.shape[-1]).mean(0) for f in feats] if isinstance(feats, (list, tuple)) else \
-            list(feats.reshape(feats.shape[0], -1, feats.shape[-1]).mean(1))
+        per_image = [f.reshape(-1, f.shape[-1]) for f in feats] if isinstance(feats, (list, tuple)) else \
+            list(feats.reshape(feats.shape[0], -1, feats.shape[-1]))
+        # mean and max over the image's tokens: the max keeps an object that covers a few patches
+        pooled = [torch.cat([f.mean(0), f.max(0).values]) for f in per_image]
         if len(pooled) != rows:
             raise MmloraError(f"the router needs one image per sample; this batch has {len(pooled)} for {rows} samples")
         return torch.stack(pooled).to(text.dtype), text
 
     def _route(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: a forward that starts sequences (images, or no cache yet) sets
-        the expert weights of its rows; a decoding step keeps them."""
+        the expert weights of its rows; a decoding step keeps them (as does every forward of a
+        ``generate`` call, whose weights were set from its whole request)."""
+        if self._preset:
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         fresh = kwargs.get("pixel_values") is not None or cache is None or cache.get_seq_length() == 0

@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = plan.to_dict() | {"model": recipe.model.name, "modality_map": mmap.summary()}
         if recipe.continual is not None:
+            from mmlora.train.continual import router_params
+
             data["continual"] = recipe.continual.model_dump(mode="json")
+            if recipe.trains_router:
+                data["continual"]["router_params"] = router_params(recipe.continual, model)
         print(json.dumps(data, indent=2))
         for w in plan.warnings:  # the table shows them; JSON output keeps stdout pure
             print(f"mmlora: warning: {w}", file=sys.stderr)
@@ -52,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
         if recipe.continual is not None:
             from mmlora.train.continual import describe
 
-            print(describe(recipe.continual))
+            print(describe(recipe.continual, model))
     return 0

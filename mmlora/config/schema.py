@@ -350,7 +350,15 @@ class RouterSpec(_Strict):
     experts: dict[str, str] = Field(description="expert name -> an adapter-only LoRA run of this base, e.g. {B: runs/b}")
     include_base: bool = Field(default=True, description="the base alone as one more expert (named base)")
     gate: Literal["learned", "uniform"] = Field(default="learned", description="uniform: every expert alike, nothing trains")
-    train_experts: bool = Field(default=False, description="the experts' A and B train beside the router")
+    train_experts: bool = Field(default=False, description="the experts' A and B train beside the router (objective: mixture)")
+    objective: Literal["best-expert", "mixture"] = Field(
+        default="best-expert", description="best-expert: learn each sample's lowest-loss expert; mixture: the mixture's LM loss, end to end")
+
+    @model_validator(mode="after")
+    def _trainable(self) -> RouterSpec:
+        if self.train_experts and self.objective != "mixture":
+            raise ValueError("router.train_experts: the experts learn only through the mixture's loss; set objective: mixture")
+        return self
 
     @field_validator("experts")
     @classmethod

@@ -88,9 +88,9 @@ def iteration_unsupported(model: Any) -> str | None:
     if getattr(text, "cross_attention_layers", None):
         return "its cross-attention layers cache the image's keys, not the text's"
     cache = DynamicCache(config=config)
-    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [])}
-    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [])):
-        return f"its KV cache has {', '.join(sorted(kinds))} layers (sliding-window or recurrent)"
+    other = sorted({type(layer).__name__ for layer in getattr(cache, "layers", []) if type(layer) is not DynamicLayer})
+    if other:
+        return f"its KV cache has {', '.join(other)} layers (sliding-window or recurrent)"
     gen = _generation_config(model)
     changed = [k for k, neutral in _LOGITS_FIELDS.items() if gen is not None and getattr(gen, k, neutral) not in (neutral, None)]
     if changed:

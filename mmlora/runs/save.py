@@ -153,8 +153,8 @@ def save_router(folder: str | Path, mixture: LoraMixture, experts: Mapping[str, 
     state = {k: v.detach().to("cpu").contiguous() for k, v in mixture.state_dict().items()}
     save_file(state, str(weights.path(ROUTER_FILE)))
     r = mixture.router
-    layout = {"experts": mixture.names, "layers": mixture.layer_names, "gate": r.gate, "image_dim": r.image_dim,
-              "text_dim": r.text_dim}
+    layout = {"experts": mixture.names, "layers": mixture.layer_names, "gate": r.gate, "hard": r.hard,
+              "image_dim": r.image_dim, "text_dim": r.text_dim}
     weights.path(ROUTER_CONFIG).write_text(json.dumps(layout, indent=2) + "\n")
     manifest = weights.manifest()
     manifest["router"] = {"path": ROUTER_FILE, "config": ROUTER_CONFIG, "experts": [
@@ -177,7 +177,8 @@ def read_router(folder: str | Path) -> LoraMixture:
         key = layer.replace(".", "__")
         for k, n in enumerate(layout["experts"]):
             experts[n][layer] = (state[f"A.{key}"][k], state[f"B.{key}"][k], None)
-    router = Router(layout["image_dim"], layout["text_dim"], layout["experts"], gate=layout["gate"])
+    router = Router(layout["image_dim"], layout["text_dim"], layout["experts"], gate=layout["gate"],
+                    hard=layout.get("hard", False))
     mixture = LoraMixture(experts, router)
     mixture.load_state_dict(state)
     return mixture

@@ -139,22 +139,30 @@ class Batcher:
                 batch = self._take()
             self._run(batch)
 
-    def _run(self, batch: list[_Job]) -> None:
-        """Run ``batch``; if it fails, run its items one by one, so that only a faulty item gets an error."""
+    def _isolating(self, jobs: list[_Job], call, deliver) -> None:
+        """``call`` the engine with ``jobs``' items and ``deliver(jobs, out)``; if the call fails, call it for
+        each job alone, so that only a faulty job gets the error."""
         try:
-            results = self.engine.run([job.item for job in batch])
-        except Exception as err:  # noqa: BLE001 — one bad batch must not stop the worker
-            if len(batch) == 1:
-                batch[0].future.set_exception(err)
+            out = call([job.item for job in jobs])
+        except Exception as err:  # noqa: BLE001 — one bad request must not stop the worker
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(err)
                 return
             self.retried += 1
-            for job in batch:
-                self._run([job])
+            for job in jobs:
+                self._isolating([job], call, deliver)
             return
         self.batches += 1
-        self.batch_sizes.append(len(batch))
-        for job, result in zip(batch, results):
-            job.future.set_result(result)
+        self.batch_sizes.append(len(jobs))
+        deliver(jobs, out)
+
+    def _run(self, batch: list[_Job]) -> None:
+        """Run a fixed ``batch`` to the end (each item alone if it fails)."""
+        def deliver(jobs: list[_Job], results: list[dict]) -> None:
+            for job, result in zip(jobs, results):
+                job.future.set_result(result)
+
+        self._isolating(batch, self.engine.run, deliver)
 
     # ------------------------------------------------------------------ continuous batching
 
@@ -204,28 +212,19 @@ class Batcher:
                 if self.engine.active:
                     joiners, others = self._admit()
             if others:
-                self._run([job for job in others])
+                self._run(others)
             if joiners:
                 self._join(joiners)
             self._step()
 
     def _join(self, jobs: list[_Job]) -> None:
-        """Prefill ``jobs`` into the running batch; if that fails, each alone, so only a faulty one errs."""
-        try:
-            seqs = self.engine.join([job.item for job in jobs])
-        except Exception as err:  # noqa: BLE001 — one bad request must not stop the worker
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(err)
-                return
-            self.retried += 1
-            for job in jobs:
-                self._join([job])
-            return
-        self.batches += 1
-        self.batch_sizes.append(len(jobs))
-        for job, seq in zip(jobs, seqs):
-            self._running[id(seq.request)] = job
-        self._finish([s for s in seqs if s.done])
+        """Prefill ``jobs`` into the running batch (each alone if that fails)."""
+        def deliver(jobs: list[_Job], seqs: list) -> None:
+            for job, seq in zip(jobs, seqs):
+                self._running[id(seq.request)] = job
+            self._finish([s for s in seqs if s.done])
+
+        self._isolating(jobs, self.engine.join, deliver)
 
     def _step(self) -> None:
         if not self.engine.active:

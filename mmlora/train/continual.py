@@ -9,7 +9,9 @@ piece the training loop calls:
   directions the earlier ones do not use. The run saves every adapter (the earlier ones copied in), so
   it reloads in plain PEFT with all of them active.
 * ``router`` — a mixture of the earlier runs' adapters (``mmlora.adapters.mixture``) with a router that
-  weighs them per sample; only the router trains (unless ``train_experts``). The run saves the router
+  weighs them per sample; only the router trains, towards each sample's best expert
+  (``mmlora.objectives.route``), or through the mixture's own loss (``objective: mixture``, where the
+  experts may train too: ``train_experts``). The run saves the router
   (``router.safetensors``) and its experts' PEFT folders (``mmlora.runs.save``).
 * ``distill`` — the objective (``mmlora.objectives.distill``): this recipe's adapters learn a teacher
   run's output distributions; nothing here.
@@ -28,6 +30,7 @@ from torch import nn
 from mmlora.adapters.mixture import BASE_EXPERT, LoraMixture, Router
 from mmlora.adapters.parts import read_adapter
 from mmlora.config.schema import ContinualSpec
+from mmlora.data.processing import IGNORE
 from mmlora.errors import MmloraError
 from mmlora.models.loading import resolve_pretrained
 from mmlora.placement.plan import PlacementPlan
@@ -140,9 +143,26 @@ class Continual:
             path = adapter_path(weights)  # adapter-only runs of one PEFT adapter
             self.experts[name] = path
             parts[name] = read_adapter(path, model, advice="train the experts as plain LoRA runs")
-        width = model.get_input_embeddings().weight.shape[1]
-        router = Router(width, width, list(parts), gate=r.gate)
+        width = model.get_input_embeddings().weight.shape[1]  # the projector writes the LM's width
+        router = Router(2 * width, width, list(parts), gate=r.gate, hard=r.gate == "learned" and r.objective == "best-expert")
         self.mixture = LoraMixture(parts, router, train_experts=r.train_experts).attach(model)
+
+    def prepare(self, objective) -> None:
+        """A router trained through the mixture's loss sees conversations whose answers are in its inputs;
+        it must route by the prompt alone, as it will when it answers: its text features pool only the
+        tokens without a label. (``best-expert`` routers do this in their objective.)"""
+        if self.mixture is None or self.spec.router.objective != "mixture":
+            return
+        loss_sum, mixture = objective.loss_sum, self.mixture
+
+        def prompt_only(model: nn.Module, batch: dict):
+            mixture.text_mask = batch["labels"] == IGNORE
+            try:
+                return loss_sum(model, batch)
+            finally:
+                mixture.text_mask = None
+
+        objective.loss_sum = prompt_only
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """O-LoRA's orthogonality term, weighted (None for the other methods)."""
@@ -186,7 +206,15 @@ def write_router_run(out: str | Path, base_ref: str, experts: dict[str, str], in
     return Path(out)
 
 
-def describe(spec: ContinualSpec) -> str:
+def router_params(spec: ContinualSpec, model: nn.Module) -> int:
+    """Parameters of the router a ``router`` recipe trains on ``model`` (real or meta weights)."""
+    r = spec.router
+    experts = len(r.experts) + (1 if r.include_base else 0)
+    width = model.get_input_embeddings().weight.shape[1]
+    return (3 * width + 1) * experts if r.gate == "learned" else 0
+
+
+def describe(spec: ContinualSpec, model: nn.Module | None = None) -> str:
     """One paragraph for ``mmlora plan``: what the continual section does."""
     if spec.method == "sequential":
         return f"continual: sequential — the adapters start from {spec.previous[0]} and train on"
@@ -196,6 +224,9 @@ def describe(spec: ContinualSpec) -> str:
     if spec.method == "router":
         r = spec.router
         experts = ([BASE_EXPERT] if r.include_base else []) + [f"{n} ({run})" for n, run in r.experts.items()]
-        trains = "the router" + (" and the experts" if r.train_experts else "")
-        return f"continual: router ({r.gate} gate) over {', '.join(experts)}; {trains} train"
+        size = f" ({router_params(spec, model):,} parameters)" if model is not None and r.gate == "learned" else ""
+        trains = f"the router{size}" + (" and the experts train" if r.train_experts else " trains")
+        how = "towards each sample's lowest-loss expert" if r.objective == "best-expert" else "through the mixture's loss"
+        return (f"continual: router ({r.gate} gate on pooled image features and prompt) over {', '.join(experts)}; "
+                f"{trains} {how}")
     return f"continual: distill — the adapters learn {spec.teacher}'s output distributions (temperature {spec.temperature:g})"

@@ -67,6 +67,7 @@ from mmlora.models.precision import load_for_training
 from mmlora.models.varlen import enable as enable_varlen
 from mmlora.models.varlen import packing_refusal, sample_positions
 from mmlora.objectives.distill import Distill
+from mmlora.objectives.route import BestExpert
 from mmlora.objectives.select import objective_for
 from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing, save_initial_state
 from mmlora.placement.audit import audit_gradients
@@ -150,6 +151,8 @@ class Trainer:
         r, t = self.recipe, self.recipe.train
         model, self.mmap = load_for_training(r.model, r.placement, t.quantization, t.attn_implementation)
         self.objective = objective_for(model, resolve_pretrained(r.model.name), r.data, t.dense, self.base_dir)
+        if r.trains_router and r.continual.router.objective == "best-expert":
+            self.objective = BestExpert(resolve_pretrained(r.model.name), r.data.max_length, r.data.max_image_pixels, r.data)
         if r.continual is not None and r.continual.method == "distill":
             teacher = load_reference(r.continual.teacher).model.to(self.accelerator.device)
             self.objective = Distill(teacher, r.continual.temperature, resolve_pretrained(r.model.name),
@@ -219,6 +222,7 @@ class Trainer:
         model = apply_placement(model, self.plan)
         if self.continual is not None:
             model = self.continual.setup(model, self.plan)
+            self.continual.prepare(self.objective)
             if self.recipe.trains_router:  # the router's weights reach into the vision tower: autograd must too
                 t = t.model_copy(update={"frozen_no_grad": False})
         if not any(p.requires_grad for p in model.parameters()):

@@ -40,7 +40,7 @@ def _batch(shapes_small, n=3):
 def _mixture(experts, model, train_experts=False):
     parts = {BASE_EXPERT: {}} | {n: read_adapter(run / "final/adapters/default", model) for n, run in experts.items()}
     width = model.get_input_embeddings().weight.shape[1]
-    return LoraMixture(parts, Router(width, width, list(parts)), train_experts=train_experts).attach(model)
+    return LoraMixture(parts, Router(2 * width, width, list(parts)), train_experts=train_experts).attach(model)
 
 
 def test_a_one_hot_gate_is_that_expert_alone_in_plain_peft(experts, shapes_small):
@@ -127,3 +127,32 @@ def test_orthogonality_is_zero_for_orthogonal_subspaces_and_the_hand_sum_otherwi
     term.backward()
     assert model.base_model.model.a.lora_A["new"].weight.grad is not None
     assert model.base_model.model.a.lora_A["old"].weight.grad is None  # the earlier subspace stays put
+
+
+def test_generation_routes_each_sample_in_every_batch(experts, shapes_small):
+    """``generate`` encodes the images before its first forward: the weights are set from the whole
+    request before that, per batch (a last, smaller batch included), and each caption is its expert's."""
+    from transformers import AutoProcessor
+
+    from mmlora.generate import generate_answers
+    from mmlora.models.presets import preset_path
+    from tests.adapter_runs import caption_alone
+
+    processor = AutoProcessor.from_pretrained(preset_path("tiny-llava"))
+    images = [Image.open(p).convert("RGB") for p in sorted((shapes_small / "world_B/images/test").glob("*.png"))[:3]]
+    model = plain_peft(None)
+    mixture = _mixture(experts, model)
+    picks = {"b": 1, "c": 2}
+    colours = {}
+
+    def one_hot(image, text):  # the expert by the image: features differ per image, so does the pick
+        keys = [tuple(round(float(v), 3) for v in row[:4]) for row in image]
+        for k in keys:
+            colours.setdefault(k, ["b", "c", "b"][len(colours) % 3])
+        return torch.eye(3)[[picks[colours[k]] for k in keys]]
+
+    mixture.router.forward = one_hot
+    got = generate_answers(model, processor, images, batch_size=2, max_new_tokens=5)
+    order = [colours[k] for k in colours]
+    want = [caption_alone(experts[name], im) for name, im in zip(order, images)]
+    assert got == want and len(set(want)) > 1

@@ -58,7 +58,7 @@ def test_good_requests_are_batched_across_adapters(client):
 @pytest.mark.parametrize("data,files,status,message", [
     ({"adapter": "green"}, {"image": ("x.png", _png(), "image/png")}, 404, "unknown adapter 'green'"),
     ({"adapter": "red"}, None, 422, "image"),
-    ({}, {"image": ("x.png", _png(), "image/png")}, 422, "adapter"),
+    ({}, {"image": ("x.png", _png(), "image/png")}, 400, "name an adapter"),
     ({"adapter": "red"}, {"image": ("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")}, 400, "could not be decoded"),
     ({"adapter": "red"}, {"image": ("x.png", b"", "image/png")}, 400, "empty"),
     ({"adapter": "red"}, {"image": ("x.bin", b"\0" * 300_000, "image/png")}, 413, "larger than"),

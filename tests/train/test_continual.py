@@ -133,6 +133,64 @@ def test_a_router_run_trains_its_router_alone_and_reloads_the_same(make_recipe, 
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
 
 
+def test_the_router_reads_the_prompt_not_the_answer(make_recipe, stage_b, shapes_small):
+    """In training the answers are in the inputs; the router must route by what it will see when it
+    answers: the same prompt and image with another answer get the same weights."""
+    changes = _world({"placement": FROZEN, "continual": {"method": "router", "router": {
+        "experts": {"B": str(stage_b)}, "objective": "mixture"}}}, shapes_small)
+    trainer = Trainer(load_recipe(make_recipe("router-prompt", **changes)), recipe_name="router-prompt")
+    trainer.setup()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        model.mmlora_mixture.router.linear.weight.normal_(std=0.05)  # a gate that reads its inputs
+    batch = trainer.collate([trainer.train_set[0]])
+    other = {k: v.clone() for k, v in batch.items()}
+    answer = other["labels"] != -100
+    other["input_ids"][answer] = (other["input_ids"][answer] + 7) % 400 + 5  # another answer, same length
+    weights = []
+    for b in (batch, other):
+        with torch.no_grad():
+            trainer.objective.loss_sum(model, b)
+        weights.append(model.mmlora_mixture.weights.clone())
+    torch.testing.assert_close(weights[0], weights[1])
+    with torch.no_grad():  # without the prompt mask the answer would change them
+        model.mmlora_mixture.text_mask = None
+        model(**{k: v for k, v in other.items() if k != "labels"})
+    assert not torch.allclose(model.mmlora_mixture.weights, weights[0])
+
+
+def test_the_router_learns_each_samples_best_expert(make_recipe, stage_b, shapes_small):
+    """``objective: best-expert``: the target of each sample is the expert under which its answer has the
+    lowest loss (each alone), and the loss is the router's negative log-weight there, per sample."""
+    from mmlora.objectives.route import per_sample_loss
+
+    changes = _world({"placement": FROZEN, "continual": {"method": "router", "router": {"experts": {"B": str(stage_b)}}}},
+                     shapes_small, "world_B")
+    trainer = Trainer(load_recipe(make_recipe("router-best", **changes)), recipe_name="router-best")
+    trainer.setup()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    mixture = model.mmlora_mixture
+    with torch.no_grad():
+        mixture.router.linear.weight.normal_(std=0.05)
+    batch = trainer.collate([trainer.train_set[i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    got, n = trainer.objective.loss_sum(model, batch)
+    losses = []
+    for name in ("base", "B"):  # each expert alone, through plain PEFT
+        with torch.no_grad():
+            losses.append(per_sample_loss(plain_peft(stage_b if name == "B" else None), inputs, batch["labels"]))
+    best = torch.stack(losses, 1).argmin(1)
+    assert n == 4 and best.tolist() == [1, 1, 1, 1]  # world B's answers: B's adapter explains them best
+    mixture.text_mask = batch["labels"] == -100
+    image, text = mixture.features(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    mixture.text_mask = None
+    want = -torch.log(mixture.router(image, text)[torch.arange(4), best]).sum()
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert mixture.router.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("mmlora_mixture.router"))
+
+
 def test_a_router_run_resumes_exactly(make_recipe, stage_b, shapes_small):
     changes = _world({"placement": FROZEN, "train.max_steps": 4, "train.save_every": 2, "train.eval_every": None,
                       "continual": {"method": "router", "router": {"experts": {"B": str(stage_b)}}}}, shapes_small)

@@ -112,13 +112,19 @@ def test_served_caption_equals_generate(model_type, family_runs, shapes_small, t
     run = family_runs(model_type)["resumed"]
     base = f"tiny-{model_type}"  # the family recipe's model.name
     note = ""
-    if model_type == "gemma3":  # its recipe trains the projector in full: not an adapter-only run
-        with pytest.raises(MmloraError, match="changed the base"):
+    if model_type == "gemma3":  # its recipe trains the projector in full: served merged (or gathered), not switched
+        with pytest.raises(MmloraError, match="trained in place \\(full\\): serve it with --mode gathered or merged"):
             Engine(base, {"recipe": run}, mode="switch")
+        image = Image.open(sorted((shapes_small / "world_B" / "images" / "val").glob("*.png"))[0]).convert("RGB")
+        merged = Engine(base, {"recipe": run}, mode="merged", max_new_tokens=8)
+        loaded = load_reference(run)
+        want = generate_answers(loaded.model, loaded.processor, [image], ["Describe the image."], batch_size=1,
+                                max_new_tokens=8)
+        assert merged.run([Item("caption", "recipe", image, "Describe the image.")])[0]["caption"] == want[0]
         run = tmp_path / "frozen-projector"
         _train(model_type, shapes_small / "world_B", run, "train.max_steps=2", "train.save_every=null",
                "placement.projector.mode=frozen")
-        note = " (projector frozen; the recipe's full projector is refused: it changed the base)"
+        note = " (the recipe's full projector served merged; switch mode with the projector frozen)"
     # Mixed batches route row i to adapter i; a family whose processor flattens an image into many
     # pixel rows (Qwen's patches, LLaVA-NeXT's and mllama's tiles) is refused in mixed mode, in one
     # line, and served in switch mode.
