@@ -45,8 +45,9 @@ from mmlora.models.dense import dense_features
 from mmlora.models.text import class_embeddings, template_list
 from mmlora.models.unfuse import unfuse_attention
 from mmlora.runs.compose import BASE, adapters_per_sample
+from mmlora.runs.layout import require_weights
 from mmlora.runs.reference import load_reference
-from mmlora.runs.save import load_placement
+from mmlora.runs.save import load_placement, read_router
 from mmlora.serve.full import FullCopies, make_copies, read_full
 from mmlora.adapters.parts import combine, read_adapter
 from mmlora.serve.gathered import LoraPool
@@ -145,9 +146,6 @@ class Engine:
         """Serve a router run (``continual.method: router``) under ``name``: its experts are registered as
         adapters ``<name>-<expert>``, and a request naming ``name`` goes to the expert its router weighs
         most for that request (hard routing: one expert per request, computed from the base's features)."""
-        from mmlora.runs.layout import require_weights
-        from mmlora.runs.save import read_router
-
         weights = require_weights(run, "--router")
         manifest = weights.manifest()
         if not manifest.get("router"):

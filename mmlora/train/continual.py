@@ -29,14 +29,15 @@ from torch import nn
 
 from mmlora.adapters.mixture import BASE_EXPERT, LoraMixture, Router
 from mmlora.adapters.parts import read_adapter
-from mmlora.config.schema import ContinualSpec
+from mmlora.config.schema import ContinualSpec, Recipe
 from mmlora.data.processing import IGNORE
 from mmlora.errors import MmloraError
+from mmlora.models.build import load_model
 from mmlora.models.loading import resolve_pretrained
 from mmlora.placement.plan import PlacementPlan
 from mmlora.runs.compose import adapter_path
-from mmlora.runs.layout import require_weights
-from mmlora.runs.save import attach_adapters, save_router
+from mmlora.runs.layout import Run, require_weights
+from mmlora.runs.save import attach_adapters, save_placement, save_router
 
 
 def orthogonality(model: nn.Module, new: list[str], old: list[str]) -> torch.Tensor | None:
@@ -187,11 +188,6 @@ def write_router_run(out: str | Path, base_ref: str, experts: dict[str, str], in
     """A router run written without training (``gate: uniform`` weighs every expert alike): the mixing
     bound of a router study, evaluated and served like any run. Returns ``out``."""
     from transformers import AutoProcessor
-
-    from mmlora.config.schema import Recipe
-    from mmlora.models.build import load_model
-    from mmlora.runs.layout import Run
-    from mmlora.runs.save import save_placement
 
     recipe = Recipe.model_validate({"model": {"name": base_ref}, "continual": {
         "method": "router", "router": {"experts": experts, "include_base": include_base, "gate": gate}}})
