@@ -262,7 +262,6 @@ def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_ne
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tempfile
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="tiny-llava")
@@ -289,10 +288,24 @@ def main(argv: list[str] | None = None) -> int:
                         "OpenMP threads stall at every barrier when one is descheduled; 0: torch's default)")
     p.add_argument("--out", default=None, help="folder for load_test.md / .json (default: print only)")
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
+    unknown = sorted({k for k in args.kinds.split(",") if k} - set(KINDS))
+    if unknown:
+        p.error(f"--kinds {','.join(unknown)}: choose from {', '.join(KINDS)}")
+    import torch
 
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run_load_test(args)
+    finally:  # a caller in the same process (the tests) keeps its own thread count
+        torch.set_num_threads(threads)
+
+
+def run_load_test(args: argparse.Namespace) -> int:
+    """The cells, the table and the files of ``main``'s arguments."""
+    import tempfile
+
     counts = [int(n) for n in args.adapters.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     import os
@@ -300,9 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     ranks = tuple(int(r) for r in args.ranks.split(","))
     budgets = [int(b) for b in str(args.max_new_tokens).split(",") if b]
     kinds = tuple(k for k in args.kinds.split(",") if k)
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown:
-        p.error(f"--kinds {','.join(unknown)}: choose from {', '.join(KINDS)}")
     from mmlora.errors import MmloraError
 
     rows = []
