@@ -333,7 +333,7 @@ class Engine:
         self.route_requests(items)
         self.ensure({i.adapter for i in items}, keep=self.in_use)
         if self.running is None:
-            self.running = RunningBatch(self.base, self.processor, lambda names: self.route(names))
+            self.running = RunningBatch(self.base, self.processor, self.route)
         requests = [Request(i.image, i.prompt, i.adapter, i.max_new_tokens or self.max_new_tokens, i.on_text, handle=i)
                     for i in items]
         return self.running.join(requests)
