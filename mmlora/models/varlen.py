@@ -34,6 +34,18 @@ def _segments(position_ids: torch.Tensor, batch: int) -> list[list[int]]:
     return out
 
 
+_last: tuple[torch.Tensor, int, list[list[int]], int] | None = None  # every layer of a forward gets the same positions
+
+
+def _segments_of(position_ids: torch.Tensor, batch: int) -> list[list[int]]:
+    """:func:`_segments`, read once per forward: the layers after the first (and checkpointing's
+    recomputation) get the same ``position_ids`` tensor and skip the device-to-host copy."""
+    global _last
+    if _last is None or _last[0] is not position_ids or _last[1] != batch or position_ids._version != _last[3]:
+        _last = (position_ids, batch, _segments(position_ids, batch), position_ids._version)
+    return _last[2]
+
+
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -47,16 +59,15 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                                       is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
-    rows = []
-    for b, lengths in enumerate(_segments(position_ids, query.shape[0])):
-        pieces, start = [], 0
-        for n in lengths:
-            s = slice(start, start + n)
-            pieces.append(F.scaled_dot_product_attention(query[b:b + 1, :, s], key[b:b + 1, :, s], value[b:b + 1, :, s],
-                                                         dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa))
-            start += n
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    pieces = []
+    # split, not slices: the backward of a split is one concatenation of the pieces' gradients, where
+    # each slice's backward would write into a zero tensor of the whole row
+    for lengths, q, k, v in zip(_segments_of(position_ids, query.shape[0]), query.split(1), key.split(1), value.split(1)):
+        for qs, ks, vs in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2)):
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, scale=scaling, is_causal=True,
+                                                         enable_gqa=gqa).transpose(1, 2))
+    out = torch.cat(pieces, dim=1)  # [1, B·L, H, D]: the rows' pieces one after another
+    return out.view(query.shape[0], query.shape[2], *out.shape[2:]), None
 
 
 def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
