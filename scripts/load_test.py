@@ -143,10 +143,16 @@ def _engine(base: str, runs: dict[str, Path], mode: str, max_new_tokens: int):
 
 
 def _rss_mib() -> float:
-    """The process's resident memory now (Linux), MiB."""
+    """The process's resident memory now (Linux), MiB, after the allocator has handed its free pages back
+    (glibc's ``malloc_trim``: freed memory it keeps for reuse is not the server's)."""
+    import ctypes
     import gc
 
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS as it is
+        pass
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
@@ -166,17 +172,19 @@ def median_row(repeats: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [("| adapters | mode | requests | req/s (median) | req/s per repeat | CPU ms per request | p50 ms | p99 ms | mean batch "
-              "| sequences per step | full models in memory | adapters loaded (MiB) | RSS growth (MiB) | warm-up ms per adapter |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| sequences per step | full models in memory | adapters loaded (MiB) | pool (MiB) | RSS growth (MiB) "
+              "| warm-up ms per adapter |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {r['adapters']} | {r['mode']} | refused: {r['refused']} |" + " |" * 11)
+            lines.append(f"| {r['adapters']} | {r['mode']} | refused: {r['refused']} |" + " |" * 12)
             continue
         fmt = lambda v, d=0: f"{v:.{d}f}" if v is not None else "-"  # noqa: E731
         each = ", ".join(f"{t:.1f}" for t in r.get("repeat_throughputs", [r["throughput"]]))
         lines.append(f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['throughput']:.1f} | {each} | "
                      f"{fmt(r['cpu_ms_per_request'])} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['mean_batch']:.1f} | "
-                     f"{fmt(r.get('mean_running'), 1)} | {r['models_in_memory']} | {fmt(r['loaded_mib'], 1)} | {fmt(r['rss_growth_mib'])} | "
+                     f"{fmt(r.get('mean_running'), 1)} | {r['models_in_memory']} | {fmt(r['loaded_mib'], 1)} | {fmt(r.get('pool_mib'), 1)} | "
+                     f"{fmt(r['rss_growth_mib'])} | "
                      f"{fmt(r.get('warmup_ms_per_adapter'))} |")
     return "\n".join(lines) + "\n"
 
@@ -193,8 +201,9 @@ def note(args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str
             f"process of their own; CPU time of the server's process, {args.threads or 'default'} torch thread(s); {os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in load_before)} before "
             f"and {', '.join(f'{x:.1f}' for x in load_after)} after; 'full models in memory': the base, plus one merged "
             f"copy per adapter in merged mode; 'mean batch': requests per fixed batch, or per prefill joining the running batch; "
-            f"'sequences per step': in the running batch, at each decoding step (continuous batching); 'adapters loaded': their tensors and full copies as served (fp32); 'RSS "
-            f"growth': the process's resident memory after the warm-up less before the server started.)\n")
+            f"'sequences per step': in the running batch, at each decoding step (continuous batching); 'adapters loaded': their tensors and full copies as served (fp32); 'pool': what the gathered "
+            f"stacks (with their room to grow and their tables) and the full copies hold; 'RSS growth': the process's resident "
+            f"memory after the warm-up less before the server started, each read after glibc's malloc_trim.)\n")
 
 
 def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_new_tokens: int, repeats: int = 5) -> dict:

@@ -96,7 +96,7 @@ def test_each_row_equals_its_adapter_alone_in_peft(toy):
 def test_stacks_are_rank_exact_and_freed_rows_are_reused(toy):
     model, folders = toy
     base, pool = _pool(folders, ("a", "c"))  # rank 4 and rank 6 (DoRA), both on up and down
-    up, down = pool.layers["up"], pool.layers["down"]
+    up, down = pool.kind("up"), pool.kind("down")
     assert up.rows.end == down.rows.end == 1 + 4 + 6  # row 0, then each adapter's own rank
     pool.remove("a")
     pool.add("b", read_adapter(folders["b"], base))  # rank 8 on up only: a's 4 rows do not fit it
@@ -106,7 +106,10 @@ def test_stacks_are_rank_exact_and_freed_rows_are_reused(toy):
     assert up.rows.holes == down.rows.holes == [] and up.rows.end == 19 and down.rows.end == 11
     parts = [read_adapter(folders[n], base) for n in ("a", "b", "c")]
     own = sum(t.numel() * 4 for p in parts for a, b, g in p.values() for t in (a, b, g) if t is not None)
-    assert own <= pool.nbytes() <= 1.25 * own + 4 * (12 + 16 + 16 + 8) + 3 * 8 * 2 * 4  # + zero rows, tables
+    zero_rows = 4 * (12 + 16 + 16 + 16 + 8 + 8)  # row 0 of A, B and g in each kind
+    stacks = sum(kind.nbytes() for kind in pool.kinds.values())
+    assert own <= stacks <= 1.25 * (own + zero_rows)  # the adapters' own size, and a quarter to grow into
+    assert pool.nbytes() - stacks <= 5 * 2 * 4 * 8  # five tables of 2 kinds or layers × 4 slots
     x = torch.randn(3, 12)
     with torch.no_grad(), pool.route(["b", "c", "a"]):
         out = base(x)
@@ -114,6 +117,59 @@ def test_stacks_are_rank_exact_and_freed_rows_are_reused(toy):
         model.set_adapter(name)
         with torch.no_grad():
             assert torch.allclose(out[row], model(x[row:row + 1])[0], atol=1e-5), name
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(12, 12) for _ in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def test_a_kind_stacks_all_its_layers_and_reused_rows_start_clean(tmp_path):
+    """The three blocks are one kind (one gather for all of them); an adapter taking the rows of an
+    evicted one that adapted more blocks sees zeros, not the old adapter, in the blocks it leaves out."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    folders, models = {}, {}
+    for name, targets, seed in (("x", ["blocks.0", "blocks.1", "blocks.2"], 1), ("y", ["blocks.1"], 2)):
+        torch.manual_seed(0)
+        model = get_peft_model(_Blocks().eval(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.save_pretrained(tmp_path / name)
+        folders[name], models[name] = tmp_path / name, model.eval()
+    torch.manual_seed(0)
+    base = _Blocks().eval()
+    pool = LoraPool(base)
+    pool.add("x", read_adapter(folders["x"], base))
+    assert len(pool.kinds) == 1 and len(pool.kind("blocks.0").stacks) == 3
+    pool.remove("x")
+    pool.add("y", read_adapter(folders["y"], base))  # x's rows, in blocks 0 and 2 too
+    assert pool.kind("blocks.1").rows.holes == []
+    pool.add("x", read_adapter(folders["x"], base))  # new rows; its blocks 0 and 2 gather y's rows there too
+    x = torch.randn(2, 12)
+    for adapters in (["y", "y"], ["y", "__base__"], ["y", "x"]):
+        with torch.no_grad(), pool.route(adapters):
+            out = base(x)
+        with torch.no_grad():
+            assert torch.allclose(out[0], models["y"](x[:1])[0], atol=1e-5), adapters
+    with torch.no_grad():
+        assert torch.allclose(out[1], models["x"](x[1:])[0], atol=1e-5)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, pool.route(["x", "y", "x"]):
+        pass
+    gathers = {e.key: e.count for e in prof.key_averages()}.get("aten::index_select", 0)
+    assert gathers == 2  # A and B of the one kind, for its three layers
 
 
 def test_work_per_layer_does_not_grow_with_the_adapters_in_a_batch(toy):
