@@ -50,11 +50,13 @@ class Request:
     max_new_tokens: int = 32
     on_text: Callable[[str], None] | None = None  # called with each new piece of the answer (streaming)
     handle: Any = None  # the caller's own reference (e.g. its future)
+    gone: Callable[[], bool] | None = None  # True once nobody waits for the answer: it leaves at the next step
 
 
 @dataclass
 class Decoding:
-    """A request being answered: its generated token ids and why it finished (``stop`` | ``length``)."""
+    """A request being answered: its generated token ids and why it finished (``stop`` | ``length`` |
+    ``cancelled``: its client went away)."""
 
     request: Request
     prompt_tokens: int
@@ -227,11 +229,22 @@ class RunningBatch:
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
         self.mask = self.mask[:, start:]
 
+    def _drop_gone(self) -> list[Decoding]:
+        """Let the sequences nobody waits for any more leave, finished as ``cancelled``."""
+        gone = [s for s in self.rows if s.request.gone is not None and s.request.gone()]
+        if gone:
+            for seq in gone:
+                seq.finish_reason = "cancelled"
+            self._leave([i for i, s in enumerate(self.rows) if not s.done])
+        return gone
+
     @torch.no_grad()
     def step(self) -> list[Decoding]:
-        """One decoding step for every row; returns the sequences that finished (they have left)."""
+        """One decoding step for every row; returns the sequences that finished (they have left),
+        those whose client went away first (``cancelled``, without a step)."""
+        gone = self._drop_gone()
         if not self.rows:
-            return []
+            return gone
         rows = list(self.rows)
         mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
         pos = self.pos + 1
@@ -244,4 +257,4 @@ class RunningBatch:
         token = out.logits[:, -1].argmax(-1)
         self.last = token
         self._take(token, range(len(rows)))
-        return [s for s in rows if s.done]
+        return gone + [s for s in rows if s.done]

@@ -54,6 +54,7 @@ class Batcher:
         self.batch_sizes: list[int] = []  # requests per fixed batch or prefill
         self.running_sizes: list[int] = []  # sequences per decoding step (continuous batching)
         self.retried = 0  # failed batches whose items were run again one by one
+        self.cancelled = 0  # requests whose client went away, dropped from the queue or the running batch
         self._running: dict[int, _Job] = {}  # id(sequence's request) -> its job
         if getattr(engine, "pager", None) is not None:
             engine.pager.notify = self._wake
@@ -166,11 +167,19 @@ class Batcher:
 
     # ------------------------------------------------------------------ continuous batching
 
+    def _drop_cancelled(self) -> None:
+        """(Lock held.) Waiting jobs whose client went away leave the queue, their futures cancelled."""
+        for job in [j for j in self._jobs if j.item.cancelled]:
+            self._jobs.remove(job)
+            job.future.cancel()
+            self.cancelled += 1
+
     def _admit(self) -> tuple[list[_Job], list[_Job]]:
         """(Lock held.) Waiting caption jobs that may join now — adapter ready, room in the batch and in
         the loaded set — in arrival order; and waiting jobs of another kind (run as fixed batches).
         While sequences are running, newcomers join together: when they fill the free room, or when the
         oldest has waited ``max_wait`` (one prefill of several costs less than several of one)."""
+        self._drop_cancelled()
         room = self.max_batch - self.engine.active
         if self.engine.active and self._jobs:
             waited = time.monotonic() - self._jobs[0].since
@@ -240,4 +249,9 @@ class Batcher:
 
     def _finish(self, done) -> None:
         for seq in done:
-            self._running.pop(id(seq.request)).future.set_result(self.engine.answer(seq))
+            job = self._running.pop(id(seq.request))
+            if seq.finish_reason == "cancelled":
+                job.future.cancel()
+                self.cancelled += 1
+            else:
+                job.future.set_result(self.engine.answer(seq))

@@ -70,6 +70,7 @@ class Item:
     max_new_tokens: int | None = None
     on_text: Callable[[str], None] | None = None
     routed_from: str | None = None  # the router's name, once the router gave this item its expert
+    cancelled: bool = False  # set when its client went away (a streamed answer's connection closed)
 
 
 class RequestError(MmloraError):
@@ -334,8 +335,8 @@ class Engine:
         self.ensure({i.adapter for i in items}, keep=self.in_use)
         if self.running is None:
             self.running = RunningBatch(self.base, self.processor, self.route)
-        requests = [Request(i.image, i.prompt, i.adapter, i.max_new_tokens or self.max_new_tokens, i.on_text, handle=i)
-                    for i in items]
+        requests = [Request(i.image, i.prompt, i.adapter, i.max_new_tokens or self.max_new_tokens, i.on_text, handle=i,
+                            gone=lambda i=i: i.cancelled) for i in items]
         return self.running.join(requests)
 
     def step(self) -> list[Decoding]:
@@ -349,7 +350,8 @@ class Engine:
         return rows
 
     def answer(self, seq: Decoding) -> dict:
-        """The result of a finished sequence: its caption, why it ended (``stop`` | ``length``), token counts."""
+        """The result of a finished sequence: its caption, why it ended (``stop`` | ``length`` | ``cancelled``),
+        token counts."""
         text = self.processor.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
         out = {"caption": text, "finish_reason": seq.finish_reason,
                "prompt_tokens": seq.prompt_tokens, "completion_tokens": len(seq.tokens) + (seq.finish_reason == "stop")}

@@ -91,8 +91,9 @@ def _grown(t: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
 
 
 def kind_of(name: str, module: nn.Linear) -> tuple:
-    """The kind of an adapted layer: its path with the layer numbers left out, and its shape."""
-    return re.sub(r"\.\d+(?=\.|$)", ".#", name), module.in_features, module.out_features
+    """The kind of an adapted layer: its path with the layer numbers left out, its shape and its device
+    (a model split over devices keeps each kind's stacks beside its layers)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name), module.in_features, module.out_features, str(module.weight.device)
 
 
 class _Kind:
@@ -149,10 +150,10 @@ class _Kind:
         """Hand each layer its share of the batch's rows (``[B, w]`` row indices, ``g_rows`` ``[B]``): one
         ``index_select`` per tensor for all the kind's layers."""
         n, w = rows.shape
-        flat = rows.reshape(-1)
+        flat = rows.reshape(-1).to(self.A.device)  # the tables live on the CPU, the stacks beside their layers
         A = self.A.index_select(1, flat).view(len(self.stacks), n, w, -1)
         B = self.B.index_select(1, flat).view(len(self.stacks), n, w, -1)
-        G = self.g.index_select(1, g_rows) if g_rows is not None else None
+        G = self.g.index_select(1, g_rows.to(self.g.device)) if g_rows is not None else None
         for i, stack in enumerate(self.stacks):
             if adapted[i]:
                 stack.set(n, A[i].transpose(1, 2), B[i], G[i] if G is not None and dora[i] else None)

@@ -156,7 +156,7 @@ def add_openai_routes(app, engine: Engine, submit: Callable[[Item], Any], outcom
             return ApiError(err.status_code, str(err.detail)).response()
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": item.adapter}
         if options["stream"]:
-            return StreamingResponse(_events(meta, future, queue, outcome, options["usage"]),
+            return StreamingResponse(_events(meta, item, future, queue, outcome, options["usage"]),
                                      media_type="text/event-stream")
         try:
             result = await outcome(future)
@@ -168,8 +168,18 @@ def add_openai_routes(app, engine: Engine, submit: Callable[[Item], Any], outcom
         return meta | {"object": "chat.completion", "choices": [choice], "usage": _usage(result)} | routed
 
 
-async def _events(meta: dict, future, queue: asyncio.Queue, outcome, usage: bool) -> AsyncIterator[str]:
-    """The server-sent events of one streamed answer."""
+async def _events(meta: dict, item: Item, future, queue: asyncio.Queue, outcome, usage: bool) -> AsyncIterator[str]:
+    """The server-sent events of one streamed answer; if the client goes away before its end, the
+    request is cancelled (dropped from the queue, or from the running batch at the next decoding step)."""
+    try:
+        async for event in _stream_events(meta, future, queue, outcome, usage):
+            yield event
+    finally:
+        if not future.done():
+            item.cancelled = True
+
+
+async def _stream_events(meta: dict, future, queue: asyncio.Queue, outcome, usage: bool) -> AsyncIterator[str]:
     def chunk(delta: dict, finish: str | None = None) -> str:
         body = meta | {"object": "chat.completion.chunk",
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}

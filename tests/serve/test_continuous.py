@@ -164,3 +164,32 @@ def test_a_poisoned_prefill_fails_alone(kind_runs, images):
     finally:
         batcher.stop()
     assert batcher.retried == 1 and batcher.batch_sizes.count(1) == 3  # one failed prefill, then each alone
+
+
+def test_a_cancelled_request_leaves_and_the_others_keep_their_answers(kind_runs, images):
+    """A request whose client went away leaves the running batch at the next step (``cancelled``, its
+    future cancelled), or the queue before it joins; the sequences beside it still get their answer alone."""
+    from mmlora.serve.batcher import Batcher
+
+    engine = Engine("tiny-llava", {"lora": kind_runs["lora"]}, mode="gathered", max_new_tokens=6)
+    stay, leave = (Item("caption", "lora", images[k], "Describe.") for k in (0, 1))
+    seqs = engine.join([stay, leave])
+    engine.step()
+    leave.cancelled = True
+    done = engine.step()
+    assert [s.request.handle for s in done] == [leave] and done[0].finish_reason == "cancelled"
+    assert engine.active == 1 and len(done[0].tokens) == 2  # the first token at the join, one step
+    while engine.active:
+        done = engine.step()
+    assert engine.answer(seqs[0])["caption"] == caption_alone(kind_runs["lora"], images[0], 6, "Describe.")
+
+    batcher = Batcher(engine, max_batch=4, max_wait_ms=300)
+    waiting = Item("caption", "lora", images[1], "Describe.")
+    futures = [batcher.submit(waiting), batcher.submit(Item("caption", "lora", images[0], "Describe."))]
+    waiting.cancelled = True  # before the worker starts: it never joins
+    batcher.start()
+    try:
+        assert futures[1].result(timeout=60)["caption"] == caption_alone(kind_runs["lora"], images[0], 6, "Describe.")
+        assert futures[0].cancelled() and batcher.cancelled == 1
+    finally:
+        batcher.stop()

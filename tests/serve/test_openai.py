@@ -94,3 +94,35 @@ def test_a_prompt_with_the_image_placeholder_is_refused(server):
     client, _, images = server
     with pytest.raises(openai.BadRequestError, match="placeholder"):
         client.chat.completions.create(model="lora", messages=_message(images[0], "look: <image>"))
+
+
+def test_a_stream_closed_by_its_client_stops_decoding(tiny_llava_dir, shapes_small, tmp_path):
+    """The client reads the first piece and hangs up: the server cancels the request and its sequence
+    leaves the running batch long before its budget (each step slowed to 20 ms to leave time to see it)."""
+    import json
+    import time
+
+    import httpx
+
+    runs = {"lora": make_run(tmp_path / "lora", "tiny-llava", KINDS["lora"], 21)}
+    engine = Engine("tiny-llava", runs, mode="gathered", max_new_tokens=200)
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+
+    engine.step = slow_step
+    image = Image.open(sorted((shapes_small / "world_B/images/test").glob("*.png"))[0]).convert("RGB")
+    app = create_app(engine, max_batch=4, max_wait_ms=5)
+    with on_loopback(app) as url:
+        body = {"model": "lora", "messages": _message(image), "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break  # the first piece of the answer: hang up
+        deadline = time.monotonic() + 30
+        while app.state.batcher.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.batcher.cancelled == 1 and engine.active == 0
+        assert sum(app.state.batcher.running_sizes) < 100  # it left after a few steps, not after 200
