@@ -206,19 +206,22 @@ def note(args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str
             f"memory after the warm-up less before the server started, each read after glibc's malloc_trim.)\n")
 
 
-def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_new_tokens: int, repeats: int = 5) -> dict:
+def profile_step(base: str, runs: dict[str, Path], mode: str, batch: int, max_new_tokens: int, images: list[bytes],
+                 repeats: int = 5) -> dict:
     """Where one batch's time goes, in the engine (no HTTP): the processor (image preprocessing and
     tokenisation), the model's first forward (prefill, vision tower included), the later forwards
     (decode steps) and the rest (generation's Python, routing, decoding the text). Milliseconds, of
-    the median (by total) of ``repeats`` batches of ``batch`` requests over the adapters in turn."""
+    the median (by total) of ``repeats`` batches of ``batch`` caption requests (the server's default
+    prompt, the load test's images in turn) over the adapters in turn."""
     from PIL import Image
 
+    from mmlora.data.samples import CAPTION_PROMPT
     from mmlora.serve.engine import Item
 
     engine = _engine(base, runs, mode, max_new_tokens)
     names = list(runs)
-    items = [Item("caption", names[i % len(names)], Image.new("RGB", (64, 64), (200, 40, 40)), "Describe.")
-             for i in range(batch)]
+    pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    items = [Item("caption", names[i % len(names)], pictures[i % len(pictures)], CAPTION_PROMPT) for i in range(batch)]
 
     def run_batch() -> None:  # one batch start to end: continuous (join, steps) or fixed (generate)
         if engine.continuous:
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="new tokens per request; several (4,16,48): each request draws its budget from them")
     p.add_argument("--profile", action="store_true",
                    help="also break one batch of --max-batch requests into processor / prefill / decode / other "
-                        "(engine only, per mode, at the largest --adapters)")
+                        "(engine only, per mode and number of adapters)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="time limit per cell")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the server (default 1: beside the clients' process on a small machine, two "
@@ -348,10 +351,12 @@ def run_load_test(args: argparse.Namespace) -> int:
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
         profiles = []
-        for mode in modes if args.profile else []:
-            if mode.partition("-")[0] in ("gathered", "mixed") and not any(
-                    r["mode"] == mode and r["adapters"] == max(counts) and "refused" in r for r in rows):
-                profiles.append(profile_step(args.base, all_runs, mode, args.max_batch, max(budgets)))
+        for n in counts if args.profile else []:  # the same batches at each number of adapters, no HTTP
+            runs = dict(list(all_runs.items())[:n])
+            for mode in modes:
+                if mode.partition("-")[0] in ("gathered", "mixed") and not any(
+                        r["mode"] == mode and r["adapters"] == n and "refused" in r for r in rows):
+                    profiles.append(profile_step(args.base, runs, mode, args.max_batch, max(budgets), images))
     text = table(rows) + note(args, load_before, os.getloadavg())
     if profiles:
         text += ("\n| mode | adapters | batch | processor ms | prefill ms | decode ms (steps) | other ms | total ms |\n"

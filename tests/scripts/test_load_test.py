@@ -23,7 +23,8 @@ def test_load_test_on_a_tiny_shape(tmp_path, tiny_llava_dir):
                         "--max-seconds", "60", "--profile", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "load_test.json").read_text())
     rows = report["rows"]
-    assert [q["mode"] for q in report["profiles"]] == ["gathered", "gathered-fixed"]  # mixed refused at 3
+    assert [(q["adapters"], q["mode"]) for q in report["profiles"]] == [
+        (1, "gathered"), (1, "gathered-fixed"), (1, "mixed"), (3, "gathered"), (3, "gathered-fixed")]  # mixed refused at 3
     for q in report["profiles"]:
         parts = q["processor"] + q["prefill"] + q["decode"] + q["other"]
         assert abs(parts - q["total"]) < 1e-6 * max(1.0, q["total"]) + 1e-3 and min(q["processor"], q["prefill"]) > 0
