@@ -41,6 +41,8 @@ def _segments_of(position_ids: torch.Tensor, batch: int) -> list[list[int]]:
     """:func:`_segments`, read once per forward: the layers after the first (and checkpointing's
     recomputation) get the same ``position_ids`` tensor and skip the device-to-host copy."""
     global _last
+    if torch.is_inference(position_ids):  # no version counter to check a cached reading against
+        return _segments(position_ids, batch)
     if _last is None or _last[0] is not position_ids or _last[1] != batch or position_ids._version != _last[3]:
         _last = (position_ids, batch, _segments(position_ids, batch), position_ids._version)
     return _last[2]

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmlora.runs.compose import BASE
 from mmlora.serve.engine import Engine, Item
@@ -34,6 +35,17 @@ from mmlora.serve.engine import Engine, Item
 
 class QueueFull(Exception):
     """The queue holds ``max_queue`` items already."""
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Give ``future`` its result or error, unless it has one already: a future cancelled meanwhile (its
+    client went away, or the awaiting task was cancelled and cancelled it) takes neither."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 @dataclass
@@ -91,6 +103,7 @@ class Batcher:
         """Queue ``item``; its future gets the engine's result dict (or the batch's exception)."""
         job = _Job(item)
         with self._cv:
+            self._drop_cancelled()  # what nobody waits for does not hold a place
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} requests are waiting (limit {self.max_queue}); retry later")
             self._jobs.append(job)
@@ -100,7 +113,10 @@ class Batcher:
     # ------------------------------------------------------------------ fixed batches
 
     def _take(self) -> list[_Job]:
-        """The next fixed batch (call with the lock held and the queue non-empty)."""
+        """The next fixed batch, maybe empty (call with the lock held and the queue non-empty)."""
+        self._drop_cancelled()
+        if not self._jobs:
+            return []
         key = self.engine.batch_key(self._jobs[0].item)
         adapters: set[str] = set()
         batch: list[_Job] = []
@@ -147,7 +163,7 @@ class Batcher:
             out = call([job.item for job in jobs])
         except Exception as err:  # noqa: BLE001 — one bad request must not stop the worker
             if len(jobs) == 1:
-                jobs[0].future.set_exception(err)
+                _settle(jobs[0].future, error=err)
                 return
             self.retried += 1
             for job in jobs:
@@ -161,9 +177,10 @@ class Batcher:
         """Run a fixed ``batch`` to the end (each item alone if it fails)."""
         def deliver(jobs: list[_Job], results: list[dict]) -> None:
             for job, result in zip(jobs, results):
-                job.future.set_result(result)
+                _settle(job.future, result)
 
-        self._isolating(batch, self.engine.run, deliver)
+        if batch:
+            self._isolating(batch, self.engine.run, deliver)
 
     # ------------------------------------------------------------------ continuous batching
 
@@ -243,7 +260,12 @@ class Batcher:
             done = self.engine.step()
         except Exception as err:  # noqa: BLE001 — our bug or the machine's: the sequences it ran fail, the server lives
             for seq in self.engine.abort():
-                self._running.pop(id(seq.request)).future.set_exception(err)
+                _settle(self._running.pop(id(seq.request)).future, error=err)
+            for key, job in list(self._running.items()):  # cancelled ones the step let go before it failed
+                if job.item.cancelled:
+                    del self._running[key]
+                    job.future.cancel()
+                    self.cancelled += 1
             return
         self._finish(done)
 
@@ -254,4 +276,4 @@ class Batcher:
                 job.future.cancel()
                 self.cancelled += 1
             else:
-                job.future.set_result(self.engine.answer(seq))
+                _settle(job.future, self.engine.answer(seq))

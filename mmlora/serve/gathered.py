@@ -74,7 +74,12 @@ class _Rows:
         return start
 
     def give(self, start: int, count: int) -> None:
-        if start + count == self.end:  # the last block: shrink the end instead of keeping a hole
+        """Free ``count`` rows from ``start``: merged with the holes beside them, and the end pulled back
+        over a hole that reaches it (so mixed ranks coming and going do not fragment the rows)."""
+        for hole in [h for h in self.holes if h[0] + h[1] == start or start + count == h[0]]:
+            self.holes.remove(hole)
+            start, count = min(start, hole[0]), count + hole[1]
+        if start + count == self.end:
             self.end = start
         else:
             self.holes.append((start, count))
@@ -339,7 +344,7 @@ class LoraPool:
                 kind.single(start, [ranks[j] for j in js], g_row, [bool(dora[j]) for j in js])
             return
         counts = self.count[:n_k, index]  # [K, B]
-        width = int(counts.max()) if n_k else 0  # the batch's largest row count: every sample pads to it
+        width = int(counts.max()) if counts.numel() else 0  # the batch's largest row count: every sample pads to it
         if not width:
             for kind in kinds:
                 kind.off()

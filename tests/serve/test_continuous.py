@@ -187,9 +187,13 @@ def test_a_cancelled_request_leaves_and_the_others_keep_their_answers(kind_runs,
     waiting = Item("caption", "lora", images[1], "Describe.")
     futures = [batcher.submit(waiting), batcher.submit(Item("caption", "lora", images[0], "Describe."))]
     waiting.cancelled = True  # before the worker starts: it never joins
+    abandoned = batcher.submit(Item("caption", "lora", images[1], "Describe."))
+    abandoned.cancel()  # what asyncio does to the future when the awaiting task is cancelled: the worker lives on
     batcher.start()
     try:
         assert futures[1].result(timeout=60)["caption"] == caption_alone(kind_runs["lora"], images[0], 6, "Describe.")
         assert futures[0].cancelled() and batcher.cancelled == 1
+        later = batcher.submit(Item("caption", "lora", images[1], "Describe."))
+        assert later.result(timeout=60)["caption"] == caption_alone(kind_runs["lora"], images[1], 6, "Describe.")
     finally:
         batcher.stop()

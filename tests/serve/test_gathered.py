@@ -119,6 +119,21 @@ def test_stacks_are_rank_exact_and_freed_rows_are_reused(toy):
             assert torch.allclose(out[row], model(x[row:row + 1])[0], atol=1e-5), name
 
 
+def test_freed_rows_merge_and_the_end_comes_back():
+    from mmlora.serve.gathered import _Rows
+
+    rows = _Rows()
+    a, b, c, d = (rows.take(n) for n in (4, 4, 8, 2))
+    assert (a, b, c, d, rows.end) == (1, 5, 9, 17, 19)
+    rows.give(b, 4)
+    rows.give(a, 4)  # beside b's rows: one hole of 8
+    assert rows.holes == [(1, 8)] and rows.take(8) == 1  # an 8-row adapter fits where two 4-row ones were
+    rows.give(1, 8)
+    rows.give(c, 8)  # merges with the hole before it: 16 rows from 1
+    rows.give(d, 2)  # the last block: the end comes back over everything freed
+    assert rows.holes == [] and rows.end == 1
+
+
 class _Blocks(nn.Module):
     def __init__(self):
         super().__init__()
