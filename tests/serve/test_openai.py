@@ -113,7 +113,7 @@ def test_a_stream_closed_by_its_client_stops_decoding(tiny_llava_dir, shapes_sma
         return step()
 
     engine.step = slow_step
-    image = Image.open(sorted((shapes_small / "world_B/images/test").glob("*.png"))[0]).convert("RGB")
+    image = Image.open(min((shapes_small / "world_B/images/test").glob("*.png"))).convert("RGB")
     app = create_app(engine, max_batch=4, max_wait_ms=5)
     with on_loopback(app) as url:
         body = {"model": "lora", "messages": _message(image), "max_tokens": 200, "stream": True}
