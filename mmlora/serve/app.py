@@ -22,6 +22,7 @@ import asyncio
 import base64
 import io
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from mmlora.serve.openai_api import add_openai_routes
 
 require("fastapi", "serve", "the HTTP API (mmlora serve)")  # one line that says how to install it
 # At module level: FastAPI reads the routes' (string) annotations from this module's globals.
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse
 
 PAGE = Path(__file__).with_name("page.html")
@@ -79,6 +80,21 @@ def decode_image(data: bytes, limits: Limits):
         raise HTTPException(413, f"image refused: {err}") from None
     except Exception as err:  # noqa: BLE001 — PIL raises many kinds for broken files
         raise HTTPException(400, f"image could not be decoded ({type(err).__name__}: {err})") from None
+
+
+async def while_connected(answer: Awaitable[dict], item: Item, request: Request, poll_s: float = 0.1) -> dict:
+    """``answer``'s result; if the client disconnects first, ``item`` is cancelled (it leaves the queue,
+    or the running batch at the next decoding step) and nobody is answered (499, the status nginx logs
+    for a client that closed its request)."""
+    task = asyncio.ensure_future(answer)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll_s)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            item.cancelled = True
+            task.cancel()
+            raise HTTPException(499, "the client closed the request")
 
 
 def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait_ms: float = 10.0,
@@ -135,9 +151,9 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
         except Exception as err:  # noqa: BLE001 — it failed alone, on our side: a 500, the server lives
             raise HTTPException(500, f"inference failed: {type(err).__name__}: {err}") from None
 
-    async def answer(item: Item) -> dict:
+    async def answer(item: Item, request: Request) -> dict:
         start = time.perf_counter()
-        result = await outcome(submit(item))
+        result = await while_connected(outcome(submit(item)), item, request)
         return result | {"adapter": item.adapter, "latency_ms": round(1000 * (time.perf_counter() - start), 2)}
 
     @app.get("/", response_class=HTMLResponse)
@@ -153,8 +169,8 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
                 "queue": batcher.waiting, "max_queue": batcher.max_queue}
 
     @app.post("/caption")
-    async def caption(image: UploadFile = File(...), adapter: str | None = Form(None), prompt: str | None = Form(None),
-                      max_new_tokens: int | None = Form(None)):
+    async def caption(request: Request, image: UploadFile = File(...), adapter: str | None = Form(None),
+                      prompt: str | None = Form(None), max_new_tokens: int | None = Form(None)):
         adapter = check_adapter(adapter)
         if prompt is not None and len(prompt) > limits.max_prompt_chars:
             raise HTTPException(400, f"prompt is longer than {limits.max_prompt_chars} characters")
@@ -162,10 +178,10 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
             raise HTTPException(400, f"max_new_tokens must be from 1 to {engine.max_new_tokens} (the server's --max-new-tokens)")
         item = Item("caption", adapter, await read_image(image), prompt=(prompt or "").strip() or CAPTION_PROMPT,
                     max_new_tokens=max_new_tokens)
-        return await answer(item)
+        return await answer(item, request)
 
     @app.post("/segment")
-    async def segment(image: UploadFile = File(...), adapter: str = Form(...), classes: str = Form(...)):
+    async def segment(request: Request, image: UploadFile = File(...), adapter: str = Form(...), classes: str = Form(...)):
         adapter = check_adapter(adapter)
         names = [c.strip() for c in classes.split(",") if c.strip()]
         if len(names) < 2:
@@ -173,12 +189,12 @@ def create_app(engine: Engine, max_queue: int = 64, max_batch: int = 8, max_wait
         if len(names) > limits.max_classes:
             raise HTTPException(400, f"{len(names)} classes; the limit is {limits.max_classes}")
         img = await read_image(image)
-        result = await answer(Item("segment", adapter, img, classes=names))
+        result = await answer(Item("segment", adapter, img, classes=names), request)
         mask = result.pop("mask")
         mask_img, blend = colour_mask(mask.numpy(), len(names)), render_overlay(img, mask.numpy(), names)
         fractions = {c: round(float((mask == k).float().mean()), 4) for k, c in enumerate(names)}
         return result | {"mask_png": _png(mask_img), "overlay_png": _png(blend), "classes": names,
                          "fractions": fractions, "size": list(img.size)}
 
-    add_openai_routes(app, engine, submit, outcome, lambda data: decode_image(data, limits))
+    add_openai_routes(app, engine, submit, outcome, lambda data: decode_image(data, limits), while_connected)
     return app

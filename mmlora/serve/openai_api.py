@@ -124,9 +124,10 @@ def _usage(result: dict) -> dict | None:
 
 
 def add_openai_routes(app, engine: Engine, submit: Callable[[Item], Any], outcome: Callable[[Any], Any],
-                      decode: Callable[[bytes], Any]) -> None:
-    """Add ``/v1/models`` and ``/v1/chat/completions`` to ``app``; ``submit`` and ``outcome`` are the
-    API's own (checks, queue, errors), ``decode`` its image decoder."""
+                      decode: Callable[[bytes], Any], while_connected: Callable[..., Any]) -> None:
+    """Add ``/v1/models`` and ``/v1/chat/completions`` to ``app``; ``submit``, ``outcome`` and
+    ``while_connected`` are the API's own (checks, queue, errors, a client that hangs up), ``decode``
+    its image decoder."""
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -159,7 +160,7 @@ def add_openai_routes(app, engine: Engine, submit: Callable[[Item], Any], outcom
             return StreamingResponse(_events(meta, item, future, queue, outcome, options["usage"]),
                                      media_type="text/event-stream")
         try:
-            result = await outcome(future)
+            result = await while_connected(outcome(future), item, request)
         except HTTPException as err:
             return ApiError(err.status_code, str(err.detail)).response()
         choice = {"index": 0, "message": {"role": "assistant", "content": result["caption"]},

@@ -96,13 +96,9 @@ def test_a_prompt_with_the_image_placeholder_is_refused(server):
         client.chat.completions.create(model="lora", messages=_message(images[0], "look: <image>"))
 
 
-def test_a_stream_closed_by_its_client_stops_decoding(tiny_llava_dir, shapes_small, tmp_path):
-    """The client reads the first piece and hangs up: the server cancels the request and its sequence
-    leaves the running batch long before its budget (each step slowed to 20 ms to leave time to see it)."""
-    import json
+def _slow_server(tmp_path, shapes_small):
+    """A server whose decoding steps take 20 ms each (time to see a client leave), and one image."""
     import time
-
-    import httpx
 
     runs = {"lora": make_run(tmp_path / "lora", "tiny-llava", KINDS["lora"], 21)}
     engine = Engine("tiny-llava", runs, mode="gathered", max_new_tokens=200)
@@ -114,15 +110,53 @@ def test_a_stream_closed_by_its_client_stops_decoding(tiny_llava_dir, shapes_sma
 
     engine.step = slow_step
     image = Image.open(min((shapes_small / "world_B/images/test").glob("*.png"))).convert("RGB")
-    app = create_app(engine, max_batch=4, max_wait_ms=5)
+    return engine, create_app(engine, max_batch=4, max_wait_ms=5), image
+
+
+def _left_early(app, engine) -> None:
+    """The request was cancelled and its sequence left after a few steps, not after its 200."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while app.state.batcher.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.state.batcher.cancelled == 1 and engine.active == 0
+    assert sum(app.state.batcher.running_sizes) < 100
+
+
+def test_a_stream_closed_by_its_client_stops_decoding(tiny_llava_dir, shapes_small, tmp_path):
+    """The client reads the first piece and hangs up: the server cancels the request."""
+    import json
+
+    import httpx
+
+    engine, app, image = _slow_server(tmp_path, shapes_small)
     with on_loopback(app) as url:
         body = {"model": "lora", "messages": _message(image), "max_tokens": 200, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
                 if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                     break  # the first piece of the answer: hang up
-        deadline = time.monotonic() + 30
-        while app.state.batcher.cancelled == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert app.state.batcher.cancelled == 1 and engine.active == 0
-        assert sum(app.state.batcher.running_sizes) < 100  # it left after a few steps, not after 200
+        _left_early(app, engine)
+
+
+@pytest.mark.parametrize("route", ["/caption", "/v1/chat/completions"])
+def test_a_client_that_gives_up_waiting_stops_its_decoding(route, tiny_llava_dir, shapes_small, tmp_path):
+    """Not streamed: the client times out and closes the connection; the server sees it between polls
+    and cancels the request."""
+    import io
+
+    import httpx
+
+    engine, app, image = _slow_server(tmp_path, shapes_small)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    with on_loopback(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            if route == "/caption":
+                httpx.post(url + route, data={"adapter": "lora", "max_new_tokens": "200"},
+                           files={"image": ("x.png", png.getvalue(), "image/png")}, timeout=0.5)
+            else:
+                httpx.post(url + route, json={"model": "lora", "messages": _message(image), "max_tokens": 200},
+                           timeout=0.5)
+        _left_early(app, engine)
