@@ -184,12 +184,15 @@ class Batcher:
 
     # ------------------------------------------------------------------ continuous batching
 
+    def _cancel(self, job: _Job) -> None:
+        job.future.cancel()
+        self.cancelled += 1
+
     def _drop_cancelled(self) -> None:
         """(Lock held.) Waiting jobs whose client went away leave the queue, their futures cancelled."""
         for job in [j for j in self._jobs if j.item.cancelled]:
             self._jobs.remove(job)
-            job.future.cancel()
-            self.cancelled += 1
+            self._cancel(job)
 
     def _admit(self) -> tuple[list[_Job], list[_Job]]:
         """(Lock held.) Waiting caption jobs that may join now — adapter ready, room in the batch and in
@@ -263,9 +266,7 @@ class Batcher:
                 _settle(self._running.pop(id(seq.request)).future, error=err)
             for key, job in list(self._running.items()):  # cancelled ones the step let go before it failed
                 if job.item.cancelled:
-                    del self._running[key]
-                    job.future.cancel()
-                    self.cancelled += 1
+                    self._cancel(self._running.pop(key))
             return
         self._finish(done)
 
@@ -273,7 +274,6 @@ class Batcher:
         for seq in done:
             job = self._running.pop(id(seq.request))
             if seq.finish_reason == "cancelled":
-                job.future.cancel()
-                self.cancelled += 1
+                self._cancel(job)
             else:
                 _settle(job.future, self.engine.answer(seq))

@@ -241,9 +241,10 @@ class LoraPool:
         self.modules = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear)}
         self.layers: dict[str, LayerStack] = {}
         self.kinds: dict[tuple, _Kind] = {}
-        self._where: dict[str, tuple[int, int]] = {}  # layer → (kind number, index in the kind)
+        # layer → (kind number, index in the kind, number in ``layers``: its row of the layer tables)
+        self._where: dict[str, tuple[int, int, int]] = {}
+        self._numbers: list[list[int]] = []  # per kind, the numbers of its layers, in the kind's order
         self.slot: dict[str, int] = {}  # adapter → slot (≥ 1; slot 0: the base)
-        self.targets: dict[str, list[str]] = {}  # adapter → the layers it adapts
         self._free: list[int] = []
         # [kind, slot] → first row, row count, g row (0: none); [layer, slot] → rank, DoRA (0/1)
         self.start = torch.zeros(0, 1, dtype=torch.long)
@@ -253,7 +254,6 @@ class LoraPool:
         self.dora = torch.zeros(0, 1, dtype=torch.long)
         self.version = 0  # bumped whenever a slot's content changes: gathered tensors older than it are stale
         self._gathered: tuple | None = None  # (version, rows) of what the stacks hold gathered now
-        self._kind_layers: dict = {}
 
     @property
     def names(self) -> list[str]:
@@ -271,15 +271,18 @@ class LoraPool:
                 new[: t.shape[0], : t.shape[1]] = t
                 setattr(self, key, new)
 
-    def _layer(self, name: str) -> tuple[int, int]:
-        """The (kind number, index in the kind) of adapted layer ``name``, stacking it on first use."""
+    def _layer(self, name: str) -> tuple[int, int, int]:
+        """Where adapted layer ``name`` is (see ``_where``), stacking it on first use."""
         if name not in self._where:
             module = self.modules[name]
             key = kind_of(name, module)
             if key not in self.kinds:
                 self.kinds[key] = _Kind(module)
+                self._numbers.append([])
             stack = self.layers[name] = LayerStack(module)
-            self._where[name] = (list(self.kinds).index(key), self.kinds[key].add_layer(stack))
+            k = list(self.kinds).index(key)
+            self._where[name] = (k, self.kinds[key].add_layer(stack), len(self.layers) - 1)
+            self._numbers[k].append(len(self.layers) - 1)
         return self._where[name]
 
     def kind(self, layer: str) -> _Kind:
@@ -293,22 +296,20 @@ class LoraPool:
         slot = self._free.pop() if self._free else len(self.slot) + 1
         by_kind: dict[int, dict[int, Parts]] = {}
         for layer_name, p in parts.items():
-            k, i = self._layer(layer_name)
+            k, i, _ = self._layer(layer_name)
             by_kind.setdefault(k, {})[i] = p
         self._tables(slot + 1)
         kinds = list(self.kinds.values())
-        layer_number = {n: j for j, n in enumerate(self.layers)}
         for k, kind_parts in by_kind.items():
             self.start[k, slot], self.count[k, slot], self.g_row[k, slot] = kinds[k].put(kind_parts)
         for layer_name, (a, _, g) in parts.items():
-            j = layer_number[layer_name]
+            j = self._where[layer_name][2]
             self.rank[j, slot], self.dora[j, slot] = a.shape[0], int(g is not None)
-        self.slot[name], self.targets[name] = slot, list(parts)
+        self.slot[name] = slot
         self.version += 1
 
     def remove(self, name: str) -> None:
         slot = self.slot.pop(name)
-        self.targets.pop(name)
         for k, kind in enumerate(self.kinds.values()):
             if self.count[k, slot]:
                 kind.drop(int(self.start[k, slot]), int(self.count[k, slot]), int(self.g_row[k, slot]))
@@ -324,19 +325,9 @@ class LoraPool:
             raise KeyError(f"adapters {missing} are not paged in (loaded: {self.names})")
         return torch.tensor([0 if a == BASE else self.slot[a] for a in adapters], dtype=torch.long)
 
-    def _numbers(self) -> list[list[int]]:
-        """Per kind, the numbers (in ``self.layers`` order, the rows of the layer tables) of its layers."""
-        if self._kind_layers.get("n") != len(self.layers):
-            numbers = [[0] * len(kind.stacks) for kind in self.kinds.values()]
-            for j, name in enumerate(self.layers):
-                k, i = self._where[name]
-                numbers[k][i] = j
-            self._kind_layers = {"n": len(self.layers), "numbers": numbers}
-        return self._kind_layers["numbers"]
-
     def _gather(self, index: torch.Tensor | None, single: int | None) -> None:
         kinds, n_k, n_l = list(self.kinds.values()), len(self.kinds), len(self.layers)
-        numbers = self._numbers()
+        numbers = self._numbers
         if single is not None:
             ranks, dora = self.rank[:n_l, single].tolist(), self.dora[:n_l, single].tolist()
             for kind, js, start, g_row in zip(kinds, numbers, self.start[:n_k, single].tolist(),

@@ -647,8 +647,8 @@ class Trainer:
             bar.close()
         self.save_checkpoint()
         final = self.save_final()
-        # trackers finished, and the process group destroyed: a process that exits with it alive can
-        # abort in its teardown ("terminate called without an active exception") after a good run
+        # trackers finished, and the process group destroyed, as torch.distributed asks of a process
+        # before it exits (a no-op in a single process)
         self.accelerator.end_training()
         report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
         return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
