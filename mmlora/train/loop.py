@@ -647,12 +647,23 @@ class Trainer:
             bar.close()
         self.save_checkpoint()
         final = self.save_final()
-        # trackers finished, and the process group destroyed, as torch.distributed asks of a process
-        # before it exits (a no-op in a single process)
-        self.accelerator.end_training()
+        self._end_processes()
         report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
         return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
                 "bad_samples": report, "allocation": self.allocation_text}
+
+    def _end_processes(self) -> None:
+        """Trackers finished and the process group destroyed while Python still runs, as
+        torch.distributed asks of a process before it exits. DDP's wrapper keeps the process group
+        alive (its reducer holds it and the gloo work of the last all-reduce, tensors included): left
+        to the interpreter's exit, gloo destroys that work after Python is gone and the process aborts
+        ("terminate called without an active exception"). So the wrapper goes first: ``self.model``
+        becomes the unwrapped model (what callers read after ``train()``) and Accelerate lets go of its
+        references."""
+        if self.accelerator.num_processes > 1:
+            self.model = self.accelerator.unwrap_model(self.model)
+            self.accelerator.free_memory()  # drops Accelerate's model/optimizer lists; collects garbage
+        self.accelerator.end_training()
 
     def _steps(self, bar) -> float | None:
         """The loop: train, log, evaluate and checkpoint each step; returns the last validation loss."""
