@@ -98,3 +98,26 @@ def test_mixture_arms_differ_only_in_trainer_and_checkpointing():
         assert jobs[name]["train_overrides"] == {"batch_tokens": 936, "packing": {"enabled": True, "max_tokens": 2048}}
     with pytest.raises(SystemExit, match="reference"):
         mixture_jobs({}, 936, 2048, ["mmlora"])
+
+
+def test_padding_share_is_what_trainers_length_grouped_sampler_leaves():
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_bench.mixture import padding_share
+
+    assert padding_share([50] * 40, 4) == (0.0, 0.0, 0.0)
+    # 16 samples: one batch per mega-batch, so no grouping at all; by hand, seed 0's batches
+    lengths = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200, 300, 400, 500, 600, 700]
+    order = list(LengthGroupedSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+    batches = [[lengths[i] for i in order[k:k + 4]] for k in range(0, 16, 4)]
+    by_hand = 1 - sum(lengths) / sum(4 * max(b) for b in batches)
+    mean, low, high = padding_share(lengths, 4, seeds=1)
+    assert mean == low == high == pytest.approx(by_hand) and by_hand > 0.2
+    # a dataset of 800 sorts 200 samples at a time: of two lengths, at most one batch per mega-batch
+    # mixes them (3 short samples padded by 900 each)
+    many = [100, 1000] * 400
+    mean, _, high = padding_share(many, 4, seeds=3)
+    most = 4 * 3 * 900
+    assert 0 < high <= most / (most + sum(many)) and mean < padding_share(many[:32], 4, seeds=3)[0]
