@@ -2,7 +2,8 @@
 and the tensors that the initialisation makes live must have a non-zero one.
 
 Which tensors are live: with PEFT's default (and gaussian) init ``lora_B`` is zero, so ``lora_A``
-receives a zero gradient at step 1 and only ``lora_B`` must be non-zero; PiSSA/OLoRA start both
+receives a zero gradient at step 1 and only ``lora_B`` must be non-zero (on an embedding PEFT zeroes
+``lora_embedding_A`` instead, so only it must be); PiSSA/OLoRA start both
 non-zero; AdaLoRA starts its singular values ``lora_E`` at zero, so only they must be; DoRA
 magnitudes and ``full`` parameters always receive gradient.
 
@@ -36,7 +37,9 @@ def _must_be_live(name: str, both_factors_live: bool, adalora: bool) -> bool:
         return ".lora_E." in name
     if ".lora_A." in name or ".qalora_A." in name:  # QA-LoRA's B starts at zero too
         return both_factors_live
-    return ".lora_embedding_A." not in name  # lora_B, magnitudes, full parameters
+    if ".lora_embedding_B." in name:  # embeddings the other way round: A starts at zero, B random
+        return both_factors_live
+    return True  # lora_B, lora_embedding_A, magnitudes, full parameters
 
 
 def audit_gradients(model: nn.Module, raise_on_error: bool = True, *,
