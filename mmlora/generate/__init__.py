@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -65,12 +65,15 @@ def encode_requests(processor: Any, images: Sequence[Any], prompts: Sequence[str
 @torch.no_grad()
 def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts: str | Sequence[str] = CAPTION_PROMPT,
                      batch_size: int = 16, max_new_tokens: int = 64, num_beams: int = 1,
-                     adapter_names: Sequence[str] | None = None) -> list[str]:
+                     adapter_names: Sequence[str] | None = None,
+                     gone: Sequence[Callable[[], bool]] | None = None) -> list[str]:
     """Greedy (or beam) answers, one per image, with the KV cache.
 
     ``images``: RGB PIL images; ``prompts``: one prompt for all or one per image; ``adapter_names``
     (one per image) runs each image with its own PEFT adapter in the same batch. Prompts are left
-    padded so that every row ends where generation starts.
+    padded so that every row ends where generation starts. ``gone`` (greedy only; one per image): a
+    row whose ``gone()`` turns true stops at the next token (its answer is what it had), and the
+    batch stops once every row has stopped — for answers nobody waits for any more.
     """
     if isinstance(prompts, str):
         prompts = [prompts] * len(images)
@@ -89,11 +92,27 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
                               f"for {len(chunk)} (patches flattened, as Qwen2-VL does, or images cut into tiles): "
                               "run one adapter per batch (mmlora serve --mode switch or merged)")
         guard = _one_row_per_sample(model, len(chunk) * num_beams) if routed else contextlib.nullcontext()
+        stop = {}
+        if gone is not None and num_beams == 1:
+            from transformers import StoppingCriteriaList
+
+            stop = {"stopping_criteria": StoppingCriteriaList([_Gone(gone[k:k + batch_size])])}
         with guard:
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                 use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed)
+                                 use_cache=True, pad_token_id=tokenizer.pad_token_id, **routed, **stop)
         out += [s.strip() for s in processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
     return out
+
+
+class _Gone:
+    """A per-row stopping criterion for ``generate`` (transformers' protocol: a bool per row, the
+    rows that are true stop): the rows whose caller is gone."""
+
+    def __init__(self, gone: Sequence[Callable[[], bool]]):
+        self.gone = list(gone)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.tensor([g() for g in self.gone], dtype=torch.bool, device=input_ids.device)
 
 
 @contextlib.contextmanager

@@ -387,10 +387,11 @@ class Engine:
         (budget,) = {i.max_new_tokens or self.max_new_tokens for i in items}  # one per batch (batch_key)
         with routed:
             out = generate_answers(model, self.processor, [i.image for i in items], [i.prompt for i in items],
-                                   batch_size=len(items), max_new_tokens=budget, adapter_names=names)
+                                   batch_size=len(items), max_new_tokens=budget, adapter_names=names,
+                                   gone=[lambda i=i: i.cancelled for i in items])
         results = [{"caption": c} for c in out]
         for item, r in zip(items, results):
-            if item.on_text is not None and r["caption"]:
+            if item.on_text is not None and r["caption"] and not item.cancelled:
                 item.on_text(r["caption"])  # fixed batches stream the whole answer at once
         return results
 

@@ -82,3 +82,25 @@ def test_reserved_strings_hold_the_image_placeholder_and_special_tokens(tiny_lla
     reserved = reserved_strings(processor)
     assert processor.image_token in reserved and processor.tokenizer.eos_token in reserved
     assert not any(t in "Provide a one-sentence caption for the provided image." for t in reserved)
+
+
+def test_a_fixed_batch_stops_when_its_clients_are_gone(llava_runs, images):
+    """Fixed batches (switch, merged, mixed without continuous batching) stop a request whose client
+    went away at its next token: a batch of such requests stops after the prefill."""
+    from mmlora.data.samples import CAPTION_PROMPT
+
+    for mode in ("switch", "merged"):
+        engine = Engine("tiny-llava", llava_runs, mode=mode, max_loaded=1, max_new_tokens=8)
+        item = Item("caption", "red", images[0], CAPTION_PROMPT)
+        model = engine._model_for(["red"])[0]
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model  # what generate() calls
+        calls = []
+        hook = model.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            full = engine.run([item])[0]["caption"]
+            steps, calls[:] = len(calls), []
+            item.cancelled = True
+            engine.run([item])
+        finally:
+            hook.remove()
+        assert steps == 8 and len(full) > 0 and len(calls) == 1, mode  # 8 tokens, then 1 (the prefill)
