@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_bench.mixture import padding_share, prepare_mixture  # noqa: E402
-from train_bench.shapes import SHAPES, build_model_folder  # noqa: E402
+from train_bench.mixture import padding_share, prepare_mixture
+from train_bench.shapes import SHAPES, build_model_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,7 +95,7 @@ def test_a_fixed_batch_stops_when_its_clients_are_gone(llava_runs, images):
         model = engine._model_for(["red"])[0]
         model = model.get_base_model() if hasattr(model, "get_base_model") else model  # what generate() calls
         calls = []
-        hook = model.register_forward_hook(lambda *_: calls.append(1))
+        hook = model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         try:
             full = engine.run([item])[0]["caption"]
             steps, calls[:] = len(calls), []
