@@ -38,7 +38,7 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ from mmlora.train.allocation import AllocationTracker
 from mmlora.train.continual import Continual
 from mmlora.train.hooks import Evaluator, EventHook
 from mmlora.train.optim import base_name, build_optimizer, param_groups
+from mmlora.train.processes import Processes
 from mmlora.train.speed import apply_speedups
 from mmlora.train.watch import SHARDED, TrainingWatch, vocab_size
 
@@ -144,6 +145,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=t.trackers or None,
                                        project_dir=str(self.out), cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
+        self.processes = Processes(self.accelerator, self.run.checkpoints)
         set_seed(t.seed)
 
     def _setup_model(self) -> nn.Module:
@@ -252,10 +254,10 @@ class Trainer:
         """The run folder: resume from its latest checkpoint, or start it (recipe, run info, metrics)."""
         t = self.recipe.train
         self.fingerprint = self._fingerprint()
-        self._on_main("the run folder", self.out, lambda: self.out.mkdir(parents=True, exist_ok=True))
+        self.processes.on_main("the run folder", self.out, lambda: self.out.mkdir(parents=True, exist_ok=True))
         self._resume()
         if self.step == 0:
-            self._on_main("the run info", self.out, self._write_run_info)
+            self.processes.on_main("the run info", self.out, self._write_run_info)
         if t.trackers:
             self.accelerator.init_trackers(self.out.name, config={"recipe": json.loads(self.recipe.model_dump_json())})
 
@@ -317,35 +319,7 @@ class Trainer:
         if self.on_event is not None:
             self.on_event(where, self.step)
 
-    def _on_main(self, what: str, where: Path, write: Callable[[], Any], cleanup: Path | None = None) -> Any:
-        """``write()`` on the main process; a failed write (``ckpt.writing``) is a one-line error on every
-        process, so that the others do not wait for a main process that stopped. Returns what
-        ``write`` returned (None on the other processes)."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                with ckpt.writing(what, where, self.run.checkpoints, cleanup):
-                    result = write()
-            except MmloraError as err:
-                error = err
-        if self.accelerator.num_processes > 1 and self._all_sums(float(error is not None))[0] and error is None:
-            error = MmloraError(f"the main process could not write {what} ({where}); see its message")
-        if error is not None:
-            raise error
-        return result
-
     # ------------------------------------------------------------------ skipped samples
-
-    def _gather_entries(self, entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """The union of every process's skip entries (a collective in a multi-process run)."""
-        if self.accelerator.num_processes == 1:
-            return dict(entries)
-        from accelerate.utils import gather_object
-
-        out: dict[str, dict[str, Any]] = {}
-        for part in gather_object([entries]):
-            out.update(part)
-        return out
 
     def _new_skips(self) -> dict[str, dict[str, Any]]:
         return {k: skip_entry(b) for k, b in self.train_set.skipped.items() if k not in self._skipped}
@@ -355,11 +329,11 @@ class Trainer:
         process, training and validation, one JSON line each. A collective: every process calls it."""
         if self.recipe.data.on_bad_sample != "skip":
             return None
-        self._skipped.update(self._gather_entries(self.train_set.skip_entries()))
-        val = self._gather_entries(self.val_set.skip_entries()) if self.val_set is not None else {}
+        self._skipped.update(self.processes.unite(self.train_set.skip_entries()))
+        val = self.processes.unite(self.val_set.skip_entries()) if self.val_set is not None else {}
         entries = [{"split": "train", **e} for e in self._skipped.values()] + [{"split": "val", **e} for e in val.values()]
         path = self.run.bad_samples_file
-        self._on_main(path.name, path, lambda: write_skip_report(path, entries))
+        self.processes.on_main(path.name, path, lambda: write_skip_report(path, entries))
         return path
 
     def _reported_skips(self) -> dict[str, dict[str, Any]]:
@@ -421,7 +395,7 @@ class Trainer:
             rows = [line for line in text.splitlines() if line and json.loads(line)["step"] <= self.step]
             self.run.metrics_file.write_text("".join(row + "\n" for row in rows))
 
-        self._on_main(self.run.metrics_file.name, self.run.metrics_file, keep_metrics)
+        self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, keep_metrics)
         self._skipped.update(self._reported_skips())
         self.accelerator.print(f"resumed from {found} at step {self.step}")
 
@@ -451,7 +425,7 @@ class Trainer:
             return ckpt.commit(root, tmp, self.step, self.recipe.train.keep_last)
 
         name = ckpt.step_name(self.step)
-        return self._on_main(f"checkpoint {name}", root / name, write, cleanup=ckpt.tmp_folder(root, self.step))
+        return self.processes.on_main(f"checkpoint {name}", root / name, write, cleanup=ckpt.tmp_folder(root, self.step))
 
     # ------------------------------------------------------------------ the loop
 
@@ -495,16 +469,6 @@ class Trainer:
             raise MmloraError(f"step {self.step + 1}: this process found no usable training sample to take part with")
         return self.collate([self.train_set[found]])
 
-    def _all_sums(self, *values: float) -> list[float]:
-        """Each value summed over the processes (one all-reduce)."""
-        if self.accelerator.num_processes == 1:
-            return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
-        return [float(v) for v in self.accelerator.reduce(t, reduction="sum")]
-
-    def _all_sum(self, value: float) -> float:
-        return self._all_sums(value)[0]
-
     def train_step(self, indices: list[int]) -> tuple[float, int] | None:
         """One optimizer step on a global batch; returns (mean loss per unit, units): units are
         supervised tokens for captioning, samples for contrastive training. Returns None, taking no
@@ -515,9 +479,9 @@ class Trainer:
         process has one, all of them skip the batch (or stop, if no training sample is usable)."""
         micro, bad = self._micro_batches(indices)
         new_skips = self._new_skips()
-        total_units, total_bad, n_new = self._all_sums(sum(self.objective.units(b) for b in micro), bad, len(new_skips))
+        total_units, total_bad, n_new = self.processes.all_sums(sum(self.objective.units(b) for b in micro), bad, len(new_skips))
         if n_new:
-            self._skipped.update(self._gather_entries(new_skips))
+            self._skipped.update(self.processes.unite(new_skips))
         if total_units == 0:
             if total_bad == len(indices):
                 if self._usable_sample(None) is None:
@@ -551,7 +515,7 @@ class Trainer:
                         total = total + pen
                 self.accelerator.backward(total)
             loss_sum += float(s.detach()) if weight else 0.0
-        loss = self._all_sum(loss_sum) / total_units
+        loss = self.processes.all_sums(loss_sum)[0] / total_units
         if not math.isfinite(loss):
             last = ckpt.latest(self.run.checkpoints)
             raise MmloraError(f"loss is {loss} at step {self.step + 1}; stopping. Last good checkpoint: {last or 'none'}")
@@ -621,7 +585,7 @@ class Trainer:
             with self.accelerator.autocast():
                 s, n = self.objective.loss_sum(model, batch)
             total, tokens = total + float(s), tokens + n
-        total, tokens = self._all_sum(total), self._all_sum(tokens)
+        total, tokens = self.processes.all_sums(total, tokens)
         return total / tokens if tokens else None
 
     @torch.no_grad()
@@ -647,23 +611,10 @@ class Trainer:
             bar.close()
         self.save_checkpoint()
         final = self.save_final()
-        self._end_processes()
+        self.model = self.processes.end(self.model)
         report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
         return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
                 "bad_samples": report, "allocation": self.allocation_text}
-
-    def _end_processes(self) -> None:
-        """Trackers finished and the process group destroyed while Python still runs, as
-        torch.distributed asks of a process before it exits. DDP's wrapper keeps the process group
-        alive (its reducer holds it and the gloo work of the last all-reduce, tensors included): left
-        to the interpreter's exit, gloo destroys that work after Python is gone and the process aborts
-        ("terminate called without an active exception"). So the wrapper goes first: ``self.model``
-        becomes the unwrapped model (what callers read after ``train()``) and Accelerate lets go of its
-        references."""
-        if self.accelerator.num_processes > 1:
-            self.model = self.accelerator.unwrap_model(self.model)
-            self.accelerator.free_memory()  # drops Accelerate's model/optimizer lists; collects garbage
-        self.accelerator.end_training()
 
     def _steps(self, bar) -> float | None:
         """The loop: train, log, evaluate and checkpoint each step; returns the last validation loss."""
@@ -688,7 +639,7 @@ class Trainer:
             rate = done_samples / max(time.perf_counter() - start, 1e-9)
             row["samples_per_s"] = rate
             if self.step % t.log_every == 0 or "val_loss" in row or "adalora_rank" in row or self.step == self.total_steps:
-                self._on_main(self.run.metrics_file.name, self.run.metrics_file, lambda row=row: self._append_metrics(row))
+                self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, lambda row=row: self._append_metrics(row))
             if t.trackers:
                 self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(self.step_lrs.values())):.2e}", samples_s=f"{rate:.1f}")
@@ -722,5 +673,5 @@ class Trainer:
             final.card_file.write_text(card)
             return final.folder
 
-        return self._on_main("the final adapters", self.run.final.folder, write)
+        return self.processes.on_main("the final adapters", self.run.final.folder, write)
 
