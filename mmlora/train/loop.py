@@ -31,12 +31,8 @@ Layer: train. Imports objectives, runs, data, placement, models, config and the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata as md
 import json
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +42,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmlora import __version__
 from mmlora.config.loading import recipe_to_yaml as recipe_yaml
 from mmlora.config.schema import Recipe
 from mmlora.data.batching import (
@@ -58,7 +53,6 @@ from mmlora.data.batching import (
     write_skip_report,
 )
 from mmlora.data.build import mix, read_dataset
-from mmlora.data.image_budget import image_budget
 from mmlora.data.packing import PackedCollator
 from mmlora.data.processing import image_token_ids
 from mmlora.errors import MmloraError
@@ -82,6 +76,7 @@ from mmlora.train.continual import Continual
 from mmlora.train.hooks import Evaluator, EventHook
 from mmlora.train.optim import base_name, build_optimizer, param_groups
 from mmlora.train.processes import Processes
+from mmlora.train.record import fingerprint, run_info
 from mmlora.train.speed import apply_speedups
 from mmlora.train.watch import SHARDED, TrainingWatch, vocab_size
 
@@ -253,7 +248,8 @@ class Trainer:
     def _setup_run_folder(self) -> None:
         """The run folder: resume from its latest checkpoint, or start it (recipe, run info, metrics)."""
         t = self.recipe.train
-        self.fingerprint = self._fingerprint()
+        self.fingerprint = fingerprint(self.recipe, self.plan, len(self.train_set), self.accelerator.num_processes,
+                                       self.global_batch, self.continual.fingerprint() if self.continual is not None else None)
         self.processes.on_main("the run folder", self.out, lambda: self.out.mkdir(parents=True, exist_ok=True))
         self._resume()
         if self.step == 0:
@@ -278,42 +274,9 @@ class Trainer:
 
     def _write_run_info(self) -> None:
         self.run.recipe_file.write_text(recipe_yaml(self.recipe))
-        versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "accelerate")}
-        for p in ("bitsandbytes", "datasets", "open_clip_torch"):  # optional extras
-            with contextlib.suppress(md.PackageNotFoundError):
-                versions[p] = md.version(p)
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-        info = {"mmlora": __version__, "git_commit": commit, "versions": versions, "python": sys.version.split()[0],
-                "processes": self.accelerator.num_processes, "global_batch": self.global_batch,
-                "total_steps": self.total_steps, "groups": [g.__dict__ for g in self.group_infos],
-                "speedups": self.speedups}
+        info = run_info(self.accelerator.num_processes, self.global_batch, self.total_steps, self.group_infos, self.speedups)
         self.run.run_info_file.write_text(json.dumps(info, indent=2) + "\n")
         self.run.metrics_file.write_text("")
-
-    def _fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint of this run records and a resume must match (``ckpt.fingerprint_changes``)."""
-        plan = self.plan.to_dict()
-        keys = ("mode", "precision", "layers", "modules", "full_params", "group_size")
-        placed = {"kind": plan["kind"], "adapters": plan["adapters"],
-                  "modalities": {n: {k: m[k] for k in keys} for n, m in plan["modalities"].items()}}
-        summary = {n: {"mode": m.mode, "ranks": sorted({tg.rank for tg in m.targets}), "modules": len(m.targets),
-                       "layers": m.layers, "full_params": len(m.full_params)} for n, m in self.plan.modalities.items()}
-        data = self.recipe.data
-        budget = image_budget(data)
-        return {
-            "base_model": self.recipe.model.name,
-            "plan": {"sha256": hashlib.sha256(json.dumps(placed, sort_keys=True, default=str).encode()).hexdigest(),
-                     "modalities": summary},
-            # The image budget only when set: checkpoints written before it existed still resume.
-            "data": {"train": [d.model_dump(mode="json") for d in data.train], "samples": len(self.train_set),
-                     "group_by_length": data.group_by_length, **({"image": budget} if budget else {})},
-            "processes": self.accelerator.num_processes, "global_batch": self.global_batch, "seed": self.recipe.train.seed,
-            **({"continual": self.continual.fingerprint()} if self.continual is not None else {}),
-        }
 
     def _event(self, where: str) -> None:
         if self.on_event is not None:
