@@ -106,6 +106,8 @@ class Trainer:
         self.run = Run(self.out)
         self.step = 0
         self.step_lrs: dict[str, float] = {}
+        #: The last step's tokens and token cells (padding included), over all processes.
+        self.step_tokens: tuple[int, int] = (0, 0)
         #: Modalities whose gradient flow is still to be audited (see ``_audit``).
         self._unaudited: set[str] = set()
         self._param_modality: dict[str, str] = {}
@@ -396,11 +398,13 @@ class Trainer:
         while True:
             yield from self.sampler
 
-    def _micro_batches(self, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int]:
+    def _micro_batches(self, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int, int]:
         """This process's slice of a global batch, encoded and cut into ``grad_accum`` micro-batches.
 
-        Returns ``(batches, bad)``: the usable micro-batches (none when the slice is empty, a last
-        short global batch, or all of it was skipped as bad) and how many of its samples were skipped.
+        Returns ``(batches, bad, tokens)``: the usable micro-batches (none when the slice is empty, a
+        last short global batch, or all of it was skipped as bad), how many of its samples were
+        skipped, and the tokens of its usable samples (their sequences' lengths, image tokens included;
+        0 for objectives without token sequences).
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_process = math.ceil(len(indices) / world)
@@ -415,7 +419,8 @@ class Trainer:
             groups = [[self.train_set[i] for i in mine[k:k + t.batch_size]] for k in range(0, len(mine), t.batch_size)]
             bad = sum(item is None for g in groups for item in g)
         batches = [b for b in (self.collate(items) for items in groups) if b is not None]
-        return batches, bad
+        tokens = sum(len(it["input_ids"]) for g in groups for it in g if it is not None) if self.objective.unit == "token" else 0
+        return batches, bad, tokens
 
     def _stand_in(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """A one-sample batch of the global batch's modality for a process with nothing usable: it
@@ -440,9 +445,12 @@ class Trainer:
         The processes first agree on the step's work (its units, and the samples skipped since the
         last step): a process without a usable micro-batch runs a zero-weight stand-in, and when no
         process has one, all of them skip the batch (or stop, if no training sample is usable)."""
-        micro, bad = self._micro_batches(indices)
+        micro, bad, tokens = self._micro_batches(indices)
+        cells = sum(b["input_ids"].numel() for b in micro) if tokens else 0  # padding included
         new_skips = self._new_skips()
-        total_units, total_bad, n_new = self.processes.all_sums(sum(self.objective.units(b) for b in micro), bad, len(new_skips))
+        total_units, total_bad, n_new, tokens, cells = self.processes.all_sums(
+            sum(self.objective.units(b) for b in micro), bad, len(new_skips), tokens, cells)
+        self.step_tokens = (int(tokens), int(cells))
         if n_new:
             self._skipped.update(self.processes.unite(new_skips))
         if total_units == 0:
@@ -583,7 +591,7 @@ class Trainer:
         """The loop: train, log, evaluate and checkpoint each step; returns the last validation loss."""
         t = self.recipe.train
         batches = self._global_batches()
-        start, done_samples = time.perf_counter(), 0
+        start, done_samples, done_tokens = time.perf_counter(), 0, 0
         last_val = None
         while self.step < self.total_steps:
             indices = next(batches)
@@ -599,8 +607,13 @@ class Trainer:
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                 last_val = row["val_loss"] = self.evaluate()
             row.update(self.run_evaluators(final=self.step == self.total_steps))
-            rate = done_samples / max(time.perf_counter() - start, 1e-9)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            rate = done_samples / elapsed
             row["samples_per_s"] = rate
+            tokens, cells = self.step_tokens
+            if cells:  # sequences (image tokens included) per second, and this step's share of padding cells
+                done_tokens += tokens
+                row["tokens_per_s"], row["padding"] = done_tokens / elapsed, round(1 - tokens / cells, 4)
             if self.step % t.log_every == 0 or "val_loss" in row or "adalora_rank" in row or self.step == self.total_steps:
                 self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, lambda row=row: self._append_metrics(row))
             if t.trackers:

@@ -35,6 +35,17 @@ def test_a_packed_run_takes_the_steps_of_the_padded_run(make_recipe):
     assert packed_rows[0] < 6 and "position_ids" in batch  # the rows really are packed
     assert [r["tokens"] for r in m_pack] == [r["tokens"] for r in m_pad]
     assert [r["loss"] for r in m_pack] == pytest.approx([r["loss"] for r in m_pad], rel=1e-5)
+    # each metrics row's padding share, by hand from the step's sample lengths: padded cells are
+    # samples x longest; packed cells are rows x the fullest row (first-fit-decreasing into 300)
+    from mmlora.data.packing import first_fit_decreasing
+
+    for row_pad, row_pack, indices in zip(m_pad, m_pack, trainer.sampler.batches(0)):
+        lengths = [len(trainer.train_set[i]["input_ids"]) for i in indices]
+        rows = [sum(lengths[i] for i in r) for r in first_fit_decreasing(lengths, 300)]
+        assert row_pad["padding"] == round(1 - sum(lengths) / (len(lengths) * max(lengths)), 4)
+        assert row_pack["padding"] == round(1 - sum(lengths) / (len(rows) * max(rows)), 4) <= row_pad["padding"]
+        assert row_pack["tokens_per_s"] > 0 and row_pad["tokens_per_s"] > 0
+    assert sum(r["padding"] for r in m_pack) < sum(r["padding"] for r in m_pad)
     for a, b in zip(g_pack, g_pad):
         assert a.keys() == b.keys()
         for n in a:
