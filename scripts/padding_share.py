@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ConversationEncoder(processor, 2048))
         lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
         mean, low, high = padding_share(lengths, args.batch_size)
-        mega = min(n // (4 * args.batch_size), 50) * args.batch_size
+        mega = max(1, min(n // (4 * args.batch_size), 50)) * args.batch_size  # as HF computes it
         rows.append(f"| {n} | {mega} | {sum(lengths) / n:.0f} | {mean:.1%} ({low:.1%}–{high:.1%}) |")
         print(rows[-1], flush=True)
     table = "\n".join(rows)

@@ -79,6 +79,8 @@ def generate_answers(model: Any, processor: Any, images: Sequence[Any], prompts:
         prompts = [prompts] * len(images)
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    if gone is not None and len(gone) != len(images):
+        raise ValueError(f"{len(gone)} gone() callables for {len(images)} images")
     tokenizer = processor.tokenizer
     out: list[str] = []
     for k in range(0, len(images), batch_size):

@@ -2,9 +2,10 @@
 and the tensors that the initialisation makes live must have a non-zero one.
 
 Which tensors are live: with PEFT's default (and gaussian) init ``lora_B`` is zero, so ``lora_A``
-receives a zero gradient at step 1 and only ``lora_B`` must be non-zero (on an embedding PEFT zeroes
-``lora_embedding_A`` instead, so only it must be); PiSSA/OLoRA start both
-non-zero; AdaLoRA starts its singular values ``lora_E`` at zero, so only they must be; DoRA
+receives a zero gradient at step 1 and only ``lora_B`` must be non-zero; PiSSA/OLoRA start both
+non-zero. A token embedding's LoRA the other way round, whatever the init: PEFT zeroes
+``lora_embedding_A`` and draws ``lora_embedding_B`` (its PiSSA/OLoRA are for linear layers), so only
+A must be live; AdaLoRA starts its singular values ``lora_E`` at zero, so only they must be; DoRA
 magnitudes and ``full`` parameters always receive gradient.
 
 ``include`` narrows the audit to the parameters a batch could reach: a text-only batch never runs the
@@ -37,9 +38,9 @@ def _must_be_live(name: str, both_factors_live: bool, adalora: bool) -> bool:
         return ".lora_E." in name
     if ".lora_A." in name or ".qalora_A." in name:  # QA-LoRA's B starts at zero too
         return both_factors_live
-    if ".lora_embedding_B." in name:  # embeddings the other way round: A starts at zero, B random
-        return both_factors_live
-    return True  # lora_B, lora_embedding_A, magnitudes, full parameters
+    # embeddings the other way round, every init: A starts at zero and B random, so B's gradient is
+    # zero at step 1; lora_B, lora_embedding_A, magnitudes and full parameters must be live
+    return ".lora_embedding_B." not in name
 
 
 def audit_gradients(model: nn.Module, raise_on_error: bool = True, *,

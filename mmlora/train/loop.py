@@ -106,7 +106,7 @@ class Trainer:
         self.run = Run(self.out)
         self.step = 0
         self.step_lrs: dict[str, float] = {}
-        #: The last step's tokens and token cells (padding included), over all processes.
+        #: The last step's sequence tokens and token cells (padding included), over all processes.
         self.step_tokens: tuple[int, int] = (0, 0)
         #: Modalities whose gradient flow is still to be audited (see ``_audit``).
         self._unaudited: set[str] = set()
@@ -582,7 +582,8 @@ class Trainer:
             bar.close()
         self.save_checkpoint()
         final = self.save_final()
-        self.model = self.processes.end(self.model)
+        self.model = self.accelerator.unwrap_model(self.model)  # the DDP wrapper goes first (Processes.end)
+        self.processes.end()
         report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
         return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
                 "bad_samples": report, "allocation": self.allocation_text}
@@ -591,7 +592,7 @@ class Trainer:
         """The loop: train, log, evaluate and checkpoint each step; returns the last validation loss."""
         t = self.recipe.train
         batches = self._global_batches()
-        start, done_samples, done_tokens = time.perf_counter(), 0, 0
+        start, done_samples, done_seq_tokens = time.perf_counter(), 0, 0
         last_val = None
         while self.step < self.total_steps:
             indices = next(batches)
@@ -610,10 +611,10 @@ class Trainer:
             elapsed = max(time.perf_counter() - start, 1e-9)
             rate = done_samples / elapsed
             row["samples_per_s"] = rate
-            tokens, cells = self.step_tokens
-            if cells:  # sequences (image tokens included) per second, and this step's share of padding cells
-                done_tokens += tokens
-                row["tokens_per_s"], row["padding"] = done_tokens / elapsed, round(1 - tokens / cells, 4)
+            seq_tokens, cells = self.step_tokens
+            if cells:  # sequence tokens (image tokens included) per second, and this step's share of padding cells
+                done_seq_tokens += seq_tokens
+                row["seq_tokens_per_s"], row["padding"] = done_seq_tokens / elapsed, round(1 - seq_tokens / cells, 4)
             if self.step % t.log_every == 0 or "val_loss" in row or "adalora_rank" in row or self.step == self.total_steps:
                 self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, lambda row=row: self._append_metrics(row))
             if t.trackers:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mmlora.errors import MmloraError
 from mmlora.runs import checkpoint as ckpt
@@ -62,16 +61,15 @@ class Processes:
             raise error
         return result
 
-    def end(self, model: nn.Module) -> nn.Module:
+    def end(self) -> None:
         """Trackers finished and the process group destroyed while Python still runs, as
-        torch.distributed asks of a process before it exits; returns ``model`` unwrapped.
+        torch.distributed asks of a process before it exits.
 
-        DDP's wrapper keeps the process group alive (its reducer holds it and the gloo work of the last
-        all-reduce, tensors included): left to the interpreter's exit, gloo destroys that work after
-        Python is gone and the process aborts ("terminate called without an active exception"). So the
-        wrapper goes first, and Accelerate lets go of its references."""
+        The caller drops the DDP wrapper first (keeping the unwrapped model): its reducer holds the
+        process group and the gloo work of the last all-reduce, tensors included, and left to the
+        interpreter's exit gloo destroys that work after Python is gone and the process aborts
+        ("terminate called without an active exception"). Accelerate lets go of its references
+        here (under DeepSpeed that destroys the engine: no optimizer step after this)."""
         if self.many:
-            model = self.accelerator.unwrap_model(model)
             self.accelerator.free_memory()  # drops Accelerate's model/optimizer lists; collects garbage
         self.accelerator.end_training()
-        return model

@@ -108,18 +108,25 @@ def test_adalora_is_a_whole_model_variant(tiny_llava, shapes_small):
         _place(model, {**spec, "vision": {"mode": "dora"}})
 
 
-def test_lora_on_the_token_embedding_passes_at_default_init(tiny_llava, shapes_small):
-    """PEFT starts an embedding's LoRA the other way round (A zero, B random): B's first gradient is
-    exactly zero and A's is not, so A is the factor that must be live."""
+@pytest.mark.parametrize("init", ["default", "pissa", "olora"])
+def test_lora_on_the_token_embedding_passes_at_its_init(tiny_llava, shapes_small, init):
+    """PEFT starts an embedding's LoRA the other way round (A zero, B random), whatever the init (its
+    PiSSA/OLoRA are for linear layers): B's first gradient is exactly zero and A's is not, so A is the
+    factor that must be live."""
+    from mmlora.placement.apply import save_initial_state
+
     model, processor = tiny_llava
-    placed, _ = _place(model, {"language": {"mode": "lora", "targets": ["q", "v", "embed_tokens"], "rank": 4}})
+    placed, plan = _place(model, {"language": {"mode": "lora", "targets": ["q", "v", "embed_tokens"], "rank": 4,
+                                               "init": init}})
+    initial = save_initial_state(placed, plan)
+    assert bool(initial) == (init != "default")
     placed(**llava_batch(processor, shapes_small)).loss.backward()
     grads = {n: p.grad for n, p in placed.named_parameters() if ".lora_embedding_" in n}
     assert len(grads) == 2
     assert all(g.abs().sum() == 0 for n, g in grads.items() if ".lora_embedding_B." in n)
     assert all(g.abs().sum() > 0 for n, g in grads.items() if ".lora_embedding_A." in n)
-    assert audit_gradients(placed).ok
+    assert audit_gradients(placed, initial_adapters=initial).ok
     # an embedding LoRA whose A gets nothing is still caught
     next(p for n, p in placed.named_parameters() if ".lora_embedding_A." in n).grad.zero_()
     with pytest.raises(MmloraError, match="all-zero gradient: .*embed_tokens"):
-        audit_gradients(placed)
+        audit_gradients(placed, initial_adapters=initial)

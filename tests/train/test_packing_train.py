@@ -44,7 +44,7 @@ def test_a_packed_run_takes_the_steps_of_the_padded_run(make_recipe):
         rows = [sum(lengths[i] for i in r) for r in first_fit_decreasing(lengths, 300)]
         assert row_pad["padding"] == round(1 - sum(lengths) / (len(lengths) * max(lengths)), 4)
         assert row_pack["padding"] == round(1 - sum(lengths) / (len(rows) * max(rows)), 4) <= row_pad["padding"]
-        assert row_pack["tokens_per_s"] > 0 and row_pad["tokens_per_s"] > 0
+        assert row_pack["seq_tokens_per_s"] > 0 and row_pad["seq_tokens_per_s"] > 0
     assert sum(r["padding"] for r in m_pack) < sum(r["padding"] for r in m_pad)
     for a, b in zip(g_pack, g_pad):
         assert a.keys() == b.keys()
