@@ -72,6 +72,10 @@ class Item:
     routed_from: str | None = None  # the router's name, once the router gave this item its expert
     cancelled: bool = False  # set when its client went away (a streamed answer's connection closed)
 
+    def gone(self) -> bool:
+        """Whether nobody waits for this item's answer any more (generation's ``gone`` callables)."""
+        return self.cancelled
+
 
 class RequestError(MmloraError):
     """A request that cannot run as sent (the HTTP layer answers 400 with the message)."""
@@ -335,8 +339,8 @@ class Engine:
         self.ensure({i.adapter for i in items}, keep=self.in_use)
         if self.running is None:
             self.running = RunningBatch(self.base, self.processor, self.route)
-        requests = [Request(i.image, i.prompt, i.adapter, i.max_new_tokens or self.max_new_tokens, i.on_text, handle=i,
-                            gone=lambda i=i: i.cancelled) for i in items]
+        requests = [Request(i.image, i.prompt, i.adapter, i.max_new_tokens or self.max_new_tokens, i.on_text,
+                            handle=i, gone=i.gone) for i in items]
         return self.running.join(requests)
 
     def step(self) -> list[Decoding]:
@@ -388,7 +392,7 @@ class Engine:
         with routed:
             out = generate_answers(model, self.processor, [i.image for i in items], [i.prompt for i in items],
                                    batch_size=len(items), max_new_tokens=budget, adapter_names=names,
-                                   gone=[lambda i=i: i.cancelled for i in items])
+                                   gone=[i.gone for i in items])
         results = [{"caption": c} for c in out]
         for item, r in zip(items, results):
             if item.on_text is not None and r["caption"] and not item.cancelled:
