@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     except ValueError:
         p.error(f"--sizes: comma-separated integers, got {args.sizes!r}")
+    if not sizes or min(sizes) < 1 or args.batch_size < 1:
+        p.error("--sizes and --batch-size: positive integers")
     from transformers import AutoProcessor
 
     from mmlora.data.batching import ConversationDataset
