@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmlora.data.processing import IGNORE, ConversationEncoder, sequence_major
+from mmlora.data.processing import IGNORE, ConversationEncoder, image_token_ids, sequence_major
 from mmlora.data.samples import BadSample, Sample
 from mmlora.errors import MmloraError
 
@@ -72,6 +72,21 @@ class ConversationDataset(torch.utils.data.Dataset):
         texts = [s.text() for s in self.samples]
         counts = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
         return [c + image_tokens * len(s.images) for c, s in zip(counts, self.samples)]
+
+    def image_tokens(self) -> int:
+        """Tokens one image takes in the processed text, for the length estimates of grouping: every
+        token the processor puts for images (wrappers such as Gemma 3's ``<start_of_image>`` or
+        Idefics3's ``<fake_token_around_image>`` included), per image of the first sample that has any."""
+        processor = getattr(self.encoder, "processor", None)  # CLIP's encoders have none
+        if processor is None:
+            return 0
+        ids = torch.tensor(sorted(image_token_ids(processor)), dtype=torch.long)
+        for i, s in enumerate(self.samples):
+            if s.images:
+                item = self[i]
+                if item is not None:
+                    return int(torch.isin(item["input_ids"], ids).sum()) // len(s.images)
+        return 0
 
     def skip_entries(self) -> dict[str, dict[str, Any]]:
         """The skipped samples so far as plain JSON values, by key (file/line#id): what the report

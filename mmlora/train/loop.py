@@ -44,27 +44,15 @@ from tqdm.auto import tqdm
 
 from mmlora.config.loading import recipe_to_yaml as recipe_yaml
 from mmlora.config.schema import Recipe
-from mmlora.data.batching import (
-    ConversationDataset,
-    GroupedBatchSampler,
-    TokenBudgetBatchSampler,
-    cut_by_tokens,
-    skip_entry,
-    write_skip_report,
-)
+from mmlora.data.batching import ConversationDataset, GroupedBatchSampler, TokenBudgetBatchSampler
 from mmlora.data.build import mix, read_dataset
-from mmlora.data.packing import PackedCollator
-from mmlora.data.processing import image_token_ids
 from mmlora.errors import MmloraError
 from mmlora.models.loading import resolve_pretrained
 from mmlora.models.precision import load_for_training
-from mmlora.models.varlen import enable as enable_varlen
-from mmlora.models.varlen import packing_refusal, sample_positions
 from mmlora.objectives.distill import Distill
 from mmlora.objectives.route import BestExpert
 from mmlora.objectives.select import objective_for
 from mmlora.placement.apply import apply_placement, enable_gradient_checkpointing, save_initial_state
-from mmlora.placement.audit import audit_gradients
 from mmlora.placement.plan import plan_placement
 from mmlora.runs import checkpoint as ckpt
 from mmlora.runs.card import loss_curve, model_card
@@ -74,16 +62,14 @@ from mmlora.runs.save import init_from_run, save_placement
 from mmlora.train.allocation import AllocationTracker
 from mmlora.train.continual import Continual
 from mmlora.train.hooks import Evaluator, EventHook
-from mmlora.train.optim import base_name, build_optimizer, param_groups
+from mmlora.train.optim import build_optimizer, param_groups
 from mmlora.train.processes import Processes
 from mmlora.train.record import fingerprint, run_info
-from mmlora.train.speed import apply_speedups
+from mmlora.train.skips import SkipLedger
+from mmlora.train.slices import micro_batches, process_slice, stand_in
+from mmlora.train.speed import apply_speedups, packed_collator
+from mmlora.train.staged_audit import IMAGE_KEYS, StagedAudit
 from mmlora.train.watch import SHARDED, TrainingWatch, vocab_size
-
-#: Batch keys that carry images (VLM processors; open_clip batches). A batch without them never runs
-#: the vision tower or the projector, so those are audited at the first batch with images.
-IMAGE_KEYS = ("pixel_values", "image")
-IMAGE_SIDE = ("vision", "projector")
 
 
 class Trainer:
@@ -108,12 +94,6 @@ class Trainer:
         self.step_lrs: dict[str, float] = {}
         #: The last step's sequence tokens and token cells (padding included), over all processes.
         self.step_tokens: tuple[int, int] = (0, 0)
-        #: Modalities whose gradient flow is still to be audited (see ``_audit``).
-        self._unaudited: set[str] = set()
-        self._param_modality: dict[str, str] = {}
-        #: Training samples skipped as bad so far, by key, the same on every process.
-        self._skipped: dict[str, dict[str, Any]] = {}
-        self._usable: dict[bool | None, int | None] = {}
         #: AdaLoRA runs: the budget's tracker, the totals of this step's allocation, the final table.
         self.allocation: AllocationTracker | None = None
         self.allocated: dict[str, int] | None = None
@@ -158,29 +138,12 @@ class Trainer:
                                      r.data.max_length, r.data.max_image_pixels, r.data)
         self.collate = self.objective.collate
         if t.packing.enabled:
-            self.collate = self._packed_collator(model)
+            self.collate = packed_collator(model, t, r.data.max_length, self.objective, self.accelerator.device.type)
         vocab = vocab_size(model, self.objective.processor) if self.objective.unit == "token" else None
         self.watch = TrainingWatch(vocab, self.is_main, self.accelerator.distributed_type.name in SHARDED)
         if t.init_from:
             init_from_run(model, Path(t.init_from))
         return model
-
-    def _packed_collator(self, model: nn.Module) -> PackedCollator:
-        """Training micro-batches packed (``train.packing``), the language model on varlen attention;
-        validation stays padded (the varlen attention takes a padded batch's mask as SDPA does)."""
-        p, max_length = self.recipe.train.packing, self.recipe.data.max_length
-        if self.objective.unit != "token":
-            raise MmloraError(f"train.packing: {self.objective.unit}-level objectives have no sequences to pack; "
-                              "set train.packing.enabled=false")
-        model_type = getattr(model.config, "model_type", "?")
-        if (why := packing_refusal(model_type)) is not None:
-            raise MmloraError(f"train.packing: {model_type} cannot pack exactly: {why}; set train.packing.enabled=false")
-        max_tokens = p.max_tokens or max_length
-        if max_tokens < max_length:
-            raise MmloraError(f"train.packing.max_tokens={max_tokens} is below data.max_length={max_length}: a sample "
-                              "could not fit a row (samples are never split); raise max_tokens or lower max_length")
-        enable_varlen(model, self.accelerator.device.type)
-        return PackedCollator(self.objective.collate.pad_token_id, max_tokens, positions=sample_positions(model))
 
     def _setup_data(self) -> None:
         """Datasets, the seeded global-batch sampler, and the number of steps."""
@@ -192,15 +155,18 @@ class Trainer:
 
         self.train_set = dataset(data.train)
         self.val_set = dataset(data.val) if data.val else None
+        #: Training samples skipped as bad so far, the same on every process.
+        self.skips = SkipLedger(self.train_set, self.val_set, self.processes, self.run.bad_samples_file,
+                                data.on_bad_sample == "skip")
         if len(self.train_set) == 0:
             if self.train_set.skipped:
-                raise self._all_skipped_error()
+                raise self.skips.all_skipped()
             raise MmloraError("the training data has no usable sample")
         self.global_batch = t.batch_size * t.grad_accum * self.accelerator.num_processes
         if t.batch_tokens and self.objective.unit != "token":
             raise MmloraError(f"train.batch_tokens: {self.objective.unit}-level objectives have no token lengths to "
                               "budget; use train.batch_size")
-        lengths = self.train_set.lengths(self._image_tokens())
+        lengths = self.train_set.lengths(self.train_set.image_tokens())
         if t.batch_tokens:
             budget = t.batch_tokens * t.grad_accum * self.accelerator.num_processes
             self.global_batch = f"{budget} token cells"  # what run_info and the resume fingerprint record
@@ -229,6 +195,7 @@ class Trainer:
                               "trainable (a uniform router over frozen experts: write it with "
                               "mmlora.train.continual.write_router_run instead)")
         self.initial_adapters = save_initial_state(model, self.plan)
+        self.audit = StagedAudit(self.mmap, self.initial_adapters, self.accelerator.print)
         self.allocation = AllocationTracker(model, self.plan) if self.plan.adalora is not None else None
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -259,21 +226,6 @@ class Trainer:
         if t.trackers:
             self.accelerator.init_trackers(self.out.name, config={"recipe": json.loads(self.recipe.model_dump_json())})
 
-    def _image_tokens(self) -> int:
-        """Tokens one image takes in the processed text, for the length estimates of grouping: every
-        token the processor puts for images (wrappers such as Gemma 3's ``<start_of_image>`` or
-        Idefics3's ``<fake_token_around_image>`` included), per image of the first sample that has any."""
-        processor = getattr(self.train_set.encoder, "processor", None)  # CLIP's encoders have none
-        if processor is None:
-            return 0
-        ids = torch.tensor(sorted(image_token_ids(processor)), dtype=torch.long)
-        for i, s in enumerate(self.train_set.samples):
-            if s.images:
-                item = self.train_set[i]
-                if item is not None:
-                    return int(torch.isin(item["input_ids"], ids).sum()) // len(s.images)
-        return 0
-
     def _write_run_info(self) -> None:
         self.run.recipe_file.write_text(recipe_yaml(self.recipe))
         info = run_info(self.accelerator.num_processes, self.global_batch, self.total_steps, self.group_infos, self.speedups)
@@ -283,50 +235,6 @@ class Trainer:
     def _event(self, where: str) -> None:
         if self.on_event is not None:
             self.on_event(where, self.step)
-
-    # ------------------------------------------------------------------ skipped samples
-
-    def _new_skips(self) -> dict[str, dict[str, Any]]:
-        return {k: skip_entry(b) for k, b in self.train_set.skipped.items() if k not in self._skipped}
-
-    def _write_skip_report(self) -> Path | None:
-        """``bad_samples.jsonl`` (``data.on_bad_sample: skip``): every sample skipped so far on any
-        process, training and validation, one JSON line each. A collective: every process calls it."""
-        if self.recipe.data.on_bad_sample != "skip":
-            return None
-        self._skipped.update(self.processes.unite(self.train_set.skip_entries()))
-        val = self.processes.unite(self.val_set.skip_entries()) if self.val_set is not None else {}
-        entries = [{"split": "train", **e} for e in self._skipped.values()] + [{"split": "val", **e} for e in val.values()]
-        path = self.run.bad_samples_file
-        self.processes.on_main(path.name, path, lambda: write_skip_report(path, entries))
-        return path
-
-    def _reported_skips(self) -> dict[str, dict[str, Any]]:
-        """The training samples an earlier part of this run reported as skipped (so that a resumed
-        run's count and report go on from there)."""
-        path = self.run.bad_samples_file
-        if self.recipe.data.on_bad_sample != "skip" or not path.is_file():
-            return {}
-        out = {}
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                entry = json.loads(line)
-                if isinstance(entry, dict) and entry.get("split", "train") == "train":
-                    out[f"{entry.get('where')}#{entry.get('id')}"] = {k: entry.get(k) for k in ("where", "id", "problem")}
-        return out
-
-    def _all_skipped_error(self) -> MmloraError:
-        self._write_skip_report()
-        return MmloraError(f"every sample of the training data was skipped as bad ({len(self._skipped)}); "
-                           f"see {self.run.bad_samples_file}")
-
-    def _usable_sample(self, has_image: bool | None) -> int | None:
-        """The first training sample (with images, without, or either: None) that encodes; cached."""
-        if has_image not in self._usable:
-            self._usable[has_image] = next(
-                (i for i, s in enumerate(self.train_set.samples)
-                 if (has_image is None or s.has_image == has_image) and self.train_set[i] is not None), None)
-        return self._usable[has_image]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -361,13 +269,13 @@ class Trainer:
             self.run.metrics_file.write_text("".join(row + "\n" for row in rows))
 
         self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, keep_metrics)
-        self._skipped.update(self._reported_skips())
+        self.skips.read_back()
         self.accelerator.print(f"resumed from {found} at step {self.step}")
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint ``step-NNNNNN`` (and the skip report); the path on the main process, else None."""
         self.accelerator.wait_for_everyone()
-        self._write_skip_report()
+        self.skips.write()
         root = self.run.checkpoints
 
         def write() -> Path:
@@ -398,45 +306,6 @@ class Trainer:
         while True:
             yield from self.sampler
 
-    def _micro_batches(self, indices: list[int]) -> tuple[list[dict[str, torch.Tensor]], int, int]:
-        """This process's slice of a global batch, encoded and cut into ``grad_accum`` micro-batches.
-
-        Returns ``(batches, bad, tokens)``: the usable micro-batches (none when the slice is empty, a
-        last short global batch, or all of it was skipped as bad), how many of its samples were
-        skipped, and the tokens of its usable samples (their sequences' lengths, image tokens included;
-        0 for objectives without token sequences).
-        """
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        per_process = math.ceil(len(indices) / world)
-        mine = indices[rank * per_process:(rank + 1) * per_process]
-        t = self.recipe.train
-        if t.batch_tokens:  # cut by the encoded lengths: micro-batches of at most batch_tokens token cells
-            encoded = [item for item in (self.train_set[i] for i in mine) if item is not None]
-            bad = len(mine) - len(encoded)
-            runs = cut_by_tokens([len(it["input_ids"]) for it in encoded], t.batch_tokens, t.packing.enabled)
-            groups = [[encoded[j] for j in run] for run in runs]
-        else:
-            groups = [[self.train_set[i] for i in mine[k:k + t.batch_size]] for k in range(0, len(mine), t.batch_size)]
-            bad = sum(item is None for g in groups for item in g)
-        batches = [b for b in (self.collate(items) for items in groups) if b is not None]
-        tokens = sum(len(it["input_ids"]) for g in groups for it in g if it is not None) if self.objective.unit == "token" else 0
-        return batches, bad, tokens
-
-    def _stand_in(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """A one-sample batch of the global batch's modality for a process with nothing usable: it
-        runs with weight 0, so that every process takes part in each forward and backward as DDP
-        requires (and the same modules run as on the other processes)."""
-        for i in reversed(indices):
-            batch = self.collate([self.train_set[i]])
-            if batch is not None:
-                return batch
-        found = self._usable_sample(self.train_set.samples[indices[0]].has_image if indices else None)
-        if found is None:
-            found = self._usable_sample(None)
-        if found is None:  # the other processes had units, so some sample encodes
-            raise MmloraError(f"step {self.step + 1}: this process found no usable training sample to take part with")
-        return self.collate([self.train_set[found]])
-
     def train_step(self, indices: list[int]) -> tuple[float, int] | None:
         """One optimizer step on a global batch; returns (mean loss per unit, units): units are
         supervised tokens for captioning, samples for contrastive training. Returns None, taking no
@@ -445,18 +314,19 @@ class Trainer:
         The processes first agree on the step's work (its units, and the samples skipped since the
         last step): a process without a usable micro-batch runs a zero-weight stand-in, and when no
         process has one, all of them skip the batch (or stop, if no training sample is usable)."""
-        micro, bad, tokens = self._micro_batches(indices)
+        mine = process_slice(indices, self.accelerator.process_index, self.accelerator.num_processes)
+        micro, bad, tokens = micro_batches(self.train_set, mine, self.collate, self.recipe.train, self.objective.unit)
         cells = sum(b["input_ids"].numel() for b in micro) if tokens else 0  # padding included
-        new_skips = self._new_skips()
+        new_skips = self.skips.new()
         total_units, total_bad, n_new, tokens, cells = self.processes.all_sums(
             sum(self.objective.units(b) for b in micro), bad, len(new_skips), tokens, cells)
         self.step_tokens = (int(tokens), int(cells))
         if n_new:
-            self._skipped.update(self.processes.unite(new_skips))
+            self.skips.add(new_skips)
         if total_units == 0:
             if total_bad == len(indices):
-                if self._usable_sample(None) is None:
-                    raise self._all_skipped_error()
+                if self.skips.first_usable(None) is None:
+                    raise self.skips.all_skipped()
                 self.accelerator.print(f"step {self.step + 1}: every sample of the global batch was skipped as bad; "
                                        "training on the next one")
                 return None
@@ -464,7 +334,7 @@ class Trainer:
         world = self.accelerator.num_processes
         weights = [world / total_units] * len(micro)
         if not micro:
-            micro, weights = [self._stand_in(indices)], [0.0]
+            micro, weights = [stand_in(self.train_set, indices, self.collate, self.skips, self.step)], [0.0]
         has_images = any(key in b for b in micro for key in IMAGE_KEYS)
         loss_sum = 0.0
         self.model.train()
@@ -495,7 +365,7 @@ class Trainer:
         if self.recipe.train.max_grad_norm:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
         self.watch.gradients(self.model, self.step + 1, norm)
-        self._audit(has_images)
+        self.audit.after_backward(self.accelerator.unwrap_model(self.model), self.step, has_images)
         self.optimizer.step()
         self.step_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this step used
         self.allocated = None
@@ -505,35 +375,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss, int(total_units)
-
-    def _audit(self, has_images: bool) -> None:
-        """The gradient-flow audit, each modality at the first step whose batch reaches it: at step 1
-        everything a batch of its kind reaches; a text-only batch never runs the vision tower or the
-        projector, so those wait for the first batch with images (call after backward)."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self.step == 0:
-            self._param_modality = {n: self.mmap.modality_of(base_name(n)) or "other"
-                                    for n, p in model.named_parameters() if p.requires_grad}
-            self._unaudited = set(self._param_modality.values())
-        if not self._unaudited:
-            return
-        due = self._unaudited if has_images else self._unaudited - set(IMAGE_SIDE)
-        if not due:
-            return
-        waiting = self._unaudited - due
-
-        def names(modalities: set[str]) -> str:  # vision, projector first, then the rest by name
-            return ", ".join([m for m in IMAGE_SIDE if m in modalities] + sorted(modalities - set(IMAGE_SIDE)))
-
-        when = "the first step" if self.step == 0 else f"step {self.step + 1} (the first batch with images)"
-        audit_gradients(model, initial_adapters=self.initial_adapters, when=when,
-                        include=lambda n: self._param_modality.get(n) in due)
-        self._unaudited = waiting
-        if self.step > 0:
-            self.accelerator.print(f"gradient audit: {names(due)} checked at step {self.step + 1} (the first batch with images)")
-        elif waiting:
-            self.accelerator.print(f"gradient audit: step 1 has no images; {names(waiting)} will be checked at the "
-                                   "first batch with images")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -585,7 +426,7 @@ class Trainer:
         self.model = self.accelerator.unwrap_model(self.model)  # the DDP wrapper goes first (Processes.end)
         self.processes.end()
         report = self.run.bad_samples_file if self.recipe.data.on_bad_sample == "skip" else None
-        return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self._skipped),
+        return {"steps": self.step, "final": final, "val_loss": last_val, "skipped": len(self.skips),
                 "bad_samples": report, "allocation": self.allocation_text}
 
     def _steps(self, bar) -> float | None:
@@ -602,7 +443,7 @@ class Trainer:
                 continue
             loss, tokens = done
             row: dict[str, Any] = {"step": self.step, "epoch": self.sampler.epoch, "loss": loss, f"{self.objective.unit}s": tokens,
-                                   "lr": self.step_lrs, "skipped": len(self._skipped)}
+                                   "lr": self.step_lrs, "skipped": len(self.skips)}
             if self.allocated is not None:  # AdaLoRA allocated: the effective rank per modality and the budget
                 row["adalora_rank"] = self.allocated
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == self.total_steps):

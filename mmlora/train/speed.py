@@ -1,5 +1,5 @@
 """The trainer's speed and memory switches (``train.chunked_loss``, ``train.frozen_no_grad``,
-``train.lean_dora``), applied to a placed model. Each gives the plain path's loss and gradients
+``train.lean_dora``, ``train.packing``), applied to a model. Each gives the plain path's loss and gradients
 (tested against it) and can be switched off in the recipe.
 
 * **Chunked loss**: the LM head and cross-entropy in chunks (``mmlora.objectives.chunked_loss``).
@@ -10,6 +10,8 @@
   under ``torch.no_grad`` instead. Sub-models fed by trainable ones (a frozen LM after a trained
   projector) must pass gradients on and are left alone.
 * **Lean DoRA**: ``mmlora.adapters.lean_dora``.
+* **Packing**: training micro-batches packed into rows (``mmlora.data.packing``), the language model
+  on varlen attention (``mmlora.models.varlen``); validation stays padded.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from torch import nn
 
 from mmlora.adapters.lean_dora import use_lean_dora
 from mmlora.config.schema import TrainSpec
+from mmlora.data.packing import PackedCollator
+from mmlora.errors import MmloraError
 from mmlora.models.modality import ModalityMap, unwrap
+from mmlora.models.varlen import enable as enable_varlen
+from mmlora.models.varlen import packing_refusal, sample_positions
 
 #: Modalities whose inputs are data (pixels, token ids), never another modality's output.
 INPUT_MODALITIES = ("vision", "text")
@@ -62,3 +68,21 @@ def apply_speedups(model: nn.Module, mmap: ModalityMap, train: TrainSpec, object
     if train.lean_dora:
         applied["lean_dora_layers"] = use_lean_dora(model)
     return applied
+
+
+def packed_collator(model: nn.Module, train: TrainSpec, max_length: int, objective: Any, device_type: str) -> PackedCollator:
+    """The collator of ``train.packing`` for ``model`` (before placement), which it puts on varlen
+    attention; refused, in one line, for objectives without token sequences, families that cannot
+    pack exactly, and rows shorter than a sample may be."""
+    if objective.unit != "token":
+        raise MmloraError(f"train.packing: {objective.unit}-level objectives have no sequences to pack; "
+                          "set train.packing.enabled=false")
+    model_type = getattr(model.config, "model_type", "?")
+    if (why := packing_refusal(model_type)) is not None:
+        raise MmloraError(f"train.packing: {model_type} cannot pack exactly: {why}; set train.packing.enabled=false")
+    max_tokens = train.packing.max_tokens or max_length
+    if max_tokens < max_length:
+        raise MmloraError(f"train.packing.max_tokens={max_tokens} is below data.max_length={max_length}: a sample "
+                          "could not fit a row (samples are never split); raise max_tokens or lower max_length")
+    enable_varlen(model, device_type)
+    return PackedCollator(objective.collate.pad_token_id, max_tokens, positions=sample_positions(model))

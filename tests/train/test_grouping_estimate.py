@@ -22,7 +22,7 @@ def test_gemma3_grouping_counts_every_image_token(shapes_small, tmp_path):
     trainer = Trainer(load_recipe(ROOT / "recipes" / "families" / "gemma3.yaml", overrides), recipe_name="gemma3")
     trainer.setup()
     config = trainer.accelerator.unwrap_model(trainer.model).config
-    assert trainer._image_tokens() == config.mm_tokens_per_image + 2
+    assert trainer.train_set.image_tokens() == config.mm_tokens_per_image + 2
     # so an image sample's estimate misses only the chat template's turn markers and role words (18
     # tokens here, the same for every sample), not the image's 18 tokens on top
     sample = next(i for i, s in enumerate(trainer.train_set.samples) if s.images)
