@@ -177,7 +177,6 @@ def pretrain_clip(worlds: Path, pretrain: Path, tower: Path, work: Path, out: Pa
 
     from mmlora.models.loading import load_clip
     from mmlora.models.clip import model_config, save_clip
-    from mmlora.models.presets import preset_path
     from mmlora.models.unfuse import fuse_state_dict, unfuse_attention
     from mmlora.runs.layout import FULL_MODULES, Run
 
@@ -399,7 +398,7 @@ Image-to-caption retrieval (top-1 among the test split's first captions, {n} ima
 {1 / n:.3f}) and training-free dense segmentation (mIoU over all classes, `shapes` templates,
 `mmlora eval seg`):
 
-| world | R@1 | """ + " | ".join(f"mIoU {m}" for m in DENSE_MODES) + f""" |
+| world | R@1 | """ + " | ".join(f"mIoU {m}" for m in DENSE_MODES) + """ |
 |---|---|""" + "---|" * len(DENSE_MODES) + f"""
 {clip_row('A')}
 {clip_row('B')}

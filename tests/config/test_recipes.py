@@ -86,4 +86,5 @@ def test_accelerate_configs_are_valid_accelerate_configs():
         text = path.read_text()
         assert text.startswith("#") and "accelerate launch --config_file" in text
         data = yaml.safe_load(text)
+        assert data["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}, path.name
         ClusterConfig.from_yaml_file(path)  # accelerate's own loader and schema

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from mmlora.eval.caption import CaptionSet, evaluate_models, score_captions
+from mmlora.eval.caption import CaptionSet, score_captions
 from mmlora.generate import generate_answers
 from mmlora.showcase.slots import parse_objects, slot_accuracy
 

@@ -43,7 +43,7 @@ def test_merged_export_equals_the_adapters(trained_run, tmp_path, shapes_small):
     assert {type(m).__name__ for m in merged.modules()} .isdisjoint({"Linear4bit"})
     # The merged checkpoint reproduces the adapter model (on the dequantized base) on a real image.
     loaded = load_reference(trained_run, dequantize_base=True)
-    adapters, processor = loaded.model, loaded.processor
+    adapters = loaded.model
     from tests.placement.conftest import llava_batch
 
     batch = llava_batch(AutoProcessor.from_pretrained(tmp_path / "merged"), shapes_small)
