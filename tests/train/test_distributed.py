@@ -127,3 +127,29 @@ def test_two_processes_train_on_mixed_image_and_text_only_data(make_recipe, shap
     assert "gradient audit: vision, projector checked at step" in result.stdout
     rows = [json.loads(x) for x in (tmp_path / "ddp_mixed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 10))
+
+
+def test_two_packed_processes_match_one(make_recipe):
+    """Packing under DDP: each process packs its own slice of the global token budget into rows, and
+    the adapters equal one process's with the same global budget (the loss is still normalised by the
+    supervised tokens of the whole global batch, whatever the rows or micro-batches per process)."""
+    common = {"train.max_steps": 2, "train.eval_every": None, "train.scheduler": "constant", "train.max_grad_norm": None,
+              "train.packing.enabled": True}
+    single = make_recipe("packed_single", **common, **{"train.batch_tokens": 400})
+    double = make_recipe("packed_ddp", **common, **{"train.batch_tokens": 200})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for recipe, procs in ((single, 1), (double, 2)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(29510 + procs), "-m", "mmlora", "train", str(recipe)]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+    out = single.parent
+    assert json.loads((out / "packed_ddp" / "run_info.json").read_text())["global_batch"] == "400 token cells"
+    rows = [[json.loads(x) for x in (out / n / "metrics.jsonl").read_text().splitlines()] for n in ("packed_single", "packed_ddp")]
+    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]  # the same global batches
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+    a = load_file(out / "packed_single" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    b = load_file(out / "packed_ddp" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, (a[k] - b[k]).abs().max())
