@@ -183,7 +183,9 @@ def mixture_jobs(base_job: dict, budget: int, max_length: int, arms: list[str]) 
         if trainer == "reference":
             job["group_by_length"] = True
         else:
-            job["train_overrides"] = {"batch_tokens": budget, "packing": {"enabled": True, "max_tokens": max_length}}
+            # rows at least as long as the budget: a micro-batch is one row (rows pad to the fullest)
+            job["train_overrides"] = {"batch_tokens": budget,
+                                      "packing": {"enabled": True, "max_tokens": max(max_length, budget)}}
         jobs[name] = job
     return jobs
 

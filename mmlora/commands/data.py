@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--images", help="image root (default: the data file's folder)")
     check.add_argument("--model", default="tiny-llava", help="whose processor counts tokens (default: tiny-llava)")
     check.add_argument("--max-length", type=int, default=2048)
+    check.add_argument("--batch-size", type=int, default=4,
+                       help="the batch size whose padding is reported, padded and packed (a recipe: its train section)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +55,7 @@ def _check(args: argparse.Namespace) -> int:
     from mmlora.config.loading import load_recipe
     from mmlora.config.schema import DatasetSpec
     from mmlora.data.build import read_dataset
-    from mmlora.data.check import check_records, check_segmentation
+    from mmlora.data.check import Batching, check_records, check_segmentation
     from mmlora.data.image_budget import apply_image_budget
     from mmlora.data.processing import ConversationEncoder
     from mmlora.data.readers import guess_format
@@ -66,12 +68,18 @@ def _check(args: argparse.Namespace) -> int:
     if spec.is_dir() and (spec / "classes.txt").is_file():
         reports = check_segmentation(spec)
     else:
+        if args.batch_size < 1:
+            raise MmloraError(f"--batch-size {args.batch_size}: use 1 or more")
         model, max_length, budget = args.model, args.max_length, None
+        batching = Batching(args.batch_size, max_tokens=max_length)
         if spec.suffix in (".yaml", ".yml"):
             recipe = load_recipe(spec)
             if recipe.data is None:
                 raise MmloraError(f"{spec}: the recipe has no data section")
             model, max_length, budget = recipe.model.name, recipe.data.max_length, recipe.data
+            t = recipe.train
+            batching = Batching(t.batch_size, t.batch_tokens, t.packing.max_tokens or max_length, t.seed,
+                                recipe.data.group_by_length)
             sets = [("train", d) for d in recipe.data.train] + [("val", d) for d in recipe.data.val]
         else:
             fmt = args.format or guess_format(spec)
@@ -87,10 +95,12 @@ def _check(args: argparse.Namespace) -> int:
 
                 apply_image_budget(None, budget)
                 encoder = Contrastive(model_path).encoder
+                batching = None  # contrastive batches have no sequences to pad or pack
             else:  # the recipe's image budget, as training applies it: the same image tokens
                 encoder = ConversationEncoder(apply_image_budget(AutoProcessor.from_pretrained(model_path), budget),
                                               max_length)
-            reports += [check_records(f"{name}: {d.path} ({d.format})", read_dataset(d), encoder) for name, d in others]
+            reports += [check_records(f"{name}: {d.path} ({d.format})", read_dataset(d), encoder,
+                                      batching if name != "val" else None) for name, d in others]
     for r in reports:
         print(r.format())
     return 0 if all(r.ok for r in reports) else 1

@@ -1,7 +1,9 @@
 """``mmlora data check``: validate a dataset without training.
 
 Reads every record, opens every image and encodes every sample with the model's processor, then
-reports counts, a token-length histogram, an image-size summary and every bad sample by id.
+reports counts, a token-length histogram, an image-size summary, every bad sample by id, and — for
+image-text data — how much of a training batch would be padding, padded and packed
+(:func:`padding_shares`): whether ``train.packing`` pays on this data.
 """
 
 from __future__ import annotations
@@ -13,8 +15,53 @@ from typing import Any
 
 import numpy as np
 
+from mmlora.data.batching import GroupedBatchSampler, TokenBudgetBatchSampler
+from mmlora.data.packing import first_fit_decreasing
 from mmlora.data.samples import BadSample, Sample
 from mmlora.data.segmentation import SegmentationFolder
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How training would batch the data (one process, no accumulation): ``batch_size`` samples, or
+    ``batch_tokens`` token cells when set; packed rows of ``max_tokens``; the sampler's seed."""
+
+    batch_size: int = 4
+    batch_tokens: int | None = None
+    max_tokens: int = 2048
+    seed: int = 0
+    group_by_length: bool = True
+
+    def describe(self) -> str:
+        size = f"{self.batch_tokens} token cells" if self.batch_tokens else f"{self.batch_size} samples"
+        grouped = "length-grouped, " if self.group_by_length else ""
+        return f"batches of {size} ({grouped}seed {self.seed})"
+
+
+def padding_shares(lengths: list[int], has_image: list[bool], batching: Batching) -> tuple[float, float]:
+    """The share of token cells that would be padding over one epoch of ``batching``'s seeded
+    sampler (``mmlora.data.batching``, on the exact lengths where training groups by estimates):
+    (padded — each batch to its longest sample; packed — each batch's samples first-fit-decreasing
+    into rows of ``max_tokens``, rows to the fullest, as ``PackedCollator`` lays them out)."""
+    out = []
+    for packed in (False, True):
+        if batching.batch_tokens:
+            sampler = TokenBudgetBatchSampler(lengths, has_image, batching.batch_tokens, packed, seed=batching.seed,
+                                              group_by_length=batching.group_by_length)
+        else:
+            sampler = GroupedBatchSampler(lengths, has_image, batching.batch_size, seed=batching.seed,
+                                          group_by_length=batching.group_by_length)
+        tokens = cells = 0
+        for batch in sampler.batches(0):
+            n = [lengths[i] for i in batch]
+            tokens += sum(n)
+            if packed:
+                rows = [sum(n[j] for j in row) for row in first_fit_decreasing(n, max(batching.max_tokens, *n))]
+                cells += len(rows) * max(rows)
+            else:
+                cells += len(n) * max(n)
+        out.append(1 - tokens / cells if cells else 0.0)
+    return out[0], out[1]
 
 
 @dataclass
@@ -25,6 +72,8 @@ class CheckReport:
     text_only: int = 0
     turns: int = 0
     token_lengths: list[int] = field(default_factory=list)
+    has_image: list[bool] = field(default_factory=list)  # of each sample in token_lengths
+    batching: Batching | None = None  # set: report the padding of training batches (image-text data)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     image_modes: Counter = field(default_factory=Counter)
     bad: list[BadSample] = field(default_factory=list)
@@ -44,6 +93,10 @@ class CheckReport:
             top = max(counts.max(), 1)
             for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
                 lines.append(f"    {int(lo):>6}-{int(hi):<6} {'#' * max(1 if c else 0, round(30 * c / top)):<30} {c}")
+            if self.batching is not None:
+                padded, packed = padding_shares(self.token_lengths, self.has_image, self.batching)
+                lines.append(f"  padding in {self.batching.describe()}: {padded:.1%} of token cells; packed in rows "
+                             f"of {self.batching.max_tokens} (train.packing): {packed:.1%}")
         if self.image_sizes:
             w = np.array([s[0] for s in self.image_sizes])
             h = np.array([s[1] for s in self.image_sizes])
@@ -55,10 +108,12 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_records(source: str, records: list[Sample | BadSample], encoder: Any) -> CheckReport:
+def check_records(source: str, records: list[Sample | BadSample], encoder: Any,
+                  batching: Batching | None = None) -> CheckReport:
+    """Check every record with ``encoder``; with ``batching``, the report gives the padding of its batches."""
     from PIL import Image
 
-    report = CheckReport(source, records=len(records))
+    report = CheckReport(source, records=len(records), batching=batching)
     for r in records:
         if isinstance(r, BadSample):
             report.bad.append(r)
@@ -81,6 +136,7 @@ def check_records(source: str, records: list[Sample | BadSample], encoder: Any) 
             out = encoder.encode(r)
             ids = out["input_ids"] if "input_ids" in out else out["text"][out["text"] != 0]  # CLIP: unpadded caption
             report.token_lengths.append(len(ids))
+            report.has_image.append(bool(r.images))
         except BadSample as bad:
             report.bad.append(bad)
     return report

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -84,5 +85,10 @@ def packed_collator(model: nn.Module, train: TrainSpec, max_length: int, objecti
     if max_tokens < max_length:
         raise MmloraError(f"train.packing.max_tokens={max_tokens} is below data.max_length={max_length}: a sample "
                           "could not fit a row (samples are never split); raise max_tokens or lower max_length")
+    if train.batch_tokens and train.batch_tokens > max_tokens:
+        warnings.warn(f"train.batch_tokens={train.batch_tokens} is above the packed rows' {max_tokens} tokens: a "
+                      "micro-batch spans several rows, each padded to the fullest (`mmlora data check RECIPE` shows "
+                      "how much); for bigger batches keep batch_tokens <= max_tokens and raise train.grad_accum",
+                      stacklevel=2)
     enable_varlen(model, device_type)
     return PackedCollator(objective.collate.pad_token_id, max_tokens, positions=sample_positions(model))

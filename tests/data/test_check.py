@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from mmlora.cli import main
+from mmlora.data.check import Batching, padding_shares
 
 
 def test_check_a_llava_file(shapes_small, capsys):
@@ -49,5 +52,37 @@ def test_check_recipes_for_clip_pairs_and_seg_data(shapes_small, tmp_path, capsy
         assert main(["data", "check", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "train: world_A/annotations/captions_val.json (coco): 50 records, 50 good, 0 bad" in out
-    assert "tokens: min" in out
+    assert "tokens: min" in out and "padding in" not in out  # contrastive batches: nothing to pad or pack
     assert out.count(f"{world.name} [val]: 10 records, 10 good") == 1  # each seg folder checked once
+
+
+@pytest.mark.parametrize(("batching", "shares"), [
+    # one batch of 4: padded 4 x 10 cells for 32 tokens; packed into rows of 20: [10, 10] and [10, 2],
+    # two rows of 20 cells; into rows of 40: one row, no padding
+    (Batching(4, max_tokens=20), (0.2, 0.2)),
+    (Batching(4, max_tokens=40), (0.2, 0.0)),
+    # 20 token cells a batch, longest first: padded [10, 10] and [10, 2] (2 x 10 each); packed the same
+    # batches, each one row of its sum
+    (Batching(batch_tokens=20, max_tokens=40), (0.2, 0.0)),
+    (Batching(1, max_tokens=40), (0.0, 0.0)),
+])
+def test_padding_shares_by_hand(batching, shares):
+    assert padding_shares([10, 2, 10, 10], [True] * 4, batching) == pytest.approx(shares)
+
+
+def test_check_reports_the_padding_of_the_recipes_batches(shapes_small, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(shapes_small)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": "tiny-llava"}, "placement": {"language": {"mode": "lora"}},
+        "data": {"train": [{"format": "llava", "path": "world_B/llava_val.json"}],
+                 "val": [{"format": "llava", "path": "world_B/llava_val.json"}], "max_length": 256},
+        "train": {"batch_tokens": 200, "packing": {"enabled": True}, "seed": 3}}))
+    assert main(["data", "check", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("padding in batches of 200 token cells (length-grouped, seed 3): ") == 1  # train data only
+    assert "packed in rows of 256 (train.packing): 0.0%" in out  # each packed budget fits one row
+    assert main(["data", "check", "world_B/llava_val.json", "--batch-size", "0"]) == 2
+    assert "--batch-size 0: use 1 or more" in capsys.readouterr().err

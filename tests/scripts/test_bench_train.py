@@ -96,6 +96,9 @@ def test_mixture_arms_differ_only_in_trainer_and_checkpointing():
         assert jobs[name]["group_by_length"] and "train_overrides" not in jobs[name]
     for name in ("mmlora", "mmlora-no-ckpt"):
         assert jobs[name]["train_overrides"] == {"batch_tokens": 936, "packing": {"enabled": True, "max_tokens": 2048}}
+    # a budget above the longest sample (the 7b-shape's 576-token images, batch 8): rows as long as the budget
+    long = mixture_jobs({"variant": "lora"}, budget=5600, max_length=2048, arms=["reference", "mmlora"])
+    assert long["mmlora"]["train_overrides"]["packing"]["max_tokens"] == 5600
     with pytest.raises(SystemExit, match="reference"):
         mixture_jobs({}, 936, 2048, ["mmlora"])
 

@@ -64,6 +64,12 @@ def test_a_packed_run_resumes_mid_epoch_exactly(make_recipe):
     assert [r["loss"] for r in read_metrics(second.out)] == [r["loss"] for r in read_metrics(reference.out)]
 
 
+def test_budgets_above_the_row_length_are_warned_about(make_recipe):
+    recipe = load_recipe(make_recipe("over", **{"train.packing.enabled": True, "train.batch_tokens": 600}))
+    with pytest.warns(UserWarning, match=r"train.batch_tokens=600 is above the packed rows' 256 tokens"):
+        Trainer(recipe, recipe_name="over").setup()
+
+
 def test_packing_refuses_rows_shorter_than_a_sample(make_recipe):
     recipe = load_recipe(make_recipe("short", **{"train.packing.enabled": True, "train.packing.max_tokens": 100}))
     with pytest.raises(MmloraError, match=r"max_tokens=100 is below data.max_length=256: a sample could not fit"):
