@@ -72,6 +72,26 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def resumable(resume: str, root: Path, fingerprint: dict[str, Any]) -> Path | None:
+    """The checkpoint ``train.resume`` names (``auto``: the latest under ``root``; ``never``; a path),
+    or None; refused in one line when it is incomplete or its fingerprint differs from ``fingerprint``
+    (a checkpoint from before fingerprints is taken as it is)."""
+    if resume == "never":
+        return None
+    found = latest(root) if resume == "auto" else Path(resume)
+    if found is None:
+        return None
+    if not is_complete(found):
+        raise MmloraError(f"train.resume: {found} is not a complete checkpoint")
+    recorded = load_fingerprint(found)
+    changes = fingerprint_changes(recorded, fingerprint) if recorded is not None else []
+    if changes:
+        raise MmloraError(f"train.resume: checkpoint {found} was written by a different setup ({'; '.join(changes)}); "
+                          "resume with the recipe it was made with, or start over with train.resume=never "
+                          "or a new train.output_dir")
+    return found
+
+
 def step_name(step: int) -> str:
     """The checkpoint folder's name: ``step-NNNNNN``."""
     return f"step-{step:06d}"

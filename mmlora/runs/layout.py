@@ -85,6 +85,12 @@ class Run:
             return []
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
 
+    def keep_metrics(self, upto_step: int) -> None:
+        """Drop the metrics rows after ``upto_step`` (a run resumed there writes them again)."""
+        text = self.metrics_file.read_text() if self.metrics_file.is_file() else ""
+        rows = [line for line in text.splitlines() if line and json.loads(line)["step"] <= upto_step]
+        self.metrics_file.write_text("".join(row + "\n" for row in rows))
+
 
 @dataclass(frozen=True)
 class Weights:

@@ -239,20 +239,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _resume(self) -> None:
-        t = self.recipe.train
-        if t.resume == "never":
-            return
-        found = ckpt.latest(self.run.checkpoints) if t.resume == "auto" else Path(t.resume)
+        found = ckpt.resumable(self.recipe.train.resume, self.run.checkpoints, self.fingerprint)
         if found is None:
             return
-        if not ckpt.is_complete(found):
-            raise MmloraError(f"train.resume: {found} is not a complete checkpoint")
-        recorded = ckpt.load_fingerprint(found)  # None: a checkpoint from before fingerprints
-        changes = ckpt.fingerprint_changes(recorded, self.fingerprint) if recorded is not None else []
-        if changes:
-            raise MmloraError(f"train.resume: checkpoint {found} was written by a different setup ({'; '.join(changes)}); "
-                              "resume with the recipe it was made with, or start over with train.resume=never "
-                              "or a new train.output_dir")
         state = ckpt.load_trainer_state(found)
         ckpt.load_trainable(found, self.accelerator.unwrap_model(self.model))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -262,13 +251,7 @@ class Trainer:
             self.allocation.load_state_dict(self.accelerator.unwrap_model(self.model), state["adalora"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
-
-        def keep_metrics() -> None:  # the metrics after the checkpoint are rewritten by the resumed run
-            text = self.run.metrics_file.read_text() if self.run.metrics_file.is_file() else ""
-            rows = [line for line in text.splitlines() if line and json.loads(line)["step"] <= self.step]
-            self.run.metrics_file.write_text("".join(row + "\n" for row in rows))
-
-        self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, keep_metrics)
+        self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, lambda: self.run.keep_metrics(self.step))
         self.skips.read_back()
         self.accelerator.print(f"resumed from {found} at step {self.step}")
 
