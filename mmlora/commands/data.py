@@ -55,7 +55,8 @@ def _check(args: argparse.Namespace) -> int:
     from mmlora.config.loading import load_recipe
     from mmlora.config.schema import DatasetSpec
     from mmlora.data.build import read_dataset
-    from mmlora.data.check import Batching, check_records, check_segmentation
+    from mmlora.data.build import mix
+    from mmlora.data.check import Batching, check_records, check_segmentation, padding_line
     from mmlora.data.image_budget import apply_image_budget
     from mmlora.data.processing import ConversationEncoder
     from mmlora.data.readers import guess_format
@@ -65,6 +66,7 @@ def _check(args: argparse.Namespace) -> int:
     spec = Path(args.spec)
     if not spec.exists():
         raise MmloraError(f"nothing at {spec}")
+    padding = None  # the padding line of image-text training data
     if spec.is_dir() and (spec / "classes.txt").is_file():
         reports = check_segmentation(spec)
     else:
@@ -99,8 +101,16 @@ def _check(args: argparse.Namespace) -> int:
             else:  # the recipe's image budget, as training applies it: the same image tokens
                 encoder = ConversationEncoder(apply_image_budget(AutoProcessor.from_pretrained(model_path), budget),
                                               max_length)
-            reports += [check_records(f"{name}: {d.path} ({d.format})", read_dataset(d), encoder,
-                                      batching if name != "val" else None) for name, d in others]
+            checked = [(name, d, check_records(f"{name}: {d.path} ({d.format})", read_dataset(d), encoder))
+                       for name, d in others]
+            reports += [r for _, _, r in checked]
+            if batching is not None:  # the training data as the trainer mixes it (weights applied), batched
+                train = mix([(list(zip(r.token_lengths, r.has_image)), d.weight) for name, d, r in checked
+                             if name != "val"], batching.seed)
+                padding = padding_line([n for n, _ in train], [h for _, h in train], batching,
+                                       "the training mix" if spec.suffix in (".yaml", ".yml") else "data")
     for r in reports:
         print(r.format())
+    if padding:
+        print(padding)
     return 0 if all(r.ok for r in reports) else 1

@@ -3,7 +3,7 @@
 Reads every record, opens every image and encodes every sample with the model's processor, then
 reports counts, a token-length histogram, an image-size summary, every bad sample by id, and — for
 image-text data — how much of a training batch would be padding, padded and packed
-(:func:`padding_shares`): whether ``train.packing`` pays on this data.
+(:func:`padding_line`): whether ``train.packing`` pays on this data.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def padding_shares(lengths: list[int], has_image: list[bool], batching: Batching
     """The share of token cells that would be padding over one epoch of ``batching``'s seeded
     sampler (``mmlora.data.batching``, on the exact lengths where training groups by estimates):
     (padded — each batch to its longest sample; packed — each batch's samples first-fit-decreasing
-    into rows of ``max_tokens``, rows to the fullest, as ``PackedCollator`` lays them out)."""
+    into rows of ``max_tokens``, rows to the fullest, as ``PackedCollator`` lays them out). Every
+    length must fit a row."""
     out = []
     for packed in (False, True):
         if batching.batch_tokens:
@@ -56,7 +57,7 @@ def padding_shares(lengths: list[int], has_image: list[bool], batching: Batching
             n = [lengths[i] for i in batch]
             tokens += sum(n)
             if packed:
-                rows = [sum(n[j] for j in row) for row in first_fit_decreasing(n, max(batching.max_tokens, *n))]
+                rows = [sum(n[j] for j in row) for row in first_fit_decreasing(n, batching.max_tokens)]
                 cells += len(rows) * max(rows)
             else:
                 cells += len(n) * max(n)
@@ -73,7 +74,6 @@ class CheckReport:
     turns: int = 0
     token_lengths: list[int] = field(default_factory=list)
     has_image: list[bool] = field(default_factory=list)  # of each sample in token_lengths
-    batching: Batching | None = None  # set: report the padding of training batches (image-text data)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     image_modes: Counter = field(default_factory=Counter)
     bad: list[BadSample] = field(default_factory=list)
@@ -93,10 +93,6 @@ class CheckReport:
             top = max(counts.max(), 1)
             for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
                 lines.append(f"    {int(lo):>6}-{int(hi):<6} {'#' * max(1 if c else 0, round(30 * c / top)):<30} {c}")
-            if self.batching is not None:
-                padded, packed = padding_shares(self.token_lengths, self.has_image, self.batching)
-                lines.append(f"  padding in {self.batching.describe()}: {padded:.1%} of token cells; packed in rows "
-                             f"of {self.batching.max_tokens} (train.packing): {packed:.1%}")
         if self.image_sizes:
             w = np.array([s[0] for s in self.image_sizes])
             h = np.array([s[1] for s in self.image_sizes])
@@ -108,12 +104,23 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_records(source: str, records: list[Sample | BadSample], encoder: Any,
-                  batching: Batching | None = None) -> CheckReport:
-    """Check every record with ``encoder``; with ``batching``, the report gives the padding of its batches."""
+def padding_line(lengths: list[int], has_image: list[bool], batching: Batching, what: str) -> str:
+    """One line: the padding of ``what`` (e.g. "data", "the training mix") in ``batching``'s batches,
+    padded and packed (:func:`padding_shares`); a sample longer than the rows is named instead."""
+    if not lengths:
+        return f"{what}: no usable sample to batch"
+    head = f"{what}: padding in {batching.describe()}"
+    if max(lengths) > batching.max_tokens:
+        return (f"{head}: a sample of {max(lengths)} tokens is longer than the packed rows of {batching.max_tokens} "
+                "(train.packing refuses it: raise train.packing.max_tokens to data.max_length)")
+    padded, packed = padding_shares(lengths, has_image, batching)
+    return f"{head}: {padded:.1%} of token cells; packed in rows of {batching.max_tokens} (train.packing): {packed:.1%}"
+
+
+def check_records(source: str, records: list[Sample | BadSample], encoder: Any) -> CheckReport:
     from PIL import Image
 
-    report = CheckReport(source, records=len(records), batching=batching)
+    report = CheckReport(source, records=len(records))
     for r in records:
         if isinstance(r, BadSample):
             report.bad.append(r)

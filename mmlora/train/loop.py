@@ -137,8 +137,10 @@ class Trainer:
             self.objective = Distill(teacher, r.continual.temperature, resolve_pretrained(r.model.name),
                                      r.data.max_length, r.data.max_image_pixels, r.data)
         self.collate = self.objective.collate
+        self.packing: dict[str, Any] | None = None  # row length and attention, when packed
         if t.packing.enabled:
-            self.collate = packed_collator(model, t, r.data.max_length, self.objective, self.accelerator.device.type)
+            self.collate, self.packing = packed_collator(model, t, r.data.max_length, self.objective,
+                                                         self.accelerator.device.type, warn=self.is_main)
         vocab = vocab_size(model, self.objective.processor) if self.objective.unit == "token" else None
         self.watch = TrainingWatch(vocab, self.is_main, self.accelerator.distributed_type.name in SHARDED)
         if t.init_from:
@@ -200,6 +202,8 @@ class Trainer:
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.speedups = apply_speedups(model, self.mmap, t, self.objective)
+        if self.packing is not None:
+            self.speedups["packing"] = self.packing
         return model
 
     def _setup_optimizer(self, model: nn.Module) -> None:
@@ -249,6 +253,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.allocation is not None and "adalora" in state:
             self.allocation.load_state_dict(self.accelerator.unwrap_model(self.model), state["adalora"])
+        self.audit.load_state_dict(state.get("audit"))
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.processes.on_main(self.run.metrics_file.name, self.run.metrics_file, lambda: self.run.keep_metrics(self.step))
@@ -270,7 +275,8 @@ class Trainer:
             ckpt.save_trainable(tmp, model)
             self._event("during-save")
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step}
+                     "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "step": self.step,
+                     "audit": self.audit.state_dict()}
             if self.allocation is not None:
                 state["adalora"] = self.allocation.state_dict(model)
                 self.allocation.write(self.out)

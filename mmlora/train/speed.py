@@ -1,6 +1,6 @@
 """The trainer's speed and memory switches (``train.chunked_loss``, ``train.frozen_no_grad``,
-``train.lean_dora``, ``train.packing``), applied to a model. Each gives the plain path's loss and gradients
-(tested against it) and can be switched off in the recipe.
+``train.lean_dora``, ``train.packing``). Each gives the plain path's loss and gradients (tested against
+it), can be switched off in the recipe, and is recorded in ``run_info.json``'s ``speedups``.
 
 * **Chunked loss**: the LM head and cross-entropy in chunks (``mmlora.objectives.chunked_loss``).
 * **Frozen towers without autograd**: with gradient checkpointing, transformers makes the input
@@ -10,8 +10,9 @@
   under ``torch.no_grad`` instead. Sub-models fed by trainable ones (a frozen LM after a trained
   projector) must pass gradients on and are left alone.
 * **Lean DoRA**: ``mmlora.adapters.lean_dora``.
-* **Packing**: training micro-batches packed into rows (``mmlora.data.packing``), the language model
-  on varlen attention (``mmlora.models.varlen``); validation stays padded.
+* **Packing** (set up before placement, by :func:`packed_collator`): training micro-batches packed into
+  rows (``mmlora.data.packing``), the language model on varlen attention (``mmlora.models.varlen``);
+  validation stays padded.
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def apply_speedups(model: nn.Module, mmap: ModalityMap, train: TrainSpec, object
     return applied
 
 
-def packed_collator(model: nn.Module, train: TrainSpec, max_length: int, objective: Any, device_type: str) -> PackedCollator:
+def packed_collator(model: nn.Module, train: TrainSpec, max_length: int, objective: Any, device_type: str,
+                    warn: bool = True) -> tuple[PackedCollator, dict[str, Any]]:
     """The collator of ``train.packing`` for ``model`` (before placement), which it puts on varlen
-    attention; refused, in one line, for objectives without token sequences, families that cannot
-    pack exactly, and rows shorter than a sample may be."""
+    attention, and what to record of it (row length, attention); refused, in one line, for objectives
+    without token sequences, families that cannot pack exactly, and rows shorter than a sample may be.
+    ``warn``: warn about a token budget above the row length (the main process)."""
     if objective.unit != "token":
         raise MmloraError(f"train.packing: {objective.unit}-level objectives have no sequences to pack; "
                           "set train.packing.enabled=false")
@@ -85,10 +88,11 @@ def packed_collator(model: nn.Module, train: TrainSpec, max_length: int, objecti
     if max_tokens < max_length:
         raise MmloraError(f"train.packing.max_tokens={max_tokens} is below data.max_length={max_length}: a sample "
                           "could not fit a row (samples are never split); raise max_tokens or lower max_length")
-    if train.batch_tokens and train.batch_tokens > max_tokens:
+    if warn and train.batch_tokens and train.batch_tokens > max_tokens:
         warnings.warn(f"train.batch_tokens={train.batch_tokens} is above the packed rows' {max_tokens} tokens: a "
                       "micro-batch spans several rows, each padded to the fullest (`mmlora data check RECIPE` shows "
                       "how much); for bigger batches keep batch_tokens <= max_tokens and raise train.grad_accum",
                       stacklevel=2)
-    enable_varlen(model, device_type)
-    return PackedCollator(objective.collate.pad_token_id, max_tokens, positions=sample_positions(model))
+    attention = enable_varlen(model, device_type)
+    collator = PackedCollator(objective.collate.pad_token_id, max_tokens, positions=sample_positions(model))
+    return collator, {"max_tokens": max_tokens, "attention": attention}

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mmlora.cli import main
-from mmlora.data.check import Batching, padding_shares
+from mmlora.data.check import Batching, padding_line, padding_shares
 
 
 def test_check_a_llava_file(shapes_small, capsys):
@@ -70,6 +70,11 @@ def test_padding_shares_by_hand(batching, shares):
     assert padding_shares([10, 2, 10, 10], [True] * 4, batching) == pytest.approx(shares)
 
 
+def test_a_sample_longer_than_the_rows_is_named():
+    line = padding_line([10, 300], [True, False], Batching(4, max_tokens=256), "data")
+    assert line.startswith("data: padding in batches of 4 samples") and "a sample of 300 tokens is longer" in line
+
+
 def test_check_reports_the_padding_of_the_recipes_batches(shapes_small, tmp_path, capsys, monkeypatch):
     import yaml
 
@@ -77,12 +82,14 @@ def test_check_reports_the_padding_of_the_recipes_batches(shapes_small, tmp_path
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name": "tiny-llava"}, "placement": {"language": {"mode": "lora"}},
-        "data": {"train": [{"format": "llava", "path": "world_B/llava_val.json"}],
+        "data": {"train": [{"format": "llava", "path": "world_B/llava_val.json"},
+                           {"format": "llava", "path": "world_A/llava_val.json", "weight": 2.0}],
                  "val": [{"format": "llava", "path": "world_B/llava_val.json"}], "max_length": 256},
         "train": {"batch_tokens": 200, "packing": {"enabled": True}, "seed": 3}}))
     assert main(["data", "check", str(recipe)]) == 0
     out = capsys.readouterr().out
-    assert out.count("padding in batches of 200 token cells (length-grouped, seed 3): ") == 1  # train data only
+    # one line for the training data as the trainer mixes it (world A twice), none for validation
+    assert out.count("the training mix: padding in batches of 200 token cells (length-grouped, seed 3): ") == 1
     assert "packed in rows of 256 (train.packing): 0.0%" in out  # each packed budget fits one row
     assert main(["data", "check", "world_B/llava_val.json", "--batch-size", "0"]) == 2
     assert "--batch-size 0: use 1 or more" in capsys.readouterr().err

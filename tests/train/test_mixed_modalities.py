@@ -1,14 +1,16 @@
 """Data mixing image and text-only samples: batches are grouped by modality, so the first batch may be
 text-only; the gradient audit then judges the vision tower and the projector at the first batch with
-images instead of stopping the run at step 1."""
+images instead of stopping the run at step 1, also when the run is resumed before that batch."""
 
 import json
+import re
 
 import pytest
 
 from mmlora.config.loading import load_recipe
 from mmlora.errors import MmloraError
 from mmlora.train.loop import Trainer
+from tests.train.conftest import interrupt_then_resume
 
 CAPTIONS = ["top center holds a large red star.", "bottom left holds a small blue cross.",
             "a large green circle sits in the middle.", "top right holds a small red square.",
@@ -24,6 +26,22 @@ def mixed_train_data(shapes_small, tmp_path) -> list[dict]:
         {"role": "assistant", "content": caption}]}) + "\n" for i, caption in enumerate(CAPTIONS)))
     return [{"format": "llava", "path": str(shapes_small / "world_B" / "llava_train.json")},
             {"format": "messages", "path": str(text_only)}]
+
+
+def seed_with_text_only_first_batch(train: list[dict], global_batch: int) -> int:
+    """A seed whose first global batch is text-only (the batches' modality order depends on the seed
+    and the samples' modalities only, not on their lengths)."""
+    from mmlora.config.schema import DatasetSpec
+    from mmlora.data.batching import GroupedBatchSampler
+    from mmlora.data.build import mix, read_dataset
+
+    for seed in range(200):
+        records = mix([(read_dataset(DatasetSpec.model_validate(d)), 1.0) for d in train], seed)
+        has_image = [r.has_image for r in records]
+        first = GroupedBatchSampler([0] * len(records), has_image, global_batch, seed=seed).batches(0)[0]
+        if not any(has_image[i] for i in first):
+            return seed
+    raise AssertionError("no seed gives a text-only first batch")
 
 
 def _mixed_recipe(make_recipe, shapes_small, tmp_path, name, **changes):
@@ -92,3 +110,16 @@ def test_a_vision_adapter_that_never_gets_gradient_still_fails_at_the_image_batc
     assert "encoder.layers.1.self_attn.q_proj" in msg and "no gradient" in msg
     assert "language_model" not in msg
     assert trainer.step == 1 and seen == [False, True]
+
+
+def test_a_run_resumed_before_its_first_image_batch_still_audits_vision(make_recipe, shapes_small, tmp_path, capsys):
+    train = mixed_train_data(shapes_small, tmp_path)
+    path = make_recipe("resumed_mixed", **{"data.train": train, "data.val": [], "train.eval_every": None,
+                                           "train.seed": seed_with_text_only_first_batch(train, 4),
+                                           "train.save_every": 1, "train.max_steps": 4})
+    second = interrupt_then_resume(path, stop_after=2)  # stops before step 2's checkpoint: resumes at step 1
+    assert "gradient audit: step 1 has no images; vision, projector will be checked" in capsys.readouterr().out
+    assert second.step == 1 and second.audit.waiting == {"vision", "projector"}  # from the checkpoint
+    second.train()
+    out = capsys.readouterr().out
+    assert re.search(r"gradient audit: vision, projector checked at step [234] \(the first batch with images\)", out)

@@ -1,6 +1,6 @@
 """``mmlora.train.staged_audit``: each modality is audited at the first step whose batch reaches it
 (the vision tower and the projector wait for a batch with images), a dead adapter there is refused
-naming the step, and a resumed run (first seen past step 1) is not audited again."""
+naming the step, and what still waits is carried over a resume."""
 
 from __future__ import annotations
 
@@ -51,12 +51,30 @@ def test_image_side_waits_for_the_first_batch_with_images():
     audit.after_backward(model, 4, has_images=True)
 
 
-def test_step_one_with_images_checks_everything_and_a_resumed_run_nothing():
-    said: list[str] = []
+def test_step_one_with_images_checks_everything():
     model = _model()
     _grads(model, "vision", "language")
     with pytest.raises(MmloraError, match="the first step") as err:
-        StagedAudit(MMAP, (), said.append).after_backward(model, 0, has_images=True)
+        StagedAudit(MMAP, (), print).after_backward(model, 0, has_images=True)
     assert "2 trainable tensor(s) got no gradient: projector.lora_A" in str(err.value)  # the projector's alone
-    StagedAudit(MMAP, (), said.append).after_backward(model, 5, has_images=True)  # resumed at step 6
-    assert said == []
+
+
+def test_what_still_waits_survives_a_resume():
+    said: list[str] = []
+    first, model = StagedAudit(MMAP, (), said.append), _model()
+    _grads(model, "language")
+    first.after_backward(model, 0, has_images=False)
+    state = first.state_dict()
+    assert state == {"waiting": ["projector", "vision"]}
+    resumed = StagedAudit(MMAP, (), said.append)
+    resumed.load_state_dict(state)
+    resumed.after_backward(model, 4, has_images=False)  # still no images: nothing due
+    with pytest.raises(MmloraError, match=r"step 6 \(the first batch with images\)"):
+        resumed.after_backward(model, 5, has_images=True)
+    done = StagedAudit(MMAP, (), said.append)
+    done.load_state_dict({"waiting": []})  # everything was checked before the checkpoint
+    done.after_backward(model, 5, has_images=True)
+    older = StagedAudit(MMAP, (), said.append)
+    older.load_state_dict(None)  # a checkpoint from before the audit's state was saved: nothing waits
+    older.after_backward(model, 5, has_images=True)
+    assert len(said) == 1 and older.state_dict() == {"waiting": []}
