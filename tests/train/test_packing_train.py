@@ -52,6 +52,23 @@ def test_a_packed_run_takes_the_steps_of_the_padded_run(make_recipe):
             torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_a_packed_qlora_run_takes_the_steps_of_the_padded_run(make_recipe):
+    """The language model in 4-bit NF4 (bitsandbytes, run for real on CPU): packed rows still give every
+    sample the loss and gradients it gets in a padded batch."""
+    quantized = {"placement.language.precision": "4bit", "train.batch_size": 6}
+    trainer, g_pad, m_pad = _train(make_recipe, "q_padded", **quantized)
+    assert type(trainer.accelerator.unwrap_model(trainer.model).base_model.model.model.language_model.layers[0]
+                .self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    _, g_pack, m_pack = _train(make_recipe, "q_packed", **quantized,
+                               **{"train.packing.enabled": True, "train.packing.max_tokens": 300})
+    assert [r["tokens"] for r in m_pack] == [r["tokens"] for r in m_pad]
+    assert [r["loss"] for r in m_pack] == pytest.approx([r["loss"] for r in m_pad], rel=1e-5)
+    assert [r["padding"] for r in m_pack] == [0.0] * 3 and sum(r["padding"] for r in m_pad) > 0  # one row a step
+    for a, b in zip(g_pack, g_pad):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.slow
 def test_a_packed_run_resumes_mid_epoch_exactly(make_recipe):
     changes = {"train.packing.enabled": True, "train.max_steps": 5, "train.save_every": 2, "train.eval_every": None}
