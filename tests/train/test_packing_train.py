@@ -52,14 +52,20 @@ def test_a_packed_run_takes_the_steps_of_the_padded_run(make_recipe):
             torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_a_packed_qlora_run_takes_the_steps_of_the_padded_run(make_recipe):
-    """The language model in 4-bit NF4 (bitsandbytes, run for real on CPU): packed rows still give every
-    sample the loss and gradients it gets in a padded batch."""
-    quantized = {"placement.language.precision": "4bit", "train.batch_size": 6}
-    trainer, g_pad, m_pad = _train(make_recipe, "q_padded", **quantized)
-    assert type(trainer.accelerator.unwrap_model(trainer.model).base_model.model.model.language_model.layers[0]
-                .self_attn.q_proj.base_layer).__name__ == "Linear4bit"
-    _, g_pack, m_pack = _train(make_recipe, "q_packed", **quantized,
+@pytest.mark.parametrize("setting", ["qlora", "checkpointing"])
+def test_packed_steps_equal_padded_ones_on_4bit_and_with_checkpointing(make_recipe, setting):
+    """The language model in 4-bit NF4 (bitsandbytes, run for real on CPU), or every layer recomputed in
+    backward (the varlen attention reads the same segments again): packed rows still give every sample
+    the loss and gradients it gets in a padded batch."""
+    changes = {"train.batch_size": 6} | ({"placement.language.precision": "4bit"} if setting == "qlora"
+                                          else {"train.gradient_checkpointing": True})
+    trainer, g_pad, m_pad = _train(make_recipe, "padded", **changes)
+    layer = trainer.accelerator.unwrap_model(trainer.model).base_model.model.model.language_model.layers[0]
+    if setting == "qlora":
+        assert type(layer.self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    else:
+        assert layer.gradient_checkpointing
+    _, g_pack, m_pack = _train(make_recipe, "packed", **changes,
                                **{"train.packing.enabled": True, "train.packing.max_tokens": 300})
     assert [r["tokens"] for r in m_pack] == [r["tokens"] for r in m_pad]
     assert [r["loss"] for r in m_pack] == pytest.approx([r["loss"] for r in m_pad], rel=1e-5)
