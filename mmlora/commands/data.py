@@ -55,7 +55,6 @@ def _check(args: argparse.Namespace) -> int:
     from mmlora.config.loading import load_recipe
     from mmlora.config.schema import DatasetSpec
     from mmlora.data.build import read_dataset
-    from mmlora.data.build import mix
     from mmlora.data.check import Batching, check_records, check_segmentation, padding_line
     from mmlora.data.image_budget import apply_image_budget
     from mmlora.data.processing import ConversationEncoder
@@ -105,9 +104,7 @@ def _check(args: argparse.Namespace) -> int:
                        for name, d in others]
             reports += [r for _, _, r in checked]
             if batching is not None:  # the training data as the trainer mixes it (weights applied), batched
-                train = mix([(list(zip(r.token_lengths, r.has_image)), d.weight) for name, d, r in checked
-                             if name != "val"], batching.seed)
-                padding = padding_line([n for n, _ in train], [h for _, h in train], batching,
+                padding = padding_line([(r, d.weight) for name, d, r in checked if name != "val"], batching,
                                        "the training mix" if spec.suffix in (".yaml", ".yml") else "data")
     for r in reports:
         print(r.format())

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmlora.data.batching import GroupedBatchSampler, TokenBudgetBatchSampler
+from mmlora.data.build import mix
 from mmlora.data.packing import first_fit_decreasing
 from mmlora.data.samples import BadSample, Sample
 from mmlora.data.segmentation import SegmentationFolder
@@ -104,9 +105,12 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def padding_line(lengths: list[int], has_image: list[bool], batching: Batching, what: str) -> str:
-    """One line: the padding of ``what`` (e.g. "data", "the training mix") in ``batching``'s batches,
-    padded and packed (:func:`padding_shares`); a sample longer than the rows is named instead."""
+def padding_line(reports: list[tuple[CheckReport, float]], batching: Batching, what: str) -> str:
+    """One line: the padding of the training data — ``reports`` of its files, each with its weight, mixed
+    as the trainer mixes them (``mmlora.data.build.mix``) — in ``batching``'s batches, padded and packed
+    (:func:`padding_shares`); a sample longer than the rows is named instead. ``what`` names the data."""
+    mixed = mix([(list(zip(r.token_lengths, r.has_image)), weight) for r, weight in reports], batching.seed)
+    lengths, has_image = [n for n, _ in mixed], [h for _, h in mixed]
     if not lengths:
         return f"{what}: no usable sample to batch"
     head = f"{what}: padding in {batching.describe()}"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mmlora.cli import main
-from mmlora.data.check import Batching, padding_line, padding_shares
+from mmlora.data.check import Batching, CheckReport, padding_line, padding_shares
 
 
 def test_check_a_llava_file(shapes_small, capsys):
@@ -70,9 +70,18 @@ def test_padding_shares_by_hand(batching, shares):
     assert padding_shares([10, 2, 10, 10], [True] * 4, batching) == pytest.approx(shares)
 
 
-def test_a_sample_longer_than_the_rows_is_named():
-    line = padding_line([10, 300], [True, False], Batching(4, max_tokens=256), "data")
-    assert line.startswith("data: padding in batches of 4 samples") and "a sample of 300 tokens is longer" in line
+def test_the_padding_line_mixes_the_files_by_weight_and_names_a_sample_longer_than_the_rows():
+    one = CheckReport("a", token_lengths=[10, 10, 10], has_image=[True] * 3)
+    two = CheckReport("b", token_lengths=[2], has_image=[True])
+    # one batch of 4 from the mix [10, 10, 10, 2]: padded 4 x 10 cells for 32 tokens; packed into rows of 40
+    assert padding_line([(one, 1.0), (two, 1.0)], Batching(4, max_tokens=40), "mix") == (
+        "mix: padding in batches of 4 samples (length-grouped, seed 0): 20.0% of token cells; "
+        "packed in rows of 40 (train.packing): 0.0%")
+    # weight 0 leaves b out: three samples of 10, no padding either way
+    assert "0.0% of token cells" in padding_line([(one, 1.0), (two, 0.0)], Batching(4, max_tokens=40), "mix")
+    long = padding_line([(CheckReport("c", token_lengths=[10, 300], has_image=[True, False]), 1.0)],
+                        Batching(4, max_tokens=256), "data")
+    assert long.startswith("data: padding in batches of 4 samples") and "a sample of 300 tokens is longer" in long
 
 
 def test_check_reports_the_padding_of_the_recipes_batches(shapes_small, tmp_path, capsys, monkeypatch):
