@@ -38,20 +38,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlora.errors import MmloraError
-from mmlora.generate import encode_requests, generate_answers, pixel_rows_per_image
+from mmlora.generate import generate_answers, pixel_rows_per_image
 from mmlora.generate.iteration import Decoding, Request, RunningBatch, iteration_unsupported
 from mmlora.models.clip import image_settings
 from mmlora.models.dense import dense_features
 from mmlora.models.text import class_embeddings, template_list
 from mmlora.models.unfuse import unfuse_attention
 from mmlora.runs.compose import BASE, adapters_per_sample
-from mmlora.runs.layout import require_weights
 from mmlora.runs.reference import load_reference
-from mmlora.runs.save import load_placement, read_router
+from mmlora.runs.save import load_placement
 from mmlora.serve.full import FullCopies, make_copies, read_full
 from mmlora.adapters.parts import combine, read_adapter
 from mmlora.serve.gathered import LoraPool
-from mmlora.serve.pool import Budget, Pager, ServedRun, parse_max_loaded, register, register_adapter
+from mmlora.serve.pool import Budget, Pager, ServedRun, parse_max_loaded, register
+from mmlora.serve.routing import ServedRouter
 
 MODES = ("mixed", "switch", "merged", "gathered")
 
@@ -143,42 +143,16 @@ class Engine:
         self.pager = Pager(self._read) if mode == "gathered" else None  # the batcher sets pager.notify
         self.continuous_off = self._continuous_off(continuous)
         self.running: RunningBatch | None = None
-        self.router_name, self.router = None, None
-        if router is not None:
-            self._add_router(*router)
+        self.router = ServedRouter(*router, self.runs, mode, self.kind) if router is not None else None
 
-    def _add_router(self, name: str, run: str | Path) -> None:
-        """Serve a router run (``continual.method: router``) under ``name``: its experts are registered as
-        adapters ``<name>-<expert>``, and a request naming ``name`` goes to the expert its router weighs
-        most for that request (hard routing: one expert per request, computed from the base's features)."""
-        weights = require_weights(run, "--router")
-        manifest = weights.manifest()
-        if not manifest.get("router"):
-            raise MmloraError(f"--router {run}: not a router run (train one with continual.method: router)")
-        if self.mode != "gathered" or self.kind != "caption":
-            raise MmloraError("--router routes captions among its experts in --mode gathered; use that mode")
-        if name in self.runs or name == BASE:
-            raise MmloraError(f"--router {name}: the name is taken by an adapter")
-        self.router_name, self.router = name, read_router(weights.folder)
-        self.expert_of: dict[str, str] = {}
-        for expert in manifest["router"]["experts"]:
-            if expert["path"] is None:  # the base itself
-                self.expert_of[expert["name"]] = BASE
-                continue
-            served = f"{name}-{expert['name']}"
-            self.runs[served] = register_adapter(served, weights.path(expert["path"]))
-            self.expert_of[expert["name"]] = served
+    @property
+    def router_name(self) -> str | None:
+        return self.router.name if self.router is not None else None
 
     def route_requests(self, items: list[Item]) -> None:
-        """Give each item naming the router the expert its router picks (in place; ``routed_from`` kept)."""
-        todo = [i for i in items if self.router is not None and i.adapter == self.router_name]
-        if not todo:
-            return
-        batch = encode_requests(self.processor, [i.image for i in todo], [i.prompt for i in todo])
-        with torch.no_grad():
-            chosen = self.router.choose(self.base, dict(batch))
-        for item, expert in zip(todo, chosen):
-            item.routed_from, item.adapter = item.adapter, self.expert_of[expert]
+        """Give each item naming the router the expert its router picks (``mmlora.serve.routing``)."""
+        if self.router is not None:
+            self.router.route(items, self.processor, self.base)
 
     def _continuous_off(self, wanted: bool) -> str | None:
         """Why captions do not decode with continuous batching here (None: they do)."""
