@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from mmlora.placement.report import format_plan
     from mmlora.showcase.slots import slot_scores
     from mmlora.train.loop import Trainer
+    from mmlora.train.record import batching_line
 
     recipe = load_recipe(args.recipe, args.overrides)
     path = Path(args.recipe)
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     trainer.setup()
     if trainer.is_main:
         print(format_plan(trainer.plan, f"placement plan for {recipe.model.name}"))
+        print(batching_line(recipe.train, trainer.accelerator.num_processes, trainer.total_steps,
+                            trainer.speedups.get("packing")))
     result = trainer.train()
     if trainer.is_main:
         if result.get("allocation"):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlora import __version__
-from mmlora.config.schema import Recipe
+from mmlora.config.schema import Recipe, TrainSpec
 from mmlora.data.image_budget import image_budget
 from mmlora.placement.plan import PlacementPlan
 
@@ -46,6 +46,19 @@ def run_info(processes: int, global_batch: int | str, total_steps: int, groups: 
     return {"mmlora": __version__, "git_commit": _commit(), "versions": versions, "python": sys.version.split()[0],
             "processes": processes, "global_batch": global_batch, "total_steps": total_steps,
             "groups": [g.__dict__ for g in groups], "speedups": speedups}
+
+
+def batching_line(train: TrainSpec, processes: int, total_steps: int, packing: dict[str, Any] | None) -> str:
+    """What each step trains on, in one line for the console before training: the global batch (per
+    process, micro-steps, processes) and, when packed, the row length and the attention."""
+    per = f"{train.batch_tokens} token cells" if train.batch_tokens else f"{train.batch_size} samples"
+    unit = "token cells" if train.batch_tokens else "samples"
+    size = (train.batch_tokens or train.batch_size) * train.grad_accum * processes
+    line = (f"batches: {total_steps} steps of {size} {unit} ({per} per process x {train.grad_accum} micro-step"
+            f"{'s' if train.grad_accum != 1 else ''} x {processes} process{'es' if processes != 1 else ''})")
+    if packing is not None:
+        line += f"; packed in rows of {packing['max_tokens']} tokens, attention {packing['attention']}"
+    return line
 
 
 def fingerprint(recipe: Recipe, plan: PlacementPlan, samples: int, processes: int, global_batch: int | str,

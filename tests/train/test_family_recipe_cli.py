@@ -17,7 +17,7 @@ from tests.train.conftest import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_qwen2_5_vl_recipe_trains_on_images_and_reloads_without_mmlora(shapes_small, tmp_path):
+def test_qwen2_5_vl_recipe_trains_on_images_and_reloads_without_mmlora(shapes_small, tmp_path, capsys):
     import torch
     from PIL import Image
     from safetensors.torch import save_file
@@ -34,6 +34,8 @@ def test_qwen2_5_vl_recipe_trains_on_images_and_reloads_without_mmlora(shapes_sm
                  f"data.val=[{{format: llava, path: {world / 'llava_val.json'}}}]"]) == 0
     info = json.loads((run / "run_info.json").read_text())
     assert info["global_batch"] == 4
+    # said before training: the plan, and what each step trains on
+    assert "batches: 2 steps of 4 samples (4 samples per process x 1 micro-step x 1 process)" in capsys.readouterr().out
     steps = [m for m in read_metrics(run) if "loss" in m and "step" in m]
     assert steps and all(m["loss"] > 0 for m in steps)
 
