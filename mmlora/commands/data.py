@@ -73,7 +73,8 @@ def _check(args: argparse.Namespace) -> int:
             raise MmloraError(f"--batch-size {args.batch_size}: use 1 or more")
         model, max_length, budget = args.model, args.max_length, None
         batching = Batching(args.batch_size, max_tokens=max_length)
-        if spec.suffix in (".yaml", ".yml"):
+        is_recipe = spec.suffix in (".yaml", ".yml")
+        if is_recipe:
             recipe = load_recipe(spec)
             if recipe.data is None:
                 raise MmloraError(f"{spec}: the recipe has no data section")
@@ -105,7 +106,7 @@ def _check(args: argparse.Namespace) -> int:
             reports += [r for _, _, r in checked]
             if batching is not None:  # the training data as the trainer mixes it (weights applied), batched
                 padding = padding_line([(r, d.weight) for name, d, r in checked if name != "val"], batching,
-                                       "the training mix" if spec.suffix in (".yaml", ".yml") else "data")
+                                       "the training mix" if is_recipe else "data")
     for r in reports:
         print(r.format())
     if padding:

@@ -286,6 +286,15 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def batch_sampler(lengths: Sequence[int], has_image: Sequence[bool], batch_size: int, batch_tokens: int | None,
+                  packed: bool, seed: int = 0, group_by_length: bool = True) -> GroupedBatchSampler:
+    """The sampler a run's batches come from: :class:`TokenBudgetBatchSampler` with ``batch_tokens``
+    token cells when set (``packed``: cells are token sums), else ``batch_size`` samples."""
+    if batch_tokens:
+        return TokenBudgetBatchSampler(lengths, has_image, batch_tokens, packed, seed=seed, group_by_length=group_by_length)
+    return GroupedBatchSampler(lengths, has_image, batch_size, seed=seed, group_by_length=group_by_length)
+
+
 class TokenBudgetBatchSampler(GroupedBatchSampler):
     """:class:`GroupedBatchSampler` with global batches cut by tokens instead of samples
     (``train.batch_tokens``): in the same seeded, length-grouped order, a global batch takes samples

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mmlora.data.batching import GroupedBatchSampler, TokenBudgetBatchSampler
+from mmlora.data.batching import batch_sampler
 from mmlora.data.build import mix
 from mmlora.data.packing import first_fit_decreasing
 from mmlora.data.samples import BadSample, Sample
@@ -47,12 +47,8 @@ def padding_shares(lengths: list[int], has_image: list[bool], batching: Batching
     length must fit a row."""
     out = []
     for packed in (False, True):
-        if batching.batch_tokens:
-            sampler = TokenBudgetBatchSampler(lengths, has_image, batching.batch_tokens, packed, seed=batching.seed,
-                                              group_by_length=batching.group_by_length)
-        else:
-            sampler = GroupedBatchSampler(lengths, has_image, batching.batch_size, seed=batching.seed,
-                                          group_by_length=batching.group_by_length)
+        sampler = batch_sampler(lengths, has_image, batching.batch_size, batching.batch_tokens, packed, batching.seed,
+                                batching.group_by_length)
         tokens = cells = 0
         for batch in sampler.batches(0):
             n = [lengths[i] for i in batch]

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from mmlora.config.loading import recipe_to_yaml as recipe_yaml
 from mmlora.config.schema import Recipe
-from mmlora.data.batching import ConversationDataset, GroupedBatchSampler, TokenBudgetBatchSampler
+from mmlora.data.batching import ConversationDataset, batch_sampler
 from mmlora.data.build import mix, read_dataset
 from mmlora.errors import MmloraError
 from mmlora.models.loading import resolve_pretrained
@@ -168,15 +168,11 @@ class Trainer:
         if t.batch_tokens and self.objective.unit != "token":
             raise MmloraError(f"train.batch_tokens: {self.objective.unit}-level objectives have no token lengths to "
                               "budget; use train.batch_size")
-        lengths = self.train_set.lengths(self.train_set.image_tokens())
-        if t.batch_tokens:
-            budget = t.batch_tokens * t.grad_accum * self.accelerator.num_processes
+        budget = t.batch_tokens * t.grad_accum * self.accelerator.num_processes if t.batch_tokens else None
+        self.sampler = batch_sampler(self.train_set.lengths(self.train_set.image_tokens()), self.train_set.has_image(),
+                                     self.global_batch, budget, t.packing.enabled, t.seed, data.group_by_length)
+        if budget:
             self.global_batch = f"{budget} token cells"  # what run_info and the resume fingerprint record
-            self.sampler = TokenBudgetBatchSampler(lengths, self.train_set.has_image(), budget, t.packing.enabled,
-                                                   seed=t.seed, group_by_length=data.group_by_length)
-        else:
-            self.sampler = GroupedBatchSampler(lengths, self.train_set.has_image(), self.global_batch, seed=t.seed,
-                                               group_by_length=data.group_by_length)
         steps_per_epoch = len(self.sampler.batches(0))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
